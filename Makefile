@@ -1,0 +1,49 @@
+# The two commands of the README: `make dev` and `make test`. Everything they need is installed
+# and started from here, on a fresh machine as on a developer's.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export NOVA_HOME ?= $(CURDIR)/.nova
+export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
+export MAX_CONCURRENT_JOBS ?= 5
+
+.PHONY: dev test install services services-down seed lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# The Dagster instance lives under .nova/ so run history survives restarts; its config is ours.
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+services: install
+	$(BIN)/nova-assets services up
+
+services-down: install
+	$(BIN)/nova-assets services down
+
+seed: install
+	$(BIN)/nova-assets seed --if-empty
+
+dev: services seed $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev --host 127.0.0.1 --port 3000
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: services lint
+	$(BIN)/pytest
+
+bench: services
+	$(BIN)/python -m nova_assets_bench
+
+clean: services-down
+	rm -rf $(NOVA_HOME) $(VENV)

@@ -1,0 +1,118 @@
+"""The `nova-assets` command: the local stack and demo data.
+
+    nova-assets services up|down|status     Redis, Kafka (KRaft) and the Pushgateway on 127.0.0.1
+    nova-assets seed [--if-empty] [...]     the ClickHouse schema and a deterministic demo dataset
+"""
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from nova_assets import seed, stack
+from nova_assets.resources import ClickHouseResource
+from nova_assets.settings import Settings, SettingsError
+
+
+def _local_port(url: str, default: int) -> int:
+    return urlsplit(url).port or default
+
+
+def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackConfig:
+    """Ports follow the configured URLs, so `services up` starts what the code will talk to."""
+    kafka_port = int(settings.kafka_brokers[0].rsplit(":", 1)[1])
+    return stack.StackConfig(
+        state_dir=settings.nova_home,
+        redis_port=args.redis_port or _local_port(settings.redis_url, 6379),
+        kafka_port=args.kafka_port or kafka_port,
+        kafka_controller_port=args.kafka_controller_port or kafka_port + 1,
+        pushgateway_port=args.pushgateway_port or _local_port(settings.pushgateway_url, 9091),
+        dlq_topic=settings.dlq_topic,
+    )
+
+
+def _services(settings: Settings, args: argparse.Namespace) -> int:
+    config = _stack_config(settings, args)
+    if args.action == "up":
+        try:
+            stack.up(config, log=print)
+        except stack.StackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    elif args.action == "down":
+        stack.down(config, log=print)
+    else:
+        for service in stack.status(config):
+            state = "answering" if service.answering else "not answering"
+            owner = f"started by nova-assets, pid {service.pid}" if service.pid else "not ours"
+            print(f"{service.name:<12} 127.0.0.1:{service.port:<6} {state} ({owner})")
+    return 0
+
+
+def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    clickhouse = ClickHouseResource(url=settings.clickhouse_url)
+    try:
+        seed.create_schema(clickhouse)
+        if args.if_empty and not seed.is_empty(clickhouse):
+            print(f"ClickHouse at {clickhouse.describe()} already holds data; not seeding.")
+            return 0
+        spec = seed.SeedSpec(
+            seed=args.seed,
+            users=args.users,
+            posts=args.posts,
+            events=args.events,
+            days=args.days,
+            as_of=args.as_of or datetime.now(UTC).replace(microsecond=0),
+        )
+        print(
+            f"Seeding {clickhouse.describe()}: {spec.users} users, {spec.posts} posts, "
+            f"{spec.events} events over {spec.days} days (seed {spec.seed})…"
+        )
+        summary = seed.generate(clickhouse, spec)
+        print(summary.describe())
+    finally:
+        clickhouse.close()
+    return 0
+
+
+def _utc(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a UTC time, e.g. 2026-11-28T12:00:00Z")
+    return parsed.astimezone(UTC)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nova-assets", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    services = commands.add_parser("services", help="start, stop or inspect the local stack")
+    services.add_argument("action", choices=["up", "down", "status"])
+    for name in ("redis", "kafka", "kafka-controller", "pushgateway"):
+        services.add_argument(f"--{name}-port", type=int, default=None)
+
+    demo = commands.add_parser("seed", help="create the schema and generate demo data")
+    defaults = seed.SeedSpec(as_of=datetime.now(UTC))
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--users", type=int, default=defaults.users)
+    demo.add_argument("--posts", type=int, default=defaults.posts)
+    demo.add_argument("--events", type=int, default=defaults.events)
+    demo.add_argument("--days", type=int, default=defaults.days)
+    demo.add_argument("--as-of", type=_utc, default=None, help="end of the data (default: now)")
+    demo.add_argument("--if-empty", action="store_true", help="seed only when no data exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    handlers = {"services": _services, "seed": _seed}
+    return handlers[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

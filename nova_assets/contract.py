@@ -1,0 +1,58 @@
+"""What every cache family shares from DESIGN.md: event weights, `as_of`, times, step policies."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+from pydantic import field_validator
+
+EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "share": 3.0}
+"""Weight of each known event type; any other type weighs nothing and is ignored."""
+
+STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+"""Transient faults retry after 1, 3, 7, 15, 31 s (Dagster's exponential backoff)."""
+
+
+def parse_utc(value: str) -> datetime:
+    """Parse an ISO-8601 time with an explicit UTC offset (`Z` or `+00:00`) to an aware datetime."""
+    parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError(f"as_of {value!r} has no time zone; give UTC, e.g. 2026-11-28T12:00:00Z")
+    return to_millis_precision(parsed.astimezone(UTC))
+
+
+def to_millis_precision(moment: datetime) -> datetime:
+    """Truncate to the milliseconds ClickHouse's DateTime64(3) keeps, so both sides agree."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def iso_z(moment: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and a trailing `Z`, as the cache values carry times."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch: how instants are bound into ClickHouse queries."""
+    return round(moment.timestamp() * 1000)
+
+
+class AsOfConfig(dg.Config):
+    """Run config shared by every asset: the instant the ranking is computed as of."""
+
+    as_of: str | None = None
+    """ISO-8601 UTC instant, e.g. 2026-11-28T12:00:00Z; default: the run's start."""
+
+    @field_validator("as_of")
+    @classmethod
+    def _valid_as_of(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_utc(value)
+        return value
+
+    def resolve(self, context: dg.AssetExecutionContext) -> datetime:
+        """The configured `as_of`, else the start of this run."""
+        if self.as_of is not None:
+            return parse_utc(self.as_of)
+        record = context.instance.get_run_record_by_id(context.run_id)
+        started = record.start_time if record is not None else None
+        moment = datetime.fromtimestamp(started, UTC) if started else datetime.now(UTC)
+        return to_millis_precision(moment)

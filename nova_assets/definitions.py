@@ -1,0 +1,53 @@
+"""The nova_assets code location: one `Definitions`, its resources chosen once per deployment."""
+
+import os
+
+import dagster as dg
+
+from nova_assets.resources import (
+    ClickHouseResource,
+    JobMetricsResource,
+    KafkaDLQResource,
+    RedisCacheResource,
+)
+from nova_assets.schedules import JobSpec, build_jobs_and_schedules
+from nova_assets.settings import Settings, interval_to_cron
+from nova_assets.trending import build_trending_assets, windows
+
+
+def _secret_or(variable: str, value: str) -> str | dg.EnvVar:
+    """Bind a URL that may carry a password through `dg.EnvVar`, so the UI shows only its name."""
+    return dg.EnvVar(variable) if os.environ.get(variable, "").strip() else value
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "clickhouse": ClickHouseResource(url=_secret_or("CLICKHOUSE_URL", settings.clickhouse_url)),
+        "redis_cache": RedisCacheResource(
+            url=_secret_or("REDIS_URL", settings.redis_url), key_prefix=settings.redis_key_prefix
+        ),
+        "kafka_dlq": KafkaDLQResource(
+            brokers=",".join(settings.kafka_brokers),
+            topic=settings.dlq_topic,
+            passthrough_env=list(settings.kafka_passthrough),
+        ),
+        "job_metrics": JobMetricsResource(gateway=settings.pushgateway_url),
+    }
+
+
+def job_specs(settings: Settings) -> list[JobSpec]:
+    return [
+        JobSpec(w.job_name, w.asset_name, interval_to_cron(w.refresh_sec))
+        for w in windows(settings.trending_interval_sec)
+    ]
+
+
+settings = Settings.from_env()
+jobs, schedules = build_jobs_and_schedules(job_specs(settings))
+
+defs = dg.Definitions(
+    assets=build_trending_assets(settings.trending_interval_sec),
+    jobs=jobs,
+    schedules=schedules,
+    resources=build_resources(settings),
+)

@@ -1,0 +1,222 @@
+"""Configuration: read the environment once, validate it, and say exactly what is wrong.
+
+Every variable of DESIGN.md §8 is parsed here into a frozen `Settings`. A bad value raises
+`SettingsError`, whose message names each offending variable, the value as given (with any URL
+password replaced by `***`) and the accepted form; the code location then fails to load with that
+message instead of failing later inside a run.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# Variables that configure the Kafka client itself rather than librdkafka settings.
+_KAFKA_OWN_VARIABLES = frozenset({"KAFKA_BROKERS"})
+_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_HOST_PORT_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class SettingsError(ValueError):
+    """One or more configuration variables are invalid; the message lists each of them."""
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with the password (if any) replaced by `***`, safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def interval_to_cron(seconds: int) -> str:
+    """Map an interval in seconds onto the cron cadence that fires exactly that often.
+
+    Accepted: whole minutes dividing an hour (60 → `* * * * *`, 300 → `*/5 * * * *`), whole hours
+    dividing a day (3600 → `0 * * * *`, 7200 → `0 */2 * * *`), and 86400 (daily). Anything else
+    has no exact cron cadence and raises `ValueError` rather than being silently rounded.
+    """
+    if seconds <= 0 or seconds % 60:
+        raise ValueError("not a whole number of minutes")
+    minutes = seconds // 60
+    if minutes < 60 and 60 % minutes == 0:
+        return "* * * * *" if minutes == 1 else f"*/{minutes} * * * *"
+    if minutes % 60 == 0:
+        hours = minutes // 60
+        if hours == 24:
+            return "0 0 * * *"
+        if hours < 24 and 24 % hours == 0:
+            return "0 * * * *" if hours == 1 else f"0 */{hours} * * *"
+    raise ValueError("no cron cadence fires at exactly that interval")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of one deployment (DESIGN.md §8)."""
+
+    nova_home: Path
+    clickhouse_url: str
+    redis_url: str
+    kafka_brokers: tuple[str, ...]
+    kafka_passthrough: tuple[str, ...]
+    dlq_topic: str
+    pushgateway_url: str
+    trending_interval_sec: int
+    suggestion_interval_sec: int
+    max_concurrent_jobs: int
+    redis_key_prefix: str
+    suggestion_ttl_sec: int
+    feed_ttl_sec: int
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        """True when ClickHouse is the in-process chdb engine rather than a server."""
+        return self.clickhouse_url.startswith("chdb:")
+
+    @property
+    def trending_cron(self) -> str:
+        return interval_to_cron(self.trending_interval_sec)
+
+    @property
+    def suggestion_cron(self) -> str:
+        return interval_to_cron(self.suggestion_interval_sec)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Parse and validate `environ` (default: the process environment), all at once."""
+        return _Parser(os.environ if environ is None else environ).parse()
+
+
+class _Parser:
+    """Collects every problem before raising, so one failed load reports them all."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.env = environ
+        self.errors: list[str] = []
+
+    def _get(self, name: str, default: str) -> str:
+        value = self.env.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def _fail(self, name: str, shown: str, accepted: str) -> None:
+        self.errors.append(f"{name}={shown!r} is invalid: {accepted}")
+
+    def _int(self, name: str, default: int, *, minimum: int = 1) -> int:
+        raw = self._get(name, str(default))
+        if not re.fullmatch(r"\d+", raw) or int(raw) < minimum:
+            self._fail(name, raw, f"expected a whole number ≥ {minimum}, e.g. {default}")
+            return default
+        return int(raw)
+
+    def _interval(self, name: str, default: int) -> int:
+        seconds = self._int(name, default)
+        try:
+            interval_to_cron(seconds)
+        except ValueError as exc:
+            self._fail(
+                name,
+                str(seconds),
+                f"{exc}; use seconds that map onto a cron cadence: 60, 120, 300, 600, 900, "
+                "1200, 1800 (minutes dividing an hour), 3600, 7200, 10800, 21600, 43200 "
+                "(hours dividing a day) or 86400",
+            )
+            return default
+        return seconds
+
+    def _url(self, name: str, default: str, schemes: tuple[str, ...], example: str) -> str:
+        raw = self._get(name, default)
+        accepted = f"expected a URL with scheme {' or '.join(schemes)}, e.g. {example}"
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - parsing the port validates it
+        except ValueError:
+            self._fail(name, redact_url(raw), accepted)
+            return default
+        if parts.scheme not in schemes:
+            self._fail(name, redact_url(raw), accepted)
+        elif parts.scheme != "chdb" and not parts.hostname:
+            self._fail(name, redact_url(raw), f"the URL has no host; {accepted}")
+        elif parts.scheme == "chdb" and not (parts.path or parts.netloc):
+            self._fail(name, redact_url(raw), f"the URL has no path; {accepted}")
+        return raw
+
+    def parse(self) -> Settings:
+        home = Path(self._get("NOVA_HOME", ".nova")).resolve()
+        clickhouse_url = self._url(
+            "CLICKHOUSE_URL",
+            f"chdb://{home / 'clickhouse'}",
+            ("chdb", "http", "https"),
+            "chdb:///srv/nova/clickhouse or https://user:password@host:8443/",
+        )
+        redis_url = self._url(
+            "REDIS_URL",
+            "redis://127.0.0.1:6379/0",
+            ("redis", "rediss", "unix"),
+            "redis://127.0.0.1:6379/0",
+        )
+        pushgateway_url = self._url(
+            "PUSHGATEWAY_URL", "http://127.0.0.1:9091", ("http", "https"), "http://127.0.0.1:9091"
+        )
+
+        brokers_raw = self._get("KAFKA_BROKERS", "127.0.0.1:9092")
+        brokers = tuple(b.strip() for b in brokers_raw.split(",") if b.strip())
+        if not brokers or not all(_valid_broker(b) for b in brokers):
+            self._fail(
+                "KAFKA_BROKERS",
+                brokers_raw,
+                "expected a comma-separated list of host:port, e.g. 127.0.0.1:9092",
+            )
+
+        topic = self._get("DLQ_TOPIC", "jobs-dlq")
+        if not _TOPIC_PATTERN.fullmatch(topic):
+            self._fail("DLQ_TOPIC", topic, "expected 1-249 characters of letters, digits, . _ -")
+
+        prefix = self.env.get("REDIS_KEY_PREFIX", "nova:cache:")
+        if not prefix or any(c.isspace() for c in prefix):
+            self._fail("REDIS_KEY_PREFIX", prefix, "expected a non-empty prefix without spaces")
+
+        settings = Settings(
+            nova_home=home,
+            clickhouse_url=clickhouse_url,
+            redis_url=redis_url,
+            kafka_brokers=brokers,
+            kafka_passthrough=tuple(
+                sorted(
+                    name
+                    for name in self.env
+                    if name.startswith("KAFKA_") and name not in _KAFKA_OWN_VARIABLES
+                )
+            ),
+            dlq_topic=topic,
+            pushgateway_url=pushgateway_url,
+            trending_interval_sec=self._interval("TRENDING_INTERVAL_SEC", 60),
+            suggestion_interval_sec=self._interval("SUGGESTION_INTERVAL_SEC", 600),
+            max_concurrent_jobs=self._int("MAX_CONCURRENT_JOBS", 5),
+            redis_key_prefix=prefix,
+            suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400),
+            feed_ttl_sec=self._int("FEED_TTL_SEC", 120),
+        )
+        if self.errors:
+            raise SettingsError(
+                "nova_assets configuration is invalid:\n  - " + "\n  - ".join(self.errors)
+            )
+        return settings
+
+
+def _valid_broker(broker: str) -> bool:
+    match = _HOST_PORT_PATTERN.fullmatch(broker)
+    return bool(match) and 0 < int(match.group(2)) < 65536
+
+
+def kafka_setting_name(variable: str) -> str:
+    """Map a pass-through variable onto its librdkafka setting: KAFKA_SASL_USERNAME → sasl.username."""
+    return variable.removeprefix("KAFKA_").lower().replace("_", ".")

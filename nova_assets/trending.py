@@ -1,0 +1,279 @@
+"""Trending posts over 1h, 24h and 7d: how they are ranked, written and checked (DESIGN.md §3-4).
+
+One factory builds the three assets. Each computes its ranking in one ClickHouse query and
+replaces `{prefix}trending:{window}` atomically; the checks then judge the value Redis serves.
+"""
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from nova_assets.contract import (
+    EVENT_WEIGHTS,
+    STEP_RETRY_POLICY,
+    AsOfConfig,
+    epoch_ms,
+    iso_z,
+)
+from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
+
+TOP_POSTS = 50
+POSTS_PER_AUTHOR = 3
+TTL_REFRESH_MULTIPLE = 10
+
+
+@dataclass(frozen=True)
+class Window:
+    """One trending window of DESIGN.md §3."""
+
+    name: str
+    length: timedelta
+    decay_per_hour: float
+    refresh_sec: int
+
+    @property
+    def asset_name(self) -> str:
+        return f"trending_posts_{self.name}"
+
+    @property
+    def job_name(self) -> str:
+        return f"trending_{self.name}"
+
+    @property
+    def ttl_sec(self) -> int:
+        return TTL_REFRESH_MULTIPLE * self.refresh_sec
+
+
+def windows(trending_interval_sec: int = 60) -> tuple[Window, ...]:
+    """The three windows; the 1h refresh follows TRENDING_INTERVAL_SEC."""
+    return (
+        Window("1h", timedelta(hours=1), 0.5, trending_interval_sec),
+        Window("24h", timedelta(hours=24), 0.9, 300),
+        Window("7d", timedelta(days=7), 0.98, 3600),
+    )
+
+
+# Events in (as_of - W, as_of] of a known type, deduplicated per (post, user, type) at their
+# latest time, decayed and summed per post; then the eligible posts (latest row not deleted,
+# created by as_of), ordered, capped per author and cut to the top.
+RANKING_SQL = """
+WITH
+deduped AS (
+    SELECT post_id, event_type, max(event_time) AS last_time
+    FROM nova.engagement_events
+    WHERE event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
+      AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
+      AND has({types:Array(String)}, event_type)
+    GROUP BY post_id, user_id, event_type
+),
+scores AS (
+    SELECT
+        post_id,
+        sum(
+            transform(toString(event_type), {types:Array(String)}, {weights:Array(Float64)}, 0.)
+            * pow({decay:Float64}, ({as_of_ms:Int64} - toUnixTimestamp64Milli(last_time)) / 3600000.)
+        ) AS score
+    FROM deduped
+    GROUP BY post_id
+),
+eligible AS (
+    SELECT post_id, argMax(author_id, updated_at) AS author_id
+    FROM nova.posts
+    WHERE post_id IN (SELECT post_id FROM scores)
+    GROUP BY post_id
+    HAVING argMax(is_deleted, updated_at) = 0
+       AND argMax(created_at, updated_at) <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
+)
+SELECT s.post_id AS post_id, e.author_id AS author_id, s.score AS score
+FROM scores AS s
+INNER JOIN eligible AS e ON s.post_id = e.post_id
+ORDER BY score DESC, post_id ASC
+LIMIT {per_author:UInt32} BY author_id
+LIMIT {top:UInt32}
+"""
+
+EVENTS_IN_WINDOW_SQL = """
+SELECT count() AS scanned, countIf(has({types:Array(String)}, event_type)) AS weighted
+FROM nova.engagement_events
+WHERE event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
+  AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
+"""
+
+LIVE_POSTS_SQL = """
+SELECT post_id
+FROM nova.posts
+WHERE post_id IN {post_ids:Array(UInt64)}
+GROUP BY post_id
+HAVING argMax(is_deleted, updated_at) = 0
+"""
+
+
+def ranking_parameters(window: Window, as_of: datetime) -> dict[str, Any]:
+    return {
+        "start_ms": epoch_ms(as_of - window.length),
+        "as_of_ms": epoch_ms(as_of),
+        "types": list(EVENT_WEIGHTS),
+        "weights": list(EVENT_WEIGHTS.values()),
+        "decay": window.decay_per_hour,
+        "per_author": POSTS_PER_AUTHOR,
+        "top": TOP_POSTS,
+    }
+
+
+def rank(clickhouse: ClickHouseResource, window: Window, as_of: datetime) -> list[dict[str, Any]]:
+    """The window's ranking as of `as_of`: the `items` of the cache value, best first."""
+    rows = clickhouse.query_rows(RANKING_SQL, ranking_parameters(window, as_of))
+    return [
+        {"rank": i, "post_id": int(post_id), "author_id": int(author_id), "score": float(score)}
+        for i, (post_id, author_id, score) in enumerate(rows, start=1)
+    ]
+
+
+def check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    def spec(name: str, description: str) -> dg.AssetCheckSpec:
+        return dg.AssetCheckSpec(name, asset=asset_key, description=description)
+
+    return [
+        spec("scores_non_increasing", "Items are ordered by score, highest first."),
+        spec("no_duplicate_posts", "No post appears twice."),
+        spec("at_most_3_per_author", "No author has more than three posts in the list."),
+        spec("posts_live", "Every post exists in ClickHouse and its latest row is not deleted."),
+        spec("non_empty", "The ranking is not empty when the window had weighted events (WARN)."),
+        spec("key_has_ttl", "The cache key exists and carries a positive TTL."),
+    ]
+
+
+def evaluate_checks(
+    items: Sequence[dict[str, Any]],
+    *,
+    live_post_ids: set[int],
+    ttl: int,
+    computed_empty: bool,
+    weighted_events: int,
+) -> dict[str, tuple[bool, dict[str, Any]]]:
+    """Judge the served ranking; each entry maps a check name to (passed, metadata)."""
+    scores = [item["score"] for item in items]
+    drops = [i + 1 for i in range(len(scores) - 1) if scores[i + 1] > scores[i]]
+    post_counts = Counter(item["post_id"] for item in items)
+    duplicates = sorted(p for p, n in post_counts.items() if n > 1)
+    author_counts = Counter(item["author_id"] for item in items)
+    crowded = sorted(a for a, n in author_counts.items() if n > POSTS_PER_AUTHOR)
+    dead = sorted({item["post_id"] for item in items} - live_post_ids)
+    return {
+        "scores_non_increasing": (not drops, {"out_of_order_ranks": str(drops[:20])}),
+        "no_duplicate_posts": (not duplicates, {"duplicate_posts": str(duplicates[:20])}),
+        "at_most_3_per_author": (not crowded, {"authors_over_cap": str(crowded[:20])}),
+        "posts_live": (not dead, {"missing_or_deleted_posts": str(dead[:20])}),
+        "non_empty": (
+            not (computed_empty and weighted_events > 0),
+            {"weighted_events_in_window": weighted_events},
+        ),
+        "key_has_ttl": (ttl > 0, {"ttl_seconds": ttl}),
+    }
+
+
+def live_posts(clickhouse: ClickHouseResource, post_ids: Sequence[int]) -> set[int]:
+    if not post_ids:
+        return set()
+    rows = clickhouse.query_rows(LIVE_POSTS_SQL, {"post_ids": list(post_ids)})
+    return {int(row[0]) for row in rows}
+
+
+def _top_table(items: Sequence[dict[str, Any]]) -> str:
+    lines = ["| rank | post | author | score |", "|---:|---:|---:|---:|"]
+    lines += [
+        f"| {i['rank']} | {i['post_id']} | {i['author_id']} | {i['score']:.6g} |" for i in items
+    ]
+    return "\n".join(lines)
+
+
+def build_trending_asset(window: Window) -> dg.AssetsDefinition:
+    """The asset that keeps `{prefix}trending:{window}` fresh."""
+    asset_key = dg.AssetKey(window.asset_name)
+
+    @dg.asset(
+        name=window.asset_name,
+        group_name="trending",
+        kinds={"clickhouse", "redis"},
+        description=f"Top {TOP_POSTS} trending posts of the last {window.name}, decayed "
+        f"{window.decay_per_hour} per hour, at most {POSTS_PER_AUTHOR} per author.",
+        pool=CLICKHOUSE_POOL,
+        retry_policy=STEP_RETRY_POLICY,
+        check_specs=check_specs(asset_key),
+        metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
+    )
+    def _trending(
+        context: dg.AssetExecutionContext,
+        config: AsOfConfig,
+        clickhouse: ClickHouseResource,
+        redis_cache: RedisCacheResource,
+    ) -> dg.MaterializeResult:
+        as_of = config.resolve(context)
+        started = time.perf_counter()
+        items = rank(clickhouse, window, as_of)
+        query_ms = (time.perf_counter() - started) * 1000
+        scanned, weighted = clickhouse.query_rows(
+            EVENTS_IN_WINDOW_SQL, ranking_parameters(window, as_of)
+        )[0]
+
+        key = redis_cache.key("trending", window.name)
+        value = {
+            "window": window.name,
+            "as_of": iso_z(as_of),
+            "generated_at": iso_z(datetime.now(as_of.tzinfo)),
+            "items": items,
+        }
+        started = time.perf_counter()
+        written = redis_cache.replace_ranking(key, value, window.ttl_sec)
+        write_ms = (time.perf_counter() - started) * 1000
+        if not written:
+            context.log.warning(
+                f"The {window.name} ranking came out empty as of {iso_z(as_of)}; "
+                f"kept the previous non-empty value of {key}."
+            )
+
+        served = redis_cache.get_json(key) or {"items": []}
+        served_items = served["items"]
+        results = evaluate_checks(
+            served_items,
+            live_post_ids=live_posts(clickhouse, [i["post_id"] for i in served_items]),
+            ttl=redis_cache.ttl(key),
+            computed_empty=not items,
+            weighted_events=int(weighted),
+        )
+        clickhouse.close()
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(items),
+                "as_of": iso_z(as_of),
+                "cache_key": key,
+                "top_10": dg.MetadataValue.md(_top_table(items[:10])),
+                "events_scanned": int(scanned),
+                "weighted_events": int(weighted),
+                "query_ms": round(query_ms, 1),
+                "write_ms": round(write_ms, 1),
+                "kept_previous": not written,
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=name,
+                    passed=passed,
+                    metadata=meta,
+                    severity=dg.AssetCheckSeverity.WARN
+                    if name == "non_empty"
+                    else dg.AssetCheckSeverity.ERROR,
+                )
+                for name, (passed, meta) in results.items()
+            ],
+        )
+
+    return _trending
+
+
+def build_trending_assets(trending_interval_sec: int = 60) -> list[dg.AssetsDefinition]:
+    return [build_trending_asset(w) for w in windows(trending_interval_sec)]

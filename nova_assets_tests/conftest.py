@@ -1,0 +1,59 @@
+"""Shared fixtures: the real local services, isolated per test by key prefix and topic name.
+
+`make test` starts Redis, Kafka and the Pushgateway on their default local ports before pytest
+runs; ClickHouse is the embedded chdb engine in a temporary directory. The embedded engine admits
+one data directory per process, so every test shares the session's `clickhouse` resource.
+"""
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from nova_assets.resources import ClickHouseResource, KafkaDLQResource, RedisCacheResource
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+KAFKA_BROKERS = "127.0.0.1:9092"
+PUSHGATEWAY_URL = "http://127.0.0.1:9091"
+
+
+@pytest.fixture(scope="session")
+def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseResource]:
+    resource = ClickHouseResource(url=f"chdb://{tmp_path_factory.mktemp('clickhouse')}")
+    yield resource
+    resource.close()
+
+
+@pytest.fixture
+def redis_cache() -> Iterator[RedisCacheResource]:
+    """A cache resource on the local Redis whose keys live under a prefix unique to the test."""
+    resource = RedisCacheResource(url=REDIS_URL, key_prefix=f"test:{uuid.uuid4().hex[:8]}:")
+    yield resource
+    client = resource.client()
+    keys = list(client.scan_iter(match=resource.key_prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    resource.close()
+
+
+@pytest.fixture
+def raw_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    yield client
+    client.close()
+
+
+def create_topic(name: str, partitions: int = 1) -> None:
+    admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
+    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    futures[name].result(timeout=30)
+
+
+@pytest.fixture
+def kafka_dlq() -> KafkaDLQResource:
+    """A DLQ resource on the local broker with a fresh topic of its own."""
+    topic = f"test-dlq-{uuid.uuid4().hex[:8]}"
+    create_topic(topic)
+    return KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
