@@ -1,0 +1,123 @@
+"""The local stack starts real Redis, Kafka and Pushgateway processes that answer for real.
+
+Proves that `up` brings all three up and is a no-op the second time, that `down` stops what `up`
+started and nothing else, and that a failed start reports the service's own log. Every test runs
+on free ports in a temporary state folder, so the project's default stack is never touched; the
+Kafka jars are shared with the project's cache so Maven downloads them once.
+"""
+
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+
+from nova_assets.stack import SERVICES, StackConfig, StackError, down, started_pid, status, up
+
+JARS_DIR = Path(__file__).parents[1] / ".nova" / "kafka-libs"
+
+
+def _free_ports(count: int) -> list[int]:
+    # Hold every socket open until all are bound, so the ports are distinct.
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[StackConfig]:
+    redis_port, kafka_port, controller_port, pushgateway_port = _free_ports(4)
+    config = StackConfig(
+        state_dir=tmp_path / ".nova",
+        redis_port=redis_port,
+        kafka_port=kafka_port,
+        kafka_controller_port=controller_port,
+        pushgateway_port=pushgateway_port,
+        jars_dir=JARS_DIR,
+    )
+    yield config
+    down(config)
+
+
+def _redis_pings(port: int) -> bool:
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def test_up_starts_answering_services_and_down_stops_them(config: StackConfig) -> None:
+    messages: list[str] = []
+    up(config, log=messages.append)
+
+    assert _redis_pings(config.redis_port)
+    ready = f"http://127.0.0.1:{config.pushgateway_port}/-/ready"
+    with urllib.request.urlopen(ready, timeout=5) as response:
+        assert response.status == 200
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{config.kafka_port}"})
+    assert config.dlq_topic in admin.list_topics(timeout=10).topics
+    pids = {name: started_pid(config, name) for name in SERVICES}
+    assert all(pids.values()), pids
+    assert all(service.answering for service in status(config))
+
+    messages.clear()
+    up(config, log=messages.append)
+    assert {name: started_pid(config, name) for name in SERVICES} == pids
+    assert not [message for message in messages if message.startswith("started")], messages
+    assert sum(message.startswith("reusing") for message in messages) == len(SERVICES)
+
+    down(config)
+    assert [(s.name, s.answering, s.pid) for s in status(config)] == [
+        (name, False, None) for name in SERVICES
+    ]
+    assert not list((config.state_dir / "run").glob("*.pid"))
+
+
+def test_down_leaves_alone_a_redis_it_did_not_start(config: StackConfig, tmp_path: Path) -> None:
+    port = config.redis_port
+    by_hand = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_pings(port):
+            assert time.monotonic() < deadline, "the hand-started redis-server never answered"
+            time.sleep(0.1)
+        messages: list[str] = []
+
+        up(config, services=("redis",), log=messages.append)
+        assert messages == [f"reusing redis already answering on 127.0.0.1:{port}"]
+        assert started_pid(config, "redis") is None
+
+        down(config, services=("redis",))
+        assert _redis_pings(port)
+        assert by_hand.poll() is None
+    finally:
+        by_hand.terminate()
+        by_hand.wait(timeout=10)
+
+
+def test_failed_start_reports_the_service_log(config: StackConfig) -> None:
+    # A listener that accepts connections but never speaks Redis: not reusable, and in the way.
+    with socket.create_server(("127.0.0.1", config.redis_port)):
+        with pytest.raises(StackError) as failure:
+            up(config, services=("redis",))
+    message = str(failure.value)
+    assert "redis" in message
+    assert "Address already in use" in message  # written by redis-server into its log
+    assert str(config.state_dir / "logs" / "redis.log") in message
+    assert started_pid(config, "redis") is None
