@@ -6,9 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 export NOVA_HOME ?= $(CURDIR)/.nova
 export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
-export MAX_CONCURRENT_JOBS ?= 5
 
-.PHONY: dev test install services services-down seed lint bench clean
+.PHONY: dev test install instance services services-down seed lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +18,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The Dagster instance lives under .nova/ so run history survives restarts; its config is ours.
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+instance: install
+	$(BIN)/nova-assets instance --home $(DAGSTER_HOME)
 
 services: install
 	$(BIN)/nova-assets services up
@@ -32,7 +30,7 @@ services-down: install
 seed: install
 	$(BIN)/nova-assets seed --if-empty
 
-dev: services seed $(DAGSTER_HOME)/dagster.yaml
+dev: services seed instance
 	$(BIN)/dagster dev --host 127.0.0.1 --port 3000
 
 lint: install

@@ -1,13 +1,17 @@
 """The `nova-assets` command: the local stack and demo data.
 
-    nova-assets services up|down|status     Redis, Kafka (KRaft) and the Pushgateway on 127.0.0.1
-    nova-assets seed [--if-empty] [...]     the ClickHouse schema and a deterministic demo dataset
+nova-assets services up|down|status     Redis, Kafka (KRaft) and the Pushgateway on 127.0.0.1
+nova-assets seed [--if-empty] [...]     the ClickHouse schema and a deterministic demo dataset
+nova-assets instance                    the local Dagster instance config in DAGSTER_HOME
 """
 
 import argparse
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import yaml
 
 from nova_assets import seed, stack
 from nova_assets.resources import ClickHouseResource
@@ -75,6 +79,20 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _instance(settings: Settings, args: argparse.Namespace) -> int:
+    """Write DAGSTER_HOME/dagster.yaml from the project's dagster.yaml and MAX_CONCURRENT_JOBS."""
+    config = yaml.safe_load(args.template.read_text())
+    config["concurrency"]["runs"]["max_concurrent_runs"] = settings.max_concurrent_jobs
+    args.home.mkdir(parents=True, exist_ok=True)
+    target = args.home / "dagster.yaml"
+    target.write_text(
+        "# Written by `nova-assets instance` from the project's dagster.yaml; edit that one.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    print(f"Dagster instance config written to {target}")
+    return 0
+
+
 def _utc(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
@@ -100,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--days", type=int, default=defaults.days)
     demo.add_argument("--as-of", type=_utc, default=None, help="end of the data (default: now)")
     demo.add_argument("--if-empty", action="store_true", help="seed only when no data exists")
+    instance = commands.add_parser("instance", help="write the local Dagster instance config")
+    instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
+    instance.add_argument("--template", type=Path, default=Path("dagster.yaml"))
     return parser
 
 
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    handlers = {"services": _services, "seed": _seed}
+    handlers = {"services": _services, "seed": _seed, "instance": _instance}
     return handlers[args.command](settings, args)
 
 

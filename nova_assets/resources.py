@@ -7,7 +7,7 @@ a client library directly.
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,15 @@ from redis.retry import Retry
 from nova_assets.settings import kafka_setting_name, redact_url
 
 CLICKHOUSE_POOL = "clickhouse"
-"""Dagster pool of every step that touches ClickHouse (limited to 1 slot for the embedded engine)."""
+"""Dagster pool of every step that touches ClickHouse (one slot for the embedded engine)."""
 
 # Network timeouts, set once here.
 _CLICKHOUSE_CONNECT_TIMEOUT_S = 10
 _REDIS_SOCKET_TIMEOUT_S = 5.0
 _KAFKA_METADATA_TIMEOUT_S = 10.0
+
+# librdkafka's "end of partition" event; confluent-kafka names it with a leading underscore.
+_PARTITION_EOF = getattr(KafkaError, "_PARTITION_EOF")
 
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
@@ -161,7 +164,7 @@ class RedisCacheResource(dg.ConfigurableResource):
         return self._client
 
     def key(self, *parts: object) -> str:
-        """A cache key under the configured prefix: key("feed", 42) → nova:cache:feed:42."""
+        """A cache key under the configured prefix, e.g. nova:cache:feed:42 for ("feed", 42)."""
         return self.key_prefix + ":".join(str(p) for p in parts)
 
     def set_json(self, key: str, value: Mapping[str, Any], ttl_s: int) -> None:
@@ -243,7 +246,7 @@ class KafkaDLQResource(dg.ConfigurableResource):
             producer.flush(self.delivery_timeout_s)
 
     def client_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by producer and consumer, pass-through included."""
+        """Librdkafka settings shared by producer and consumer, pass-through included."""
         config: dict[str, Any] = {
             "bootstrap.servers": self.brokers,
             "socket.timeout.ms": int(_KAFKA_METADATA_TIMEOUT_S * 1000),
@@ -277,7 +280,10 @@ class KafkaDLQResource(dg.ConfigurableResource):
         producer = self._get_producer()
         try:
             producer.produce(
-                self.topic, key=key.encode(), value=value, on_delivery=lambda e, _m: outcome.append(e)
+                self.topic,
+                key=key.encode(),
+                value=value,
+                on_delivery=lambda e, _m: outcome.append(e),
             )
         except (KafkaException, BufferError):
             return False
@@ -293,7 +299,7 @@ class KafkaDLQResource(dg.ConfigurableResource):
         max_messages: int | None = None,
         timeout_s: float = _KAFKA_METADATA_TIMEOUT_S,
     ) -> list[KafkaRecord]:
-        """Read the topic from `start_offsets` (partition → offset; default: the beginning) to its end.
+        """Read the topic from `start_offsets` (partition → offset; default: its start) to its end.
 
         Returns the records in (partition, offset) order. Reads through `assign`, so nothing is
         committed and no consumer group is joined.
@@ -321,7 +327,9 @@ class KafkaDLQResource(dg.ConfigurableResource):
         metadata = consumer.list_topics(self.topic, timeout=timeout_s)
         topic = metadata.topics.get(self.topic)
         if topic is None or topic.error is not None:
-            raise KafkaException(topic.error if topic else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+            raise KafkaException(
+                topic.error if topic else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+            )
         assignment = []
         ends: dict[int, int] = {}
         for partition in sorted(topic.partitions):
@@ -344,7 +352,7 @@ class KafkaDLQResource(dg.ConfigurableResource):
             if message is None:
                 continue
             if message.error() is not None:
-                if message.error().code() == KafkaError._PARTITION_EOF:
+                if message.error().code() == _PARTITION_EOF:
                     ends.pop(message.partition(), None)
                     continue
                 raise KafkaException(message.error())
@@ -379,4 +387,3 @@ class JobMetricsResource(PrometheusResource):
             )
             return False
         return True
-

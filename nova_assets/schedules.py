@@ -1,7 +1,6 @@
 """Jobs and their schedules (DESIGN.md §5): one job per cache family, one run per job at a time."""
 
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
 
 import dagster as dg

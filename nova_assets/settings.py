@@ -137,7 +137,7 @@ class _Parser:
         accepted = f"expected a URL with scheme {' or '.join(schemes)}, e.g. {example}"
         try:
             parts = urlsplit(raw)
-            parts.port  # noqa: B018 - parsing the port validates it
+            parts.port
         except ValueError:
             self._fail(name, redact_url(raw), accepted)
             return default
@@ -167,7 +167,8 @@ class _Parser:
             "PUSHGATEWAY_URL", "http://127.0.0.1:9091", ("http", "https"), "http://127.0.0.1:9091"
         )
 
-        brokers_raw = self._get("KAFKA_BROKERS", "127.0.0.1:9092")
+        # Unlike other variables, a KAFKA_BROKERS set but empty is an error, not the default.
+        brokers_raw = self.env.get("KAFKA_BROKERS", "127.0.0.1:9092")
         brokers = tuple(b.strip() for b in brokers_raw.split(",") if b.strip())
         if not brokers or not all(_valid_broker(b) for b in brokers):
             self._fail(
@@ -218,5 +219,5 @@ def _valid_broker(broker: str) -> bool:
 
 
 def kafka_setting_name(variable: str) -> str:
-    """Map a pass-through variable onto its librdkafka setting: KAFKA_SASL_USERNAME → sasl.username."""
+    """Map a pass-through variable to its librdkafka name: KAFKA_SASL_USERNAME is sasl.username."""
     return variable.removeprefix("KAFKA_").lower().replace("_", ".")

@@ -76,7 +76,10 @@ scores AS (
         post_id,
         sum(
             transform(toString(event_type), {types:Array(String)}, {weights:Array(Float64)}, 0.)
-            * pow({decay:Float64}, ({as_of_ms:Int64} - toUnixTimestamp64Milli(last_time)) / 3600000.)
+            * pow(
+                {decay:Float64},
+                ({as_of_ms:Int64} - toUnixTimestamp64Milli(last_time)) / 3600000.
+            )
         ) AS score
     FROM deduped
     GROUP BY post_id
@@ -246,7 +249,6 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
             computed_empty=not items,
             weighted_events=int(weighted),
         )
-        clickhouse.close()
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(items),

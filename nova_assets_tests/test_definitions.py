@@ -1,0 +1,88 @@
+"""The code location loads with every resource bound, and its instance config is the design's."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from nova_assets import definitions
+from nova_assets.resources import CLICKHOUSE_POOL
+from nova_assets.schedules import JOB_TAG
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_definitions_load_with_every_resource_bound():
+    defs = definitions.defs
+    repository = defs.get_repository_def()
+    repository.load_all_definitions()
+    assert set(defs.resources) >= {"clickhouse", "redis_cache", "kafka_dlq", "job_metrics"}
+    for job in repository.get_all_jobs():
+        # Every resource key a job needs is provided (Dagster raises otherwise when resolving).
+        assert job.resource_defs
+
+
+def test_the_code_location_loads_in_a_fresh_process():
+    completed = subprocess.run(
+        [sys.executable, "-c", "import nova_assets.definitions as d; d.defs.get_repository_def()"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "TRENDING_INTERVAL_SEC": "60"},
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_a_bad_setting_fails_the_load_naming_the_variable():
+    completed = subprocess.run(
+        [sys.executable, "-c", "import nova_assets.definitions"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "TRENDING_INTERVAL_SEC": "90"},
+    )
+    assert completed.returncode != 0
+    assert "TRENDING_INTERVAL_SEC='90' is invalid" in completed.stderr
+
+
+def test_every_step_touching_clickhouse_declares_the_pool_and_every_job_its_tag():
+    repository = definitions.defs.get_repository_def()
+    for assets_def in repository.asset_graph.assets_defs:
+        if "clickhouse" in assets_def.required_resource_keys:
+            assert assets_def.op.pool == CLICKHOUSE_POOL, assets_def.key
+    for job in repository.get_all_jobs():
+        if not job.name.startswith("__"):
+            assert job.tags[JOB_TAG] == job.name
+
+
+def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "nova-assets"), "instance", "--home", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "MAX_CONCURRENT_JOBS": "3"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    config = yaml.safe_load((tmp_path / "dagster.yaml").read_text())
+    runs = config["concurrency"]["runs"]
+    assert runs["max_concurrent_runs"] == 3
+    assert runs["tag_concurrency_limits"] == [
+        {"key": JOB_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    ]
+    assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
+    assert config["telemetry"]["enabled"] is False
+
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue.max_concurrent_runs == 3
+        assert len(queue.tag_concurrency_limits) == 1
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    finally:
+        instance.dispose()

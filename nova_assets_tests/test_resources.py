@@ -1,0 +1,186 @@
+"""Resources against the real services: parameterised ClickHouse, atomic Redis, Kafka, Pushgateway.
+
+Proves that injection strings bound as parameters change nothing, that a reader never sees a cache
+key missing, partial or without TTL while it is replaced, that a DLQ message round-trips byte for
+byte and that publishing to a dead broker answers "not delivered" in bounded time, and that a
+metrics push reaches the Pushgateway while a push to a dead one does not raise.
+"""
+
+import json
+import threading
+import time
+import urllib.request
+
+import prometheus_client
+import pytest
+
+from nova_assets import seed
+from nova_assets.resources import JobMetricsResource, KafkaDLQResource
+from nova_assets_tests.conftest import PUSHGATEWAY_URL
+
+INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]
+
+
+@pytest.fixture
+def posts(clickhouse):
+    seed.create_schema(clickhouse)
+    seed.truncate(clickhouse)
+    clickhouse.command(
+        "INSERT INTO nova.posts VALUES "
+        "(1, 10, '2026-11-28 10:00:00', 0, '2026-11-28 10:00:00'), "
+        "(2, 11, '2026-11-28 10:00:00', 0, '2026-11-28 10:00:00')"
+    )
+    return clickhouse
+
+
+@pytest.mark.parametrize("hostile", INJECTIONS)
+def test_injection_strings_are_only_values(posts, hostile):
+    rows = posts.query_rows(
+        "SELECT post_id FROM nova.posts WHERE toString(post_id) = {value:String}",
+        {"value": hostile},
+    )
+    assert rows == []
+    assert posts.query_rows("SELECT count() FROM nova.posts") == [(2,)]
+    assert posts.query_rows("EXISTS TABLE nova.posts") == [(1,)]
+
+
+def test_injection_strings_in_arrays_are_only_values(posts):
+    rows = posts.query_rows(
+        "SELECT post_id FROM nova.posts WHERE has({values:Array(String)}, toString(post_id))",
+        {"values": INJECTIONS},
+    )
+    assert rows == []
+    assert posts.query_rows("SELECT count() FROM nova.posts") == [(2,)]
+
+
+def test_query_df_returns_typed_columns(posts):
+    frame = posts.query_df("SELECT post_id, author_id FROM nova.posts ORDER BY post_id")
+    assert frame["post_id"].tolist() == [1, 2]
+    assert frame["author_id"].tolist() == [10, 11]
+
+
+def test_set_json_writes_value_and_ttl_in_one_command(redis_cache):
+    key = redis_cache.key("feed", 42)
+    redis_cache.set_json(key, {"user_id": 42, "items": [{"post_id": 7, "score": 0.1}]}, 120)
+    assert redis_cache.get_json(key) == {"user_id": 42, "items": [{"post_id": 7, "score": 0.1}]}
+    assert 0 < redis_cache.ttl(key) <= 120
+
+
+def test_set_many_json_writes_every_key_with_its_ttl(redis_cache, raw_redis):
+    entries = [(redis_cache.key("suggested_users", u), {"user_id": u}, 86400) for u in range(250)]
+    assert redis_cache.set_many_json(entries) == 250
+    with raw_redis.pipeline() as pipe:
+        for key, _, _ in entries:
+            pipe.get(key)
+            pipe.ttl(key)
+        replies = pipe.execute()
+    values, ttls = replies[::2], replies[1::2]
+    assert [json.loads(v)["user_id"] for v in values] == list(range(250))
+    assert all(0 < t <= 86400 for t in ttls)
+
+
+def test_empty_ranking_never_replaces_a_non_empty_one(redis_cache):
+    key = redis_cache.key("trending", "1h")
+    full = {"window": "1h", "items": [{"rank": 1, "post_id": 7, "author_id": 3, "score": 1.5}]}
+    assert redis_cache.replace_ranking(key, full, 600)
+    assert not redis_cache.replace_ranking(key, {"window": "1h", "items": []}, 600)
+    assert redis_cache.get_json(key) == full
+    # An empty ranking may replace an empty one or a missing key.
+    other = redis_cache.key("trending", "24h")
+    assert redis_cache.replace_ranking(other, {"items": []}, 600)
+    assert redis_cache.replace_ranking(other, {"items": []}, 600)
+    assert redis_cache.get_json(other) == {"items": []}
+
+
+def test_a_reader_never_sees_a_missing_partial_or_ttl_less_value(redis_cache, raw_redis):
+    key = redis_cache.key("trending", "7d")
+    ttl = 36000
+
+    def ranking(generation: int) -> dict:
+        items = [
+            {"rank": r, "post_id": generation * 100 + r, "author_id": r, "score": 1.0 / r}
+            for r in range(1, 51)
+        ]
+        return {"window": "7d", "generation": generation, "items": items}
+
+    redis_cache.replace_ranking(key, ranking(0), ttl)
+    problems: list[str] = []
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with raw_redis.pipeline(transaction=True) as pipe:
+                raw, remaining = pipe.get(key).ttl(key).execute()
+            if raw is None:
+                problems.append("missing")
+                continue
+            value = json.loads(raw)
+            seen.add(value["generation"])
+            if len(value["items"]) != 50:
+                problems.append(f"partial: {len(value['items'])} items")
+            if not 0 < remaining <= ttl:
+                problems.append(f"ttl {remaining}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for generation in range(1, 51):
+        assert redis_cache.replace_ranking(key, ranking(generation), ttl)
+        time.sleep(0.002)
+    stop.set()
+    reader.join()
+    assert problems == []
+    assert len(seen) > 1
+    assert redis_cache.get_json(key)["generation"] == 50
+
+
+def test_kafka_message_round_trips_byte_identical(kafka_dlq):
+    payload = json.dumps({"schema": "nova.jobs.dlq.v1", "note": "ünïcode ✓"}).encode()
+    assert kafka_dlq.publish("trending_1h", payload)
+    assert kafka_dlq.publish("cache_warmer", b"\x00\x01binary\xff")
+    records = kafka_dlq.read()
+    assert [(r.key, r.value) for r in records] == [
+        ("trending_1h", payload),
+        ("cache_warmer", b"\x00\x01binary\xff"),
+    ]
+    assert [r.offset for r in kafka_dlq.read({0: 1})] == [1]
+    kafka_dlq.close()
+
+
+def test_publishing_to_a_dead_broker_says_not_delivered_in_bounded_time():
+    dead = KafkaDLQResource(brokers="127.0.0.1:1", topic="jobs-dlq", delivery_timeout_s=2.0)
+    started = time.monotonic()
+    assert dead.publish("trending_1h", b"{}") is False
+    assert time.monotonic() - started < 2.0 + 2.0
+
+
+def _gateway_metrics() -> str:
+    with urllib.request.urlopen(f"{PUSHGATEWAY_URL}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_a_push_can_be_read_back_from_the_gateway():
+    metrics = JobMetricsResource(gateway=PUSHGATEWAY_URL)
+    metrics.setup_for_execution(None)
+    gauge = prometheus_client.Gauge(
+        "nova_resource_test_value", "test gauge", ["job_name"], registry=metrics.registry
+    )
+    gauge.labels(job_name="trending_1h").set(42.5)
+    assert metrics.push(job="nova_resource_test")
+    assert (
+        'nova_resource_test_value{instance="",job="nova_resource_test",job_name="trending_1h"} 42.5'
+        in (_gateway_metrics())
+    )
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"{PUSHGATEWAY_URL}/metrics/job/nova_resource_test", method="DELETE"
+        ),
+        timeout=5,
+    )
+
+
+def test_a_push_to_a_dead_gateway_does_not_raise(caplog):
+    metrics = JobMetricsResource(gateway="http://127.0.0.1:1", timeout=1)
+    metrics.setup_for_execution(None)
+    assert metrics.push(job="nova_resource_test") is False
+    assert "Could not push metrics" in caplog.text
