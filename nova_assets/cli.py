@@ -57,15 +57,25 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
     clickhouse = ClickHouseResource(url=settings.clickhouse_url)
     try:
         seed.create_schema(clickhouse)
-        if args.if_empty and not seed.is_empty(clickhouse):
-            print(f"ClickHouse at {clickhouse.describe()} already holds data; not seeding.")
-            return 0
+        if not seed.is_empty(clickhouse):
+            if args.if_empty:
+                print(f"ClickHouse at {clickhouse.describe()} already holds data; not seeding.")
+                return 0
+            if not args.replace:
+                print(
+                    f"error: ClickHouse at {clickhouse.describe()} already holds data; "
+                    "pass --replace to empty the tables and seed again, or --if-empty to skip.",
+                    file=sys.stderr,
+                )
+                return 1
+            seed.truncate(clickhouse)
         spec = seed.SeedSpec(
             seed=args.seed,
             users=args.users,
             posts=args.posts,
             events=args.events,
             days=args.days,
+            follows_per_user=args.follows_per_user,
             as_of=args.as_of or datetime.now(UTC).replace(microsecond=0),
         )
         print(
@@ -116,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--posts", type=int, default=defaults.posts)
     demo.add_argument("--events", type=int, default=defaults.events)
     demo.add_argument("--days", type=int, default=defaults.days)
+    demo.add_argument("--follows-per-user", type=int, default=defaults.follows_per_user)
     demo.add_argument("--as-of", type=_utc, default=None, help="end of the data (default: now)")
-    demo.add_argument("--if-empty", action="store_true", help="seed only when no data exists")
+    existing = demo.add_mutually_exclusive_group()
+    existing.add_argument("--if-empty", action="store_true", help="seed only when no data exists")
+    existing.add_argument("--replace", action="store_true", help="empty the tables, then seed")
     instance = commands.add_parser("instance", help="write the local Dagster instance config")
     instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
     instance.add_argument("--template", type=Path, default=Path("dagster.yaml"))

@@ -1,5 +1,6 @@
 """The code location loads with every resource bound, and its instance config is the design's."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,51 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     finally:
         instance.dispose()
+
+
+def _run_two_at_once(dagster_home: Path, env: dict[str, str]) -> list[tuple[bool, dict]]:
+    """Two `dagster job execute` processes at once; their runs as the instance recorded them."""
+    command = [
+        str(Path(sys.executable).parent / "dagster"),
+        *("job", "execute", "-m", "nova_assets_tests.pool_jobs", "-j", "engine_job"),
+    ]
+    workers = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.communicate(timeout=120)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        outcomes = []
+        for run in instance.get_runs():
+            materializations = instance.fetch_materializations(
+                dg.AssetKey("holds_the_engine"), limit=10
+            ).records
+            metadata = (
+                next(
+                    m.asset_materialization.metadata
+                    for m in materializations
+                    if m.run_id == run.run_id
+                )
+                if run.status == dg.DagsterRunStatus.SUCCESS
+                else {}
+            )
+            outcomes.append((run.status == dg.DagsterRunStatus.SUCCESS, metadata))
+        return outcomes
+
+
+def test_two_runs_on_the_embedded_engine_are_serialised_by_the_pool(clickhouse, tmp_path):
+    clickhouse.close()  # this process must not hold the engine while the runs use it
+    subprocess.run(
+        [str(Path(sys.executable).parent / "nova-assets"), "instance", "--home", str(tmp_path)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    env = os.environ | {"DAGSTER_HOME": str(tmp_path), "NOVA_TEST_CLICKHOUSE_URL": clickhouse.url}
+    outcomes = _run_two_at_once(tmp_path, env)
+    assert [success for success, _ in outcomes] == [True, True]
+    spans = sorted((m["started"].value, m["ended"].value) for _, m in outcomes)
+    assert spans[0][1] <= spans[1][0], f"the two steps overlapped: {spans}"

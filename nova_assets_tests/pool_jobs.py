@@ -1,0 +1,32 @@
+"""A job for the pool test: its step holds the embedded ClickHouse engine for a moment.
+
+Loaded by path in run worker processes, so it reads the engine location from the environment.
+"""
+
+import os
+import time
+
+import dagster as dg
+
+from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource
+
+
+@dg.asset(pool=CLICKHOUSE_POOL)
+def holds_the_engine(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    # No waiting for the engine's lock: only the pool may keep two steps apart.
+    clickhouse = ClickHouseResource(url=os.environ["NOVA_TEST_CLICKHOUSE_URL"], engine_wait_s=0)
+    try:
+        started = time.time()
+        clickhouse.query_rows("SELECT count() FROM system.one")
+        time.sleep(1.5)
+        return dg.MaterializeResult(metadata={"started": started, "ended": time.time()})
+    finally:
+        clickhouse.close()
+
+
+engine_job = dg.define_asset_job("engine_job", selection=[holds_the_engine])
+defs = dg.Definitions(assets=[holds_the_engine], jobs=[engine_job])
+
+
+def engine_job_def() -> dg.JobDefinition:
+    return defs.get_job_def("engine_job")
