@@ -41,7 +41,7 @@ test: services lint
 	$(BIN)/pytest
 
 bench: services
-	$(BIN)/python -m nova_assets_bench
+	$(BIN)/python bench/run.py
 
 clean: services-down
 	rm -rf $(NOVA_HOME) $(VENV)

@@ -95,31 +95,21 @@ def _run_two_at_once(dagster_home: Path, env: dict[str, str]) -> list[tuple[bool
         str(Path(sys.executable).parent / "dagster"),
         *("job", "execute", "-m", "nova_assets_tests.pool_jobs", "-j", "engine_job"),
     ]
+    # Create the instance's storage first: two processes racing to create it would collide.
+    dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     workers = [
         subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         for _ in range(2)
     ]
-    for worker in workers:
-        worker.communicate(timeout=120)
+    outputs = [worker.communicate(timeout=120)[0].decode()[-3000:] for worker in workers]
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        outcomes = []
-        for run in instance.get_runs():
-            materializations = instance.fetch_materializations(
-                dg.AssetKey("holds_the_engine"), limit=10
-            ).records
-            metadata = (
-                next(
-                    m.asset_materialization.metadata
-                    for m in materializations
-                    if m.run_id == run.run_id
-                )
-                if run.status == dg.DagsterRunStatus.SUCCESS
-                else {}
-            )
-            outcomes.append((run.status == dg.DagsterRunStatus.SUCCESS, metadata))
-        return outcomes
+        runs = instance.get_runs()
+        records = instance.fetch_materializations(dg.AssetKey("holds_the_engine"), limit=10)
+    assert len(runs) == 2, outputs
+    metadata = {r.run_id: r.asset_materialization.metadata for r in records.records}
+    return [(r.status == dg.DagsterRunStatus.SUCCESS, metadata.get(r.run_id, {})) for r in runs]
 
 
 def test_two_runs_on_the_embedded_engine_are_serialised_by_the_pool(clickhouse, tmp_path):
