@@ -4,6 +4,7 @@ One factory builds the three assets. Each computes its ranking in one ClickHouse
 replaces `{prefix}trending:{window}` atomically; the checks then judge the value Redis serves.
 """
 
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -58,53 +59,82 @@ def windows(trending_interval_sec: int = 60) -> tuple[Window, ...]:
     )
 
 
-# Events in (as_of - W, as_of] of a known type, deduplicated per (post, user, type) at their
-# latest time, decayed and summed per post; then the eligible posts (latest row not deleted,
-# created by as_of), ordered, capped per author and cut to the top.
-RANKING_SQL = """
-WITH
-deduped AS (
-    SELECT post_id, event_type, max(event_time) AS last_time
-    FROM nova.engagement_events
-    WHERE event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
-      AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
-      AND has({types:Array(String)}, event_type)
-    GROUP BY post_id, user_id, event_type
-),
-scores AS (
-    SELECT
-        post_id,
-        sum(
-            transform(toString(event_type), {types:Array(String)}, {weights:Array(Float64)}, 0.)
-            * pow(
-                {decay:Float64},
-                ({as_of_ms:Int64} - toUnixTimestamp64Milli(last_time)) / 3600000.
-            )
-        ) AS score
-    FROM deduped
+# Per-event terms of the score, shared by both passes below (constants, never input).
+_IN_WINDOW = """
+        event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
+        AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')"""
+# Unknown types weigh 0. transform() works on the LowCardinality dictionary, not on every row.
+_WEIGHT = "transform(event_type, {types:Array(String)}, {weights:Array(Float64)}, 0.)"
+# decay ^ age_h, written as exp(ln(decay) * age_h): the same value, a cheaper function.
+_DECAY = (
+    "exp({ln_decay:Float64} * ({as_of_ms:Int64} - toUnixTimestamp64Milli(event_time)) / 3600000.)"
+)
+
+# One query ranks a window. Deduplicating every event of a 7-day window (one hash-table entry per
+# user, post and type) is the expensive part, so it runs only on candidate posts:
+#
+# 1. `candidates`: every post's raw, undeduplicated score, which bounds its real score from
+#    above, computed in one cheap pass grouped by post; the best {candidates} posts by that bound
+#    are kept, with the lowest bound among them (no other post can score higher) and the window's
+#    event counts.
+# 2. For those posts only: events deduplicated per (post, user, type) at their latest time, decayed
+#    and summed; joined to the posts whose latest row is live and created by as_of; ordered,
+#    capped per author and cut to the top.
+#
+# The result is exact when fewer posts than {candidates} had events, or when its last score beats
+# the bound; `rank` checks that and otherwise ranks again with every post as a candidate.
+RANKING_SQL = f"""
+WITH (
+    SELECT (groupArray(post_id), min(bound), count(), any(scanned), any(weighted))
+    FROM (
+        SELECT
+            post_id,
+            sum({_WEIGHT} * {_DECAY}) AS bound,
+            sum(count()) OVER () AS scanned,
+            sum(countIf({_WEIGHT} > 0)) OVER () AS weighted
+        FROM nova.engagement_events
+        WHERE {_IN_WINDOW}
+        GROUP BY post_id
+        HAVING bound > 0
+        ORDER BY bound DESC, post_id ASC
+        LIMIT {{candidates:UInt32}}
+    )
+) AS candidates
+SELECT
+    s.post_id AS post_id,
+    e.author_id AS author_id,
+    s.score AS score,
+    candidates.2 AS bound,
+    candidates.3 AS candidate_count,
+    candidates.4 AS scanned,
+    candidates.5 AS weighted
+FROM (
+    SELECT post_id, sum(weight * latest_decay) AS score
+    FROM (
+        SELECT post_id, any({_WEIGHT}) AS weight, max({_DECAY}) AS latest_decay
+        FROM nova.engagement_events
+        WHERE {_IN_WINDOW}
+          AND post_id IN (SELECT arrayJoin(candidates.1))
+          AND {_WEIGHT} > 0
+        GROUP BY post_id, user_id, event_type
+    )
     GROUP BY post_id
-),
-eligible AS (
+) AS s
+INNER JOIN (
     SELECT post_id, argMax(author_id, updated_at) AS author_id
     FROM nova.posts
-    WHERE post_id IN (SELECT post_id FROM scores)
+    WHERE post_id IN (SELECT arrayJoin(candidates.1))
     GROUP BY post_id
     HAVING argMax(is_deleted, updated_at) = 0
-       AND argMax(created_at, updated_at) <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
-)
-SELECT s.post_id AS post_id, e.author_id AS author_id, s.score AS score
-FROM scores AS s
-INNER JOIN eligible AS e ON s.post_id = e.post_id
+       AND argMax(created_at, updated_at) <= fromUnixTimestamp64Milli({{as_of_ms:Int64}}, 'UTC')
+) AS e ON s.post_id = e.post_id
 ORDER BY score DESC, post_id ASC
-LIMIT {per_author:UInt32} BY author_id
-LIMIT {top:UInt32}
+LIMIT {{per_author:UInt32}} BY author_id
+LIMIT {{top:UInt32}}
 """
 
-EVENTS_IN_WINDOW_SQL = """
-SELECT count() AS scanned, countIf(has({types:Array(String)}, event_type)) AS weighted
-FROM nova.engagement_events
-WHERE event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
-  AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
+EVENTS_IN_WINDOW_SQL = f"""
+SELECT count(), countIf({_WEIGHT} > 0) FROM nova.engagement_events WHERE {_IN_WINDOW}
 """
 
 LIVE_POSTS_SQL = """
@@ -116,25 +146,64 @@ HAVING argMax(is_deleted, updated_at) = 0
 """
 
 
+CANDIDATES = 250
+"""Posts ranked exactly in the first attempt; enough that the bound proves almost every ranking."""
+ALL_POSTS = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A window's ranking and what it took to compute it."""
+
+    items: list[dict[str, Any]]
+    events_scanned: int
+    weighted_events: int
+    widened: bool
+    """True when the candidates' bound could not prove the ranking and every post was ranked."""
+
+
 def ranking_parameters(window: Window, as_of: datetime) -> dict[str, Any]:
     return {
         "start_ms": epoch_ms(as_of - window.length),
         "as_of_ms": epoch_ms(as_of),
         "types": list(EVENT_WEIGHTS),
         "weights": list(EVENT_WEIGHTS.values()),
-        "decay": window.decay_per_hour,
+        "ln_decay": math.log(window.decay_per_hour),
         "per_author": POSTS_PER_AUTHOR,
         "top": TOP_POSTS,
     }
 
 
-def rank(clickhouse: ClickHouseResource, window: Window, as_of: datetime) -> list[dict[str, Any]]:
+def _proven(rows: Sequence[tuple], candidates: int) -> bool:
+    """Whether posts outside the candidates cannot change the ranking (see RANKING_SQL)."""
+    if not rows:
+        return False
+    bound, candidate_count = rows[0][3], rows[0][4]
+    return candidate_count < candidates or (len(rows) == TOP_POSTS and rows[-1][2] > bound)
+
+
+def rank(
+    clickhouse: ClickHouseResource,
+    window: Window,
+    as_of: datetime,
+    *,
+    candidates: int = CANDIDATES,
+) -> Ranking:
     """The window's ranking as of `as_of`: the `items` of the cache value, best first."""
-    rows = clickhouse.query_rows(RANKING_SQL, ranking_parameters(window, as_of))
-    return [
-        {"rank": i, "post_id": int(post_id), "author_id": int(author_id), "score": float(score)}
-        for i, (post_id, author_id, score) in enumerate(rows, start=1)
+    parameters = ranking_parameters(window, as_of)
+    rows = clickhouse.query_rows(RANKING_SQL, parameters | {"candidates": candidates})
+    widened = not _proven(rows, candidates)
+    if widened:
+        rows = clickhouse.query_rows(RANKING_SQL, parameters | {"candidates": ALL_POSTS})
+    if rows:
+        scanned, weighted = rows[0][5], rows[0][6]
+    else:
+        scanned, weighted = clickhouse.query_rows(EVENTS_IN_WINDOW_SQL, parameters)[0]
+    items = [
+        {"rank": i, "post_id": int(row[0]), "author_id": int(row[1]), "score": float(row[2])}
+        for i, row in enumerate(rows, start=1)
     ]
+    return Ranking(items, int(scanned), int(weighted), widened)
 
 
 def check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
@@ -218,11 +287,9 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         as_of = config.resolve(context)
         started = time.perf_counter()
-        items = rank(clickhouse, window, as_of)
+        ranking = rank(clickhouse, window, as_of)
+        items = ranking.items
         query_ms = (time.perf_counter() - started) * 1000
-        scanned, weighted = clickhouse.query_rows(
-            EVENTS_IN_WINDOW_SQL, ranking_parameters(window, as_of)
-        )[0]
 
         key = redis_cache.key("trending", window.name)
         value = {
@@ -247,7 +314,7 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
             live_post_ids=live_posts(clickhouse, [i["post_id"] for i in served_items]),
             ttl=redis_cache.ttl(key),
             computed_empty=not items,
-            weighted_events=int(weighted),
+            weighted_events=ranking.weighted_events,
         )
         return dg.MaterializeResult(
             metadata={
@@ -255,8 +322,9 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
                 "as_of": iso_z(as_of),
                 "cache_key": key,
                 "top_10": dg.MetadataValue.md(_top_table(items[:10])),
-                "events_scanned": int(scanned),
-                "weighted_events": int(weighted),
+                "events_scanned": ranking.events_scanned,
+                "weighted_events": ranking.weighted_events,
+                "widened_to_all_posts": ranking.widened,
                 "query_ms": round(query_ms, 1),
                 "write_ms": round(write_ms, 1),
                 "kept_previous": not written,

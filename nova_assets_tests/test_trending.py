@@ -121,7 +121,7 @@ def test_hand_built_ranking_matches_the_formula(ch, redis_cache, window_name):
 
 
 def rank_1h(ch):
-    return rank(ch, WINDOWS["1h"], AS_OF)
+    return rank(ch, WINDOWS["1h"], AS_OF).items
 
 
 def test_unknown_event_types_weigh_nothing(ch):
@@ -284,6 +284,24 @@ def test_randomized_dataset_matches_an_independent_ranking(ch, redis_cache):
         for item, (post_id, author, score) in zip(items, expected, strict=True):
             assert (item["post_id"], item["author_id"]) == (post_id, author), window.name
             assert item["score"] == pytest.approx(score, rel=1e-9)
+
+
+def test_pruning_to_candidates_never_changes_the_ranking(ch):
+    rng = random.Random(7)
+    events, posts = random_dataset(rng, AS_OF)
+    insert_posts(ch, posts)
+    insert_events(ch, events)
+    widened = set()
+    for window in windows():
+        expected = reference_ranking(events, posts, AS_OF, window.length, window.decay_per_hour)
+        for candidates in (1, 5, 80, 1000):
+            ranking = rank(ch, window, AS_OF, candidates=candidates)
+            assert [(i["post_id"], i["author_id"]) for i in ranking.items] == [
+                (p, a) for p, a, _ in expected
+            ], (window.name, candidates)
+            widened.add(ranking.widened)
+    # Both paths ran: rankings proven from few candidates, and rankings that needed every post.
+    assert widened == {True, False}
 
 
 # -- the empty-ranking guard and the checks ---------------------------------------------------
