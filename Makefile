@@ -30,8 +30,10 @@ services-down: install
 seed: install
 	$(BIN)/nova-assets seed --if-empty
 
+# Run from DAGSTER_HOME so Dagster reads the instance config written there, not the template.
 dev: services seed instance
-	$(BIN)/dagster dev --host 127.0.0.1 --port 3000
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml \
+		--host 127.0.0.1 --port 3000
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
 """The nova_assets code location: one `Definitions`, its resources chosen once per deployment."""
 
 import os
+import warnings
 
 import dagster as dg
 
@@ -20,6 +21,13 @@ def _secret_or(variable: str, value: str) -> str | dg.EnvVar:
     return dg.EnvVar(variable) if os.environ.get(variable, "").strip() else value
 
 
+def _job_metrics(gateway: str) -> JobMetricsResource:
+    # dagster-prometheus marks its resource beta; the warning says nothing an operator can act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return JobMetricsResource(gateway=gateway)
+
+
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "clickhouse": ClickHouseResource(url=_secret_or("CLICKHOUSE_URL", settings.clickhouse_url)),
@@ -31,7 +39,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             topic=settings.dlq_topic,
             passthrough_env=list(settings.kafka_passthrough),
         ),
-        "job_metrics": JobMetricsResource(gateway=settings.pushgateway_url),
+        "job_metrics": _job_metrics(settings.pushgateway_url),
     }
 
 
