@@ -6,6 +6,7 @@ a client library directly.
 """
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ _KAFKA_METADATA_TIMEOUT_S = 10.0
 
 # librdkafka's "end of partition" event; confluent-kafka names it with a leading underscore.
 _PARTITION_EOF = getattr(KafkaError, "_PARTITION_EOF")
+
+_KAFKA_LOGGER = logging.getLogger("nova_assets.kafka")
 
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
@@ -159,6 +162,7 @@ class RedisCacheResource(dg.ConfigurableResource):
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                 health_check_interval=30,
+                client_name="nova_assets",
             )
             self._replace = self._client.register_script(_REPLACE_SCRIPT)
         return self._client
@@ -250,6 +254,8 @@ class KafkaDLQResource(dg.ConfigurableResource):
         config: dict[str, Any] = {
             "bootstrap.servers": self.brokers,
             "socket.timeout.ms": int(_KAFKA_METADATA_TIMEOUT_S * 1000),
+            # librdkafka's own log lines go through Python logging instead of raw stderr.
+            "logger": _KAFKA_LOGGER,
         }
         for name in self.passthrough_env:
             config[kafka_setting_name(name)] = dg.EnvVar(name).get_value()

@@ -5,8 +5,10 @@ runs; ClickHouse is the embedded chdb engine in a temporary directory. The embed
 one data directory per process, so every test shares the session's `clickhouse` resource.
 """
 
+import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,6 +19,19 @@ from nova_assets.resources import ClickHouseResource, KafkaDLQResource, RedisCac
 REDIS_URL = "redis://127.0.0.1:6379/15"
 KAFKA_BROKERS = "127.0.0.1:9092"
 PUSHGATEWAY_URL = "http://127.0.0.1:9091"
+JARS_DIR = Path(__file__).parents[1] / ".nova" / "kafka-libs"
+"""The project's Kafka jar cache, shared by private test stacks so Maven downloads once."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free local ports (every socket is held open until all are bound)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import pytest
 
 from nova_assets import seed
 from nova_assets.resources import JobMetricsResource, KafkaDLQResource
-from nova_assets_tests.conftest import PUSHGATEWAY_URL
+from nova_assets.stack import StackConfig, down, up
+from nova_assets_tests.conftest import JARS_DIR, PUSHGATEWAY_URL, free_ports
 
 INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]
 
@@ -134,6 +135,23 @@ def test_a_reader_never_sees_a_missing_partial_or_ttl_less_value(redis_cache, ra
     assert redis_cache.get_json(key)["generation"] == 50
 
 
+def test_a_replacement_after_a_dropped_connection_is_retried_and_whole(redis_cache, raw_redis):
+    key = redis_cache.key("trending", "24h")
+    first = {"window": "24h", "items": [{"rank": 1, "post_id": 1, "author_id": 1, "score": 2.0}]}
+    second = {"window": "24h", "items": [{"rank": 1, "post_id": 2, "author_id": 2, "score": 3.0}]}
+    assert redis_cache.replace_ranking(key, first, 3000)
+    killed = [
+        raw_redis.client_kill(client["addr"])
+        for client in raw_redis.client_list()
+        if client["name"] == "nova_assets"
+    ]
+    assert killed
+    # The resource's pooled connection is dead; redis-py reconnects and sends the script again.
+    assert redis_cache.replace_ranking(key, second, 3000)
+    assert redis_cache.get_json(key) == second
+    assert 0 < redis_cache.ttl(key) <= 3000
+
+
 def test_kafka_message_round_trips_byte_identical(kafka_dlq):
     payload = json.dumps({"schema": "nova.jobs.dlq.v1", "note": "ünïcode ✓"}).encode()
     assert kafka_dlq.publish("trending_1h", payload)
@@ -152,6 +170,28 @@ def test_publishing_to_a_dead_broker_says_not_delivered_in_bounded_time():
     started = time.monotonic()
     assert dead.publish("trending_1h", b"{}") is False
     assert time.monotonic() - started < 2.0 + 2.0
+
+
+def test_publishing_while_the_broker_is_stopped_says_not_delivered(tmp_path):
+    _, kafka_port, controller_port, _ = free_ports(4)
+    config = StackConfig(
+        state_dir=tmp_path / ".nova",
+        kafka_port=kafka_port,
+        kafka_controller_port=controller_port,
+        jars_dir=JARS_DIR,
+    )
+    up(config, services=("kafka",))
+    try:
+        dlq = KafkaDLQResource(
+            brokers=f"127.0.0.1:{kafka_port}", topic=config.dlq_topic, delivery_timeout_s=3.0
+        )
+        assert dlq.publish("trending_1h", b"delivered")
+        down(config, services=("kafka",))
+        started = time.monotonic()
+        assert dlq.publish("trending_1h", b"not delivered") is False
+        assert time.monotonic() - started < 3.0 + 2.0
+    finally:
+        down(config, services=("kafka",))
 
 
 def _gateway_metrics() -> str:

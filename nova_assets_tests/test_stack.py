@@ -18,24 +18,12 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from nova_assets.stack import SERVICES, StackConfig, StackError, down, started_pid, status, up
-
-JARS_DIR = Path(__file__).parents[1] / ".nova" / "kafka-libs"
-
-
-def _free_ports(count: int) -> list[int]:
-    # Hold every socket open until all are bound, so the ports are distinct.
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+from nova_assets_tests.conftest import JARS_DIR, free_ports
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Iterator[StackConfig]:
-    redis_port, kafka_port, controller_port, pushgateway_port = _free_ports(4)
+    redis_port, kafka_port, controller_port, pushgateway_port = free_ports(4)
     config = StackConfig(
         state_dir=tmp_path / ".nova",
         redis_port=redis_port,

@@ -1,0 +1,543 @@
+"""Warmed feeds of the most active users: how they are ranked, written and checked (DESIGN.md §3-4).
+
+One ClickHouse query picks the warmed users and ranks every one of their feeds at once; the values
+go to `{prefix}feed:{user_id}` in pipelines, at most 20 in flight, each key with its TTL in the
+same command. The checks then judge what Redis serves, against ClickHouse for a sample of users.
+"""
+
+import json
+import math
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from nova_assets.contract import (
+    EVENT_WEIGHTS,
+    STEP_RETRY_POLICY,
+    AsOfConfig,
+    epoch_ms,
+    iso_z,
+)
+from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
+from nova_assets.seed import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
+
+ASSET_NAME = "warmed_feeds"
+JOB_NAME = "cache_warmer"
+REFRESH_SEC = 60
+"""The cache_warmer schedule's interval (DESIGN.md §5)."""
+FEED_TTL_SEC = 120
+"""Default TTL of a feed key: two refreshes, so a healthy schedule rewrites it before it expires."""
+
+WARMED_USERS = 50 * 20
+"""The 1000 most active users of the last 24 h."""
+FEED_LENGTH = 50
+ACTIVITY_WINDOW = timedelta(hours=24)
+FEED_WINDOW = timedelta(hours=72)
+DECAY_PER_HOUR = 0.95
+
+WRITERS = 20
+"""Pipelines in flight at once (DESIGN.md §3: at most 20 writers)."""
+WRITE_BATCH = 50
+"""Feeds per pipeline: 1000 users make 20 pipelines, one per writer."""
+CHECK_SAMPLE = 50
+"""Users whose served feeds are verified against ClickHouse on every run."""
+
+_MS = "fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
+_AS_OF = _MS.format(name="as_of_ms")
+_DAY_START = _MS.format(name="day_start_ms")
+_FEED_START = _MS.format(name="feed_start_ms")
+# Σ weight(type) over a post's events deduplicated per (user, type): per known type, the weight
+# times the number of distinct users. A fixed sum of integer counts, so a post's engagement is the
+# same on every run, whatever order the events are read in. Unknown types are filtered out before.
+_ENGAGEMENT = " + ".join(
+    f"{{weight_{i}:Float64}} * uniqExactIf(user_id, event_type = {{type_{i}:String}})"
+    for i in range(len(EVENT_WEIGHTS))
+)
+
+# One query warms every user. ClickHouse inlines each CTE where it is used; the small ones
+# (`warmed`, `edges`) are cheap to repeat, and the IN sets built from them are shared.
+#
+# * `warmed`: raw event counts of the last 24 h (any type, duplicates included), top N by count,
+#   ties to the lower user_id. The events table leads its key with the hour, so only a day is read.
+# * `edges`: their live follow edges (latest row by updated_at not deleted), self-edges dropped.
+#   The follows table is keyed by follower, so only the warmed users' rows are read.
+# * `candidates`: the latest row of every post by one of those followees, kept when not deleted and
+#   created in (as_of - 72 h, as_of]. Rows are first narrowed to the post ids that have some row by
+#   a followee, then every row of those posts is resolved, so an older row never decides.
+# * `engagement`: only for the candidates, events of (as_of - 72 h, as_of] deduplicated per
+#   (post, user, type), weighted and summed.
+# * per warmed user: its followees' candidates scored (1 + engagement) * 0.95 ^ age_h(created_at)
+#   (as exp(ln 0.95 * age_h)), the best 50 by (score desc, post_id desc) kept by a bounded sort;
+#   the LEFT JOIN gives a user with no candidates empty arrays.
+FEEDS_SQL = f"""
+WITH
+warmed AS (
+    SELECT user_id, count() AS events
+    FROM {ENGAGEMENT_EVENTS}
+    WHERE event_time > {_DAY_START} AND event_time <= {_AS_OF}
+    GROUP BY user_id
+    ORDER BY events DESC, user_id ASC
+    LIMIT {{users:UInt32}}
+),
+edges AS (
+    SELECT follower_id, followee_id
+    FROM {FOLLOWS}
+    WHERE follower_id IN (SELECT user_id FROM warmed) AND follower_id != followee_id
+    GROUP BY follower_id, followee_id
+    HAVING argMax(is_deleted, updated_at) = 0
+),
+candidates AS (
+    SELECT
+        post_id,
+        argMax(author_id, updated_at) AS author_id,
+        argMax(created_at, updated_at) AS created
+    FROM {POSTS}
+    WHERE post_id IN (
+        SELECT post_id
+        FROM {POSTS}
+        WHERE is_deleted = 0 AND created_at > {_FEED_START} AND created_at <= {_AS_OF}
+          AND author_id IN (SELECT followee_id FROM edges)
+    )
+    GROUP BY post_id
+    HAVING argMax(is_deleted, updated_at) = 0
+       AND created > {_FEED_START} AND created <= {_AS_OF}
+       AND author_id IN (SELECT followee_id FROM edges)
+),
+engagement AS (
+    SELECT post_id, {_ENGAGEMENT} AS engagement
+    FROM {ENGAGEMENT_EVENTS}
+    WHERE event_time > {_FEED_START} AND event_time <= {_AS_OF}
+      AND event_type IN {{types:Array(String)}}
+      AND post_id IN (SELECT post_id FROM candidates)
+    GROUP BY post_id
+),
+scored AS (
+    SELECT
+        c.post_id AS post_id,
+        c.author_id AS author_id,
+        (1 + g.engagement)
+            * exp({{ln_decay:Float64}}
+                * ({{as_of_ms:Int64}} - toUnixTimestamp64Milli(c.created)) / 3600000.) AS score
+    FROM candidates AS c
+    LEFT JOIN engagement AS g ON g.post_id = c.post_id
+),
+feeds AS (
+    SELECT
+        e.follower_id AS user_id,
+        groupArraySorted({{top:UInt32}})((-s.score, -toInt64(s.post_id), s.author_id)) AS ranked
+    FROM edges AS e
+    INNER JOIN scored AS s ON s.author_id = e.followee_id
+    GROUP BY e.follower_id
+)
+SELECT
+    w.user_id,
+    w.events,
+    arrayMap(t -> toUInt64(-t.2), f.ranked) AS post_ids,
+    arrayMap(t -> t.3, f.ranked) AS author_ids,
+    arrayMap(t -> -t.1, f.ranked) AS scores
+FROM warmed AS w
+LEFT JOIN feeds AS f ON f.user_id = w.user_id
+ORDER BY w.events DESC, w.user_id ASC
+"""
+
+# The facts the contract check needs for a sample of users: their live followees, and the latest
+# row of every post their served feeds hold.
+LIVE_FOLLOWEES_SQL = f"""
+SELECT follower_id, groupArray(followee_id)
+FROM (
+    SELECT follower_id, followee_id
+    FROM {FOLLOWS}
+    WHERE follower_id IN {{user_ids:Array(UInt64)}} AND follower_id != followee_id
+    GROUP BY follower_id, followee_id
+    HAVING argMax(is_deleted, updated_at) = 0
+)
+GROUP BY follower_id
+"""
+
+POST_STATES_SQL = f"""
+SELECT
+    post_id,
+    argMax(author_id, updated_at),
+    toUnixTimestamp64Milli(argMax(created_at, updated_at)),
+    argMax(is_deleted, updated_at)
+FROM {POSTS}
+WHERE post_id IN {{post_ids:Array(UInt64)}}
+GROUP BY post_id
+"""
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One warmed user's feed: the `items` of the cache value, best first."""
+
+    user_id: int
+    events: int
+    """The user's raw event count in the last 24 h (why they were warmed)."""
+    items: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PostState:
+    """A post's latest row, as the contract check reads it."""
+
+    author_id: int
+    created_ms: int
+    is_deleted: bool
+
+
+def feeds_parameters(as_of: datetime, users: int = WARMED_USERS) -> dict[str, Any]:
+    return {
+        "as_of_ms": epoch_ms(as_of),
+        "day_start_ms": epoch_ms(as_of - ACTIVITY_WINDOW),
+        "feed_start_ms": epoch_ms(as_of - FEED_WINDOW),
+        "types": list(EVENT_WEIGHTS),
+        **{f"type_{i}": t for i, t in enumerate(EVENT_WEIGHTS)},
+        **{f"weight_{i}": w for i, w in enumerate(EVENT_WEIGHTS.values())},
+        "ln_decay": math.log(DECAY_PER_HOUR),
+        "users": users,
+        "top": FEED_LENGTH,
+    }
+
+
+def rank_feeds(
+    clickhouse: ClickHouseResource, as_of: datetime, users: int = WARMED_USERS
+) -> list[Feed]:
+    """The feeds of the `users` most active users as of `as_of`, most active user first."""
+    rows = clickhouse.query_rows(FEEDS_SQL, feeds_parameters(as_of, users))
+    return [
+        Feed(
+            user_id=int(user_id),
+            events=int(events),
+            items=[
+                {"post_id": int(p), "author_id": int(a), "score": float(s)}
+                for p, a, s in zip(post_ids, author_ids, scores, strict=True)
+            ],
+        )
+        for user_id, events, post_ids, author_ids, scores in rows
+    ]
+
+
+def feed_value(feed: Feed, as_of: datetime, generated_at: datetime) -> dict[str, Any]:
+    """The cache value of DESIGN.md §4."""
+    return {
+        "user_id": feed.user_id,
+        "as_of": iso_z(as_of),
+        "generated_at": iso_z(generated_at),
+        "items": feed.items,
+    }
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def write_feeds(
+    redis_cache: RedisCacheResource,
+    values: Sequence[dict[str, Any]],
+    ttl_sec: int,
+    *,
+    batch: int = WRITE_BATCH,
+    writers: int = WRITERS,
+) -> int:
+    """Write feed values (each with its TTL in its SET) in pipelines, `writers` in flight at most.
+
+    Every key is written whole by one SET, so stopping between pipelines (a terminated run) leaves
+    each key either old or new. Returns the number of keys written.
+    """
+    redis_cache.client()  # connect once here, not racing in the workers
+    entries = [(redis_cache.key("feed", v["user_id"]), v, ttl_sec) for v in values]
+    pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="feed-writer")
+    futures = [pool.submit(redis_cache.set_many_json, chunk) for chunk in _batches(entries, batch)]
+    try:
+        wait(futures)
+        return sum(f.result() for f in futures)
+    finally:
+        # On an interruption the pipelines in flight finish; those not started are dropped.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_served(
+    redis_cache: RedisCacheResource, user_ids: Sequence[int]
+) -> tuple[dict[int, dict[str, Any] | None], dict[int, int]]:
+    """What Redis serves for these users, and each key's TTL, read in one pipeline."""
+    pipe = redis_cache.client().pipeline(transaction=False)
+    for user_id in user_ids:
+        key = redis_cache.key("feed", user_id)
+        pipe.get(key)
+        pipe.ttl(key)
+    replies = pipe.execute() if user_ids else []
+    values: dict[int, dict[str, Any] | None] = {}
+    ttls: dict[int, int] = {}
+    for i, user_id in enumerate(user_ids):
+        raw, ttl = replies[2 * i], replies[2 * i + 1]
+        values[user_id] = None if raw is None else _loads(raw)
+        ttls[user_id] = int(ttl)
+    return values, ttls
+
+
+def _loads(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def contract_facts(
+    clickhouse: ClickHouseResource, served: Mapping[int, dict[str, Any] | None]
+) -> tuple[dict[int, set[int]], dict[int, PostState]]:
+    """Live followees of the served users, and the latest row of every post their feeds hold."""
+    user_ids = sorted(served)
+    followees: dict[int, set[int]] = {u: set() for u in user_ids}
+    if user_ids:
+        for user_id, ids in clickhouse.query_rows(LIVE_FOLLOWEES_SQL, {"user_ids": user_ids}):
+            followees[int(user_id)] = {int(i) for i in ids}
+    post_ids = sorted(
+        {
+            item.get("post_id")
+            for value in served.values()
+            if value
+            for item in value.get("items", [])
+            if isinstance(item, dict) and isinstance(item.get("post_id"), int)
+        }
+    )
+    posts: dict[int, PostState] = {}
+    if post_ids:
+        for post_id, author_id, created_ms, deleted in clickhouse.query_rows(
+            POST_STATES_SQL, {"post_ids": post_ids}
+        ):
+            posts[int(post_id)] = PostState(int(author_id), int(created_ms), bool(deleted))
+    return followees, posts
+
+
+def check_specs(asset_key: dg.AssetKey, feed_ttl_sec: int) -> list[dg.AssetCheckSpec]:
+    def spec(name: str, description: str) -> dg.AssetCheckSpec:
+        return dg.AssetCheckSpec(name, asset=asset_key, description=description)
+
+    return [
+        spec(
+            "keys_have_ttl",
+            f"Every warmed user's key exists, holds that user's feed and expires within "
+            f"(0, {feed_ttl_sec}] s.",
+        ),
+        spec(
+            "posts_from_live_followees",
+            f"On a sample of {CHECK_SAMPLE} users, checked against ClickHouse: every post is by a "
+            "live followee (not the user), not deleted, and created in (as_of - 72 h, as_of].",
+        ),
+        spec(
+            "ordered_and_capped",
+            f"Every feed is ordered by score desc, post_id desc, holds no post twice and at most "
+            f"{FEED_LENGTH} items.",
+        ),
+    ]
+
+
+def _items(value: dict[str, Any] | None) -> list[dict[str, Any]]:
+    items = (value or {}).get("items")
+    return items if isinstance(items, list) else []
+
+
+def evaluate_checks(
+    served: Mapping[int, dict[str, Any] | None],
+    ttls: Mapping[int, int],
+    *,
+    feed_ttl_sec: int,
+    as_of: datetime,
+    followees: Mapping[int, set[int]],
+    posts: Mapping[int, PostState],
+) -> dict[str, tuple[bool, dict[str, Any]]]:
+    """Judge the served feeds; each entry maps a check name to (passed, metadata).
+
+    Args:
+        served: Every warmed user's served value (None when the key is missing or not JSON).
+        ttls: Each warmed key's TTL as Redis reports it (-2 missing, -1 no TTL).
+        feed_ttl_sec: The TTL the asset writes.
+        as_of: The run's instant.
+        followees: Live followees of the sampled users; only these users' feeds are verified
+            against ClickHouse.
+        posts: Latest row of every post the sampled feeds hold; a post absent here is missing.
+    """
+    bad_keys = sorted(
+        u
+        for u, value in served.items()
+        if value is None
+        or value.get("user_id") != u
+        or not isinstance(value.get("items"), list)
+        or not 0 < ttls.get(u, -2) <= feed_ttl_sec
+    )
+
+    as_of_ms, start_ms = epoch_ms(as_of), epoch_ms(as_of - FEED_WINDOW)
+    violations: list[str] = []
+    for user_id, live in followees.items():
+        for item in _items(served.get(user_id)):
+            post_id = item.get("post_id")
+            state = posts.get(post_id) if isinstance(post_id, int) else None
+            if state is None:
+                reason = "missing"
+            elif state.is_deleted:
+                reason = "deleted"
+            elif state.author_id == user_id:
+                reason = "own post"
+            elif state.author_id not in live:
+                reason = "not a live followee's"
+            elif state.author_id != item.get("author_id"):
+                reason = "wrong author"
+            elif not start_ms < state.created_ms <= as_of_ms:
+                reason = "outside 72 h"
+            else:
+                continue
+            violations.append(f"user {user_id} post {post_id}: {reason}")
+
+    disordered = []
+    for user_id, value in served.items():
+        items = _items(value)
+        keys = [(i.get("score"), i.get("post_id")) for i in items if isinstance(i, dict)]
+        sortable = all(
+            isinstance(s, int | float) and isinstance(p, int) and not isinstance(p, bool)
+            for s, p in keys
+        )
+        duplicates = any(n > 1 for n in Counter(p for _, p in keys).values())
+        if (
+            len(items) > FEED_LENGTH
+            or len(keys) != len(items)
+            or not sortable
+            or duplicates
+            or any(keys[i] < keys[i + 1] for i in range(len(keys) - 1))
+        ):
+            disordered.append(user_id)
+    disordered.sort()
+
+    return {
+        "keys_have_ttl": (
+            not bad_keys,
+            {"keys_checked": len(served), "bad_users": str(bad_keys[:20])},
+        ),
+        "posts_from_live_followees": (
+            not violations,
+            {"users_sampled": len(followees), "violations": str(violations[:20])},
+        ),
+        "ordered_and_capped": (
+            not disordered,
+            {"feeds_checked": len(served), "bad_users": str(disordered[:20])},
+        ),
+    }
+
+
+def check_sample(user_ids: Sequence[int], as_of: datetime, size: int = CHECK_SAMPLE) -> list[int]:
+    """The users verified against ClickHouse: a different sample each run, repeatable per as_of."""
+    if len(user_ids) <= size:
+        return list(user_ids)
+    return sorted(random.Random(epoch_ms(as_of)).sample(list(user_ids), size))
+
+
+def _percentile(values: Sequence[int], q: int) -> float:
+    if len(values) < 2:
+        return float(values[0]) if values else 0.0
+    return float(statistics.quantiles(values, n=100, method="inclusive")[q - 1])
+
+
+def _preview(feed: Feed) -> str:
+    lines = [
+        f"Feed of user {feed.user_id} ({feed.events} events in 24 h), top 10 of {len(feed.items)}:",
+        "",
+        "| # | post | author | score |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {n} | {i['post_id']} | {i['author_id']} | {i['score']:.6g} |"
+        for n, i in enumerate(feed.items[:10], start=1)
+    ]
+    return "\n".join(lines)
+
+
+def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefinition:
+    """The asset that keeps `{prefix}feed:{user_id}` warm for the most active users."""
+    if feed_ttl_sec <= 0:
+        raise ValueError(f"feed_ttl_sec must be positive, got {feed_ttl_sec}")
+    asset_key = dg.AssetKey(ASSET_NAME)
+    freshness = (
+        f"Refreshed every {REFRESH_SEC} s by {JOB_NAME} with a {feed_ttl_sec} s TTL, so an "
+        "active user's key never expires while the job is healthy."
+    )
+
+    @dg.asset(
+        name=ASSET_NAME,
+        group_name="feeds",
+        kinds={"clickhouse", "redis"},
+        description=f"Feeds ({FEED_LENGTH} posts from followees, 72 h) of the {WARMED_USERS} "
+        f"most active users of the last 24 h. {freshness}",
+        pool=CLICKHOUSE_POOL,
+        retry_policy=STEP_RETRY_POLICY,
+        check_specs=check_specs(asset_key, feed_ttl_sec),
+        metadata={"cache_key_suffix": "feed:{user_id}", "ttl_seconds": feed_ttl_sec},
+    )
+    def _warmed_feeds(
+        context: dg.AssetExecutionContext,
+        config: AsOfConfig,
+        clickhouse: ClickHouseResource,
+        redis_cache: RedisCacheResource,
+    ) -> dg.MaterializeResult:
+        as_of = config.resolve(context)
+        started = time.perf_counter()
+        feeds = rank_feeds(clickhouse, as_of)
+        query_ms = (time.perf_counter() - started) * 1000
+
+        generated_at = datetime.now(as_of.tzinfo)
+        values = [feed_value(feed, as_of, generated_at) for feed in feeds]
+        started = time.perf_counter()
+        written = write_feeds(redis_cache, values, feed_ttl_sec)
+        write_ms = (time.perf_counter() - started) * 1000
+        if not feeds:
+            context.log.warning(
+                f"No user had events in the 24 h before {iso_z(as_of)}: no feed was written, "
+                "and keys of earlier runs expire on their TTL."
+            )
+
+        user_ids = [feed.user_id for feed in feeds]
+        served, ttls = read_served(redis_cache, user_ids)
+        sampled = check_sample(user_ids, as_of)
+        followees, posts = contract_facts(clickhouse, {u: served[u] for u in sampled})
+        results = evaluate_checks(
+            served,
+            ttls,
+            feed_ttl_sec=feed_ttl_sec,
+            as_of=as_of,
+            followees=followees,
+            posts=posts,
+        )
+
+        lengths = [len(feed.items) for feed in feeds]
+        shown = next((feed for feed in feeds if feed.items), feeds[0] if feeds else None)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(feeds),
+                "users_warmed": len(feeds),
+                "empty_feeds": lengths.count(0),
+                "items_written": sum(lengths),
+                "keys_written": written,
+                "feed_length_p50": _percentile(lengths, 50),
+                "feed_length_p95": _percentile(lengths, 95),
+                "query_ms": round(query_ms, 1),
+                "write_ms": round(write_ms, 1),
+                "as_of": iso_z(as_of),
+                "ttl_seconds": feed_ttl_sec,
+                "freshness": freshness,
+                "preview": dg.MetadataValue.md(_preview(shown) if shown else "No user warmed."),
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name=name, passed=passed, metadata=meta)
+                for name, (passed, meta) in results.items()
+            ],
+        )
+
+    return _warmed_feeds
