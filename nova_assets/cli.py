@@ -1,8 +1,9 @@
-"""The `nova-assets` command: the local stack and demo data.
+"""The `nova-assets` command: the local stack, demo data and the dead-letter queue.
 
-nova-assets services up|down|status     Redis, Kafka (KRaft) and the Pushgateway on 127.0.0.1
-nova-assets seed [--if-empty] [...]     the ClickHouse schema and a deterministic demo dataset
-nova-assets instance                    the local Dagster instance config in DAGSTER_HOME
+nova-assets services up|down|status          Redis, Kafka (KRaft), Pushgateway on 127.0.0.1
+nova-assets seed [--if-empty] [...]          the ClickHouse schema and a deterministic dataset
+nova-assets instance --home DIR              the local Dagster instance config in DAGSTER_HOME
+nova-assets dlq list [--job J] [--limit N]   the dead-letter queue, newest failure first
 """
 
 import argparse
@@ -13,8 +14,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from nova_assets import seed, stack
-from nova_assets.resources import ClickHouseResource
+from nova_assets import dlq, seed, stack
+from nova_assets.resources import ClickHouseResource, KafkaDLQResource
 from nova_assets.settings import Settings, SettingsError
 
 
@@ -103,6 +104,19 @@ def _instance(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    kafka = KafkaDLQResource(
+        brokers=",".join(settings.kafka_brokers),
+        topic=settings.dlq_topic,
+        passthrough_env=list(settings.kafka_passthrough),
+    )
+    rows = dlq.list_messages(kafka, job=args.job, limit=args.limit)
+    print(dlq.format_table(rows))
+    if not rows:
+        print(f"(no messages on {settings.dlq_topic}" + (f" for {args.job})" if args.job else ")"))
+    return 0
+
+
 def _utc(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
@@ -134,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     instance = commands.add_parser("instance", help="write the local Dagster instance config")
     instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
     instance.add_argument("--template", type=Path, default=Path("dagster.yaml"))
+    queue = commands.add_parser("dlq", help="inspect the dead-letter queue")
+    queue.add_argument("action", choices=["list"])
+    queue.add_argument("--job", help="only this job's messages")
+    queue.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     return parser
 
 
@@ -144,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    handlers = {"services": _services, "seed": _seed, "instance": _instance}
+    handlers = {"services": _services, "seed": _seed, "instance": _instance, "dlq": _dlq}
     return handlers[args.command](settings, args)
 
 

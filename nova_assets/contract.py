@@ -1,8 +1,13 @@
 """What every cache family shares from DESIGN.md: event weights, `as_of`, times, step policies."""
 
+import functools
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import ParamSpec, TypeVar
 
 import dagster as dg
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from pydantic import field_validator
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "share": 3.0}
@@ -56,3 +61,61 @@ class AsOfConfig(dg.Config):
         started = record.start_time if record is not None else None
         moment = datetime.fromtimestamp(started, UTC) if started else datetime.now(UTC)
         return to_millis_precision(moment)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class DataContractError(ValueError):
+    """Data that breaks the design's contract (a NaN score, say): retrying cannot help."""
+
+
+# ClickHouse error codes that no retry can fix: the schema or the query is wrong, not the network.
+PERMANENT_CLICKHOUSE_CODES = {
+    16: "NO_SUCH_COLUMN_IN_TABLE",
+    43: "ILLEGAL_TYPE_OF_ARGUMENT",
+    47: "UNKNOWN_IDENTIFIER",
+    53: "TYPE_MISMATCH",
+    60: "UNKNOWN_TABLE",
+    62: "SYNTAX_ERROR",
+    81: "UNKNOWN_DATABASE",
+}
+_CLICKHOUSE_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def permanent_reason(exc: BaseException) -> str | None:
+    """Why `exc` is permanent (fails at once, no retries), or None for a transient fault."""
+    if isinstance(exc, DataContractError):
+        return f"the data breaks the contract: {exc}"
+    if isinstance(exc, ClickHouseError):
+        match = _CLICKHOUSE_CODE.search(str(exc))
+        if match and int(match.group(1)) in PERMANENT_CLICKHOUSE_CODES:
+            name = PERMANENT_CLICKHOUSE_CODES[int(match.group(1))]
+            return f"ClickHouse rejected the query ({name}); fix the schema or the query"
+    return None
+
+
+def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
+    """Decorate an asset's function: permanent faults fail at once, transient ones retry.
+
+    Transient (connection refused, timeouts, Redis out of memory, the embedded engine busy) are
+    left to the step's RetryPolicy. Permanent (a missing table or column, a query ClickHouse
+    cannot run, data breaking the contract) become a `dg.Failure` that allows no retries. Bad
+    configuration never gets this far: it fails the code location's load or the run's config.
+    """
+
+    @functools.wraps(compute)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return compute(*args, **kwargs)
+        except Exception as exc:
+            reason = permanent_reason(exc)
+            if reason is None:
+                raise
+            raise dg.Failure(
+                description=f"Permanent fault, not retried: {reason}. {type(exc).__name__}: {exc}",
+                allow_retries=False,
+            ) from exc
+
+    return guarded

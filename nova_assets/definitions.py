@@ -5,7 +5,9 @@ import warnings
 
 import dagster as dg
 
+from nova_assets.dlq import build_dlq_replay_sensor, dlq_publisher
 from nova_assets.resources import (
+    AlertWebhookResource,
     ClickHouseResource,
     JobMetricsResource,
     KafkaDLQResource,
@@ -40,6 +42,10 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             passthrough_env=list(settings.kafka_passthrough),
         ),
         "job_metrics": _job_metrics(settings.pushgateway_url),
+        "alerts": AlertWebhookResource(
+            url=_secret_or("ALERT_WEBHOOK_URL", settings.alert_webhook_url or "") or None,
+            ui_url=settings.dagster_ui_url,
+        ),
     }
 
 
@@ -57,5 +63,6 @@ defs = dg.Definitions(
     assets=build_trending_assets(settings.trending_interval_sec),
     jobs=jobs,
     schedules=schedules,
+    sensors=[dlq_publisher, build_dlq_replay_sensor(jobs)],
     resources=build_resources(settings),
 )

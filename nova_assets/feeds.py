@@ -62,21 +62,22 @@ _ENGAGEMENT = " + ".join(
     for i in range(len(EVENT_WEIGHTS))
 )
 
-# One query warms every user. ClickHouse inlines each CTE where it is used; the small ones
-# (`warmed`, `edges`) are cheap to repeat, and the IN sets built from them are shared.
+# One query warms every user, in steps (ClickHouse inlines a CTE at each use: the ones used twice
+# are small, and identical IN subqueries build their set once):
 #
-# * `warmed`: raw event counts of the last 24 h (any type, duplicates included), top N by count,
-#   ties to the lower user_id. The events table leads its key with the hour, so only a day is read.
-# * `edges`: their live follow edges (latest row by updated_at not deleted), self-edges dropped.
-#   The follows table is keyed by follower, so only the warmed users' rows are read.
-# * `candidates`: the latest row of every post by one of those followees, kept when not deleted and
-#   created in (as_of - 72 h, as_of]. Rows are first narrowed to the post ids that have some row by
-#   a followee, then every row of those posts is resolved, so an older row never decides.
-# * `engagement`: only for the candidates, events of (as_of - 72 h, as_of] deduplicated per
-#   (post, user, type), weighted and summed.
-# * per warmed user: its followees' candidates scored (1 + engagement) * 0.95 ^ age_h(created_at)
-#   (as exp(ln 0.95 * age_h)), the best 50 by (score desc, post_id desc) kept by a bounded sort;
-#   the LEFT JOIN gives a user with no candidates empty arrays.
+# * `warmed`: raw event counts of the last 24 h (any type, duplicates included), the top N by
+#   count, ties to the lower user_id. The events table leads its key with the hour: a day is read.
+# * `edges`: their live follow edges (latest row by updated_at not deleted), self-edges dropped,
+#   so no user sees their own posts. Follows are keyed by follower: only their rows are read.
+# * `followed_posts`: ids of posts with some row by a followee, not deleted and created in
+#   (as_of - 72 h, as_of]. A candidate's latest row is such a row, so every candidate is here.
+# * `candidates`: every row of those posts resolved (argMax by updated_at), kept when the latest
+#   row is not deleted and its created_at is in the window: an older row never decides.
+# * `engagement`: for those posts only, the events of (as_of - 72 h, as_of], deduplicated.
+# * `scored`: (1 + engagement) * 0.95 ^ age_h(created_at), as exp(ln 0.95 * age_h), once per post.
+# * `feeds`: per warmed user, the best 50 of its followees' posts by (score desc, post_id desc),
+#   kept by a bounded sort on (-score, -post_id); joined on the latest row's author.
+# The LEFT JOIN from `warmed` gives a user without candidates empty arrays (join_use_nulls = 0).
 FEEDS_SQL = f"""
 WITH
 warmed AS (
@@ -94,29 +95,28 @@ edges AS (
     GROUP BY follower_id, followee_id
     HAVING argMax(is_deleted, updated_at) = 0
 ),
+followed_posts AS (
+    SELECT post_id
+    FROM {POSTS}
+    WHERE is_deleted = 0 AND created_at > {_FEED_START} AND created_at <= {_AS_OF}
+      AND author_id IN (SELECT followee_id FROM edges)
+),
 candidates AS (
     SELECT
         post_id,
         argMax(author_id, updated_at) AS author_id,
-        argMax(created_at, updated_at) AS created
+        min(created_at) AS created
     FROM {POSTS}
-    WHERE post_id IN (
-        SELECT post_id
-        FROM {POSTS}
-        WHERE is_deleted = 0 AND created_at > {_FEED_START} AND created_at <= {_AS_OF}
-          AND author_id IN (SELECT followee_id FROM edges)
-    )
+    WHERE post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
-    HAVING argMax(is_deleted, updated_at) = 0
-       AND created > {_FEED_START} AND created <= {_AS_OF}
-       AND author_id IN (SELECT followee_id FROM edges)
+    HAVING argMax(is_deleted, updated_at) = 0 AND created > {_FEED_START} AND created <= {_AS_OF}
 ),
 engagement AS (
     SELECT post_id, {_ENGAGEMENT} AS engagement
     FROM {ENGAGEMENT_EVENTS}
     WHERE event_time > {_FEED_START} AND event_time <= {_AS_OF}
       AND event_type IN {{types:Array(String)}}
-      AND post_id IN (SELECT post_id FROM candidates)
+      AND post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
 ),
 scored AS (
@@ -146,6 +146,7 @@ SELECT
 FROM warmed AS w
 LEFT JOIN feeds AS f ON f.user_id = w.user_id
 ORDER BY w.events DESC, w.user_id ASC
+SETTINGS join_use_nulls = 0
 """
 
 # The facts the contract check needs for a sample of users: their live followees, and the latest

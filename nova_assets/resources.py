@@ -8,6 +8,7 @@ a client library directly.
 import json
 import logging
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from pydantic import Field, PrivateAttr
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from nova_assets.contract import DataContractError
 from nova_assets.settings import kafka_setting_name, redact_url
 
 CLICKHOUSE_POOL = "clickhouse"
@@ -45,7 +47,10 @@ _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
 
 def json_dumps(value: Mapping[str, Any]) -> str:
     """Serialise a cache value: compact UTF-8 JSON, floats at full precision (never rounded)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # NaN or infinity: JSON has no such number
+        raise DataContractError(f"a cache value cannot be written as JSON: {exc}") from exc
 
 
 class ClickHouseResource(dg.ConfigurableResource):
@@ -376,6 +381,37 @@ class KafkaDLQResource(dg.ConfigurableResource):
                 ends.pop(message.partition(), None)
         records.sort(key=lambda r: (r.partition, r.offset))
         return records[:max_messages] if max_messages is not None else records
+
+
+class AlertWebhookResource(dg.ConfigurableResource):
+    """Posts a Slack-compatible message for each final failure, when a webhook URL is set."""
+
+    url: str | None = Field(default=None, description="ALERT_WEBHOOK_URL; unset sends nothing.")
+    ui_url: str = Field(default="http://127.0.0.1:3000", description="Base URL of the Dagster UI.")
+    timeout_s: float = Field(default=5.0, description="Seconds before a post gives up.")
+
+    def notify_failure(self, message: Mapping[str, Any]) -> bool:
+        """Post one failure; returns whether it was posted. Never raises: alerts are best effort."""
+        if not self.url:
+            return False
+        error = message.get("error") or {}
+        run_link = f"{self.ui_url.rstrip('/')}/runs/{message['run_id']}"
+        text = (
+            f":rotating_light: *{message['job_name']}* failed after "
+            f"{message.get('retry_count', 0)} retries — assets {', '.join(message['asset_keys'])}\n"
+            f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:500]}\n"
+            f"<{run_link}|Open the run>"
+        )
+        body = json.dumps({"text": text}).encode()
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s):
+                return True
+        except OSError as exc:
+            dg.get_dagster_logger().warning(f"Could not post the failure alert: {exc}")
+            return False
 
 
 class JobMetricsResource(PrometheusResource):

@@ -76,6 +76,8 @@ class Settings:
     redis_key_prefix: str
     suggestion_ttl_sec: int
     feed_ttl_sec: int
+    alert_webhook_url: str | None
+    dagster_ui_url: str
 
     @property
     def embedded_clickhouse(self) -> bool:
@@ -205,6 +207,17 @@ class _Parser:
             redis_key_prefix=prefix,
             suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400),
             feed_ttl_sec=self._int("FEED_TTL_SEC", 120),
+            alert_webhook_url=(
+                self._url("ALERT_WEBHOOK_URL", "", ("http", "https"), "https://hooks.slack.com/…")
+                if self._get("ALERT_WEBHOOK_URL", "")
+                else None
+            ),
+            dagster_ui_url=self._url(
+                "DAGSTER_UI_URL",
+                "http://127.0.0.1:3000",
+                ("http", "https"),
+                "http://127.0.0.1:3000",
+            ),
         )
         if self.errors:
             raise SettingsError(

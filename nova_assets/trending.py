@@ -19,6 +19,7 @@ from nova_assets.contract import (
     STEP_RETRY_POLICY,
     AsOfConfig,
     epoch_ms,
+    fail_fast_on_permanent_faults,
     iso_z,
 )
 from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
@@ -279,6 +280,7 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
         check_specs=check_specs(asset_key),
         metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
     )
+    @fail_fast_on_permanent_faults
     def _trending(
         context: dg.AssetExecutionContext,
         config: AsOfConfig,

@@ -1,0 +1,347 @@
+"""Dead-letter queue (DESIGN.md §6): every finally failed run to Kafka, and replay back to Dagster.
+
+Dagster's `run_failure_sensor` moves its cursor even when its evaluation raises, so publishing from
+it would lose the message whenever Kafka is down. `dlq_publisher` instead walks the instance's
+failed runs itself and marks a run only once the broker acknowledged its message: the tag
+`nova/dlq_delivered` on the run is the durable record (the metrics count it), and the cursor
+only moves past runs that carry it. A run that could not be delivered is tried again at the next
+evaluation, so Kafka being down delays messages and loses none.
+"""
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from nova_assets.contract import STEP_RETRY_POLICY, iso_z
+from nova_assets.resources import AlertWebhookResource, KafkaDLQResource
+
+SCHEMA = "nova.jobs.dlq.v1"
+DELIVERED_TAG = "nova/dlq_delivered"
+REPLAY_TAG = "nova/replay_of"
+
+MAX_MESSAGE_BYTES = 900_000
+"""Below the broker's default message.max.bytes (1 MiB), leaving room for key and headers."""
+
+PUBLISH_BUDGET_S = 30.0
+"""Time one evaluation may spend publishing, well inside the sensor evaluation timeout (60 s)."""
+
+_RUNS_PER_EVALUATION = 100
+_RECENT_RUN_IDS = 500
+_REQUIRED_FIELDS = {"schema": str, "job_name": str, "run_id": str, "asset_keys": list}
+
+
+# -- the message ------------------------------------------------------------------------------
+
+
+def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str], list[str]]:
+    """The last step error of a run (or its run-level failure) and every step that failed."""
+    failures = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    failed_steps = sorted(
+        {r.event_log_entry.step_key for r in failures if r.event_log_entry.step_key}
+    )
+    if failures:
+        error = failures[-1].event_log_entry.dagster_event.step_failure_data.error
+        if error is not None:
+            return {
+                "type": error.cls_name or "Error",
+                "message": error.message,
+                "stack": "".join(error.stack),
+            }, failed_steps
+    run_failures = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.RUN_FAILURE
+    ).records
+    if run_failures:
+        entry = run_failures[-1].event_log_entry
+        data = entry.dagster_event.event_specific_data if entry.dagster_event else None
+        error = getattr(data, "error", None)
+        if error is not None:
+            return {
+                "type": error.cls_name or "RunFailure",
+                "message": error.message,
+                "stack": "".join(error.stack),
+            }, failed_steps
+        return {"type": "RunFailure", "message": entry.message or "", "stack": ""}, failed_steps
+    return {
+        "type": "RunFailure",
+        "message": "the run failed without an error event",
+        "stack": "",
+    }, (failed_steps)
+
+
+def _asset_keys(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
+    if run.asset_selection:
+        return sorted(key.to_user_string() for key in run.asset_selection)
+    planned = instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+    ).records
+    return sorted(
+        {
+            r.event_log_entry.dagster_event.asset_key.to_user_string()
+            for r in planned
+            if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
+        }
+    )
+
+
+def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[str, Any]:
+    """The §6 payload of one failed run, read from the instance's records of it."""
+    run = record.dagster_run
+    error, failed_steps = _error_of(instance, run.run_id)
+    retries = instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ).records
+    attempt = int(run.tags.get("dagster/retry_number", "0"))
+    run_max_retries = int(run.tags.get("dagster/max_retries", "0"))
+    started = record.start_time or record.create_timestamp.timestamp()
+    failed = record.end_time or record.update_timestamp.timestamp()
+    return {
+        "schema": SCHEMA,
+        "job_name": run.job_name,
+        "run_id": run.run_id,
+        "asset_keys": _asset_keys(instance, run),
+        "failed_steps": failed_steps,
+        "error": error,
+        "retry_count": len(retries),
+        "max_retries": STEP_RETRY_POLICY.max_retries,
+        "run_started_at": iso_z(datetime.fromtimestamp(started, UTC)),
+        "failed_at": iso_z(datetime.fromtimestamp(failed, UTC)),
+        "tags": {k: v for k, v in run.tags.items() if k != DELIVERED_TAG},
+        "replay_of": run.tags.get(REPLAY_TAG),
+        # Runs retried as a whole by Dagster (dagster/max_retries) say whether one follows.
+        "run_retry": {
+            "attempt": attempt,
+            "max_retries": run_max_retries,
+            "will_retry": attempt < run_max_retries,
+        },
+        "truncated": False,
+    }
+
+
+def encode(message: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """JSON bytes of `message`; an oversized one is cut down and marked, never dropped.
+
+    The stack trace goes first (kept head and tail), then the error message, then tag values.
+    """
+    raw = json.dumps(message, separators=(",", ":")).encode()
+    if len(raw) <= limit:
+        return raw
+    cut = json.loads(raw)
+    cut["truncated"] = True
+    note = "\n…[truncated]…\n"
+    for field in ("stack", "message"):
+        text = cut["error"][field]
+        overflow = len(json.dumps(cut, separators=(",", ":")).encode()) - limit
+        if overflow <= 0:
+            break
+        keep = max(0, len(text) - overflow - len(note) - 64)
+        cut["error"][field] = text[: keep // 2] + note + text[len(text) - keep // 2 :]
+    raw = json.dumps(cut, separators=(",", ":")).encode()
+    if len(raw) > limit:
+        cut["tags"] = {k: v[:200] for k, v in cut["tags"].items()}
+        raw = json.dumps(cut, separators=(",", ":")).encode()
+    return raw
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    job_name: str
+    run_id: str
+    asset_keys: tuple[str, ...]
+
+
+def parse_message(value: bytes, known_jobs: Sequence[str]) -> ParsedMessage | str:
+    """A replayable message, or the reason it is skipped."""
+    try:
+        body = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(body, dict):
+        return "not a JSON object"
+    for field, kind in _REQUIRED_FIELDS.items():
+        if not isinstance(body.get(field), kind):
+            return f"missing or malformed field {field!r}"
+    if body["schema"] != SCHEMA:
+        return f"unknown schema {body['schema']!r}"
+    if body["job_name"] not in known_jobs:
+        return f"unknown job {body['job_name']!r}"
+    if not all(isinstance(k, str) for k in body["asset_keys"]):
+        return "malformed field 'asset_keys'"
+    return ParsedMessage(body["job_name"], body["run_id"], tuple(body["asset_keys"]))
+
+
+# -- the publisher ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublisherCursor:
+    """Failed runs updated at or before `watermark` are handled, except those still pending."""
+
+    watermark: float = 0.0
+    recent: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: str | None) -> "PublisherCursor":
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(float(data["watermark"]), tuple(data["recent"]))
+
+    def serialize(self) -> str:
+        return json.dumps({"watermark": self.watermark, "recent": list(self.recent)})
+
+    def handled(self, record: dg.RunRecord) -> "PublisherCursor":
+        recent = (*self.recent, record.dagster_run.run_id)[-_RECENT_RUN_IDS:]
+        return PublisherCursor(max(self.watermark, record.update_timestamp.timestamp()), recent)
+
+
+def publish_failed_runs(
+    instance: dg.DagsterInstance,
+    cursor: PublisherCursor,
+    kafka_dlq: KafkaDLQResource,
+    alerts: AlertWebhookResource,
+    log: Any,
+) -> tuple[PublisherCursor, int, int]:
+    """Publish the failed runs not yet delivered, oldest failure first.
+
+    Returns:
+        The new cursor, how many messages were delivered, and how many runs still wait.
+    """
+    # Look a little behind the watermark: runs updated in the same instant as the last handled
+    # one are caught, and the `recent` ids keep them from being sent twice.
+    since = datetime.fromtimestamp(cursor.watermark, UTC) - timedelta(seconds=1)
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=since),
+        order_by="update_timestamp",
+        ascending=True,
+        limit=_RUNS_PER_EVALUATION,
+    )
+    deadline = time.monotonic() + PUBLISH_BUDGET_S
+    delivered = 0
+    for position, record in enumerate(records):
+        run = record.dagster_run
+        if run.run_id in cursor.recent or DELIVERED_TAG in run.tags:
+            cursor = cursor.handled(record)
+            continue
+        if time.monotonic() >= deadline:
+            return cursor, delivered, len(records) - position
+        message = build_message(instance, record)
+        if not kafka_dlq.publish(run.job_name, encode(message)):
+            log.warning(
+                f"Kafka did not acknowledge the DLQ message of run {run.run_id} ({run.job_name}); "
+                "it stays pending and is sent again at the next evaluation."
+            )
+            return cursor, delivered, len(records) - position
+        instance.add_run_tags(run.run_id, {DELIVERED_TAG: iso_z(datetime.now(UTC))})
+        alerts.notify_failure(message)
+        delivered += 1
+        cursor = cursor.handled(record)
+    return cursor, delivered, 0
+
+
+@dg.sensor(
+    name="dlq_publisher",
+    description="Publishes every finally failed run to the Kafka dead-letter topic, at least once.",
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def dlq_publisher(
+    context: dg.SensorEvaluationContext,
+    kafka_dlq: KafkaDLQResource,
+    alerts: AlertWebhookResource,
+) -> dg.SkipReason:
+    cursor = PublisherCursor.parse(context.cursor)
+    cursor, delivered, pending = publish_failed_runs(
+        context.instance, cursor, kafka_dlq, alerts, context.log
+    )
+    context.update_cursor(cursor.serialize())
+    if pending:
+        return dg.SkipReason(f"Delivered {delivered} DLQ message(s); {pending} failed run(s) wait.")
+    return dg.SkipReason(f"Delivered {delivered} DLQ message(s); nothing pending.")
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def build_dlq_replay_sensor(jobs: Sequence[Any]) -> dg.SensorDefinition:
+    """`dlq_replay`: launches one new run per good DLQ message, tagged with the run it replays."""
+    job_names = [job.name for job in jobs]
+
+    @dg.sensor(
+        name="dlq_replay",
+        description="Replays the dead-letter queue: one new run per message, never twice. "
+        "Stopped by default; turn it on to drain the queue.",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        jobs=list(jobs),
+    )
+    def dlq_replay(context: dg.SensorEvaluationContext, kafka_dlq: KafkaDLQResource):
+        offsets = {int(p): o for p, o in json.loads(context.cursor or "{}").items()}
+        records = kafka_dlq.read(offsets, max_messages=_RUNS_PER_EVALUATION)
+        requests = []
+        for record in records:
+            offsets[record.partition] = record.offset + 1
+            parsed = parse_message(record.value, job_names)
+            where = f"{kafka_dlq.topic}:{record.partition}:{record.offset}"
+            if isinstance(parsed, str):
+                context.log.warning(f"Skipping DLQ message {where}: {parsed}.")
+                continue
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"dlq:{where}",
+                    job_name=parsed.job_name,
+                    asset_selection=[dg.AssetKey.from_user_string(k) for k in parsed.asset_keys],
+                    tags={REPLAY_TAG: parsed.run_id},
+                )
+            )
+        context.update_cursor(json.dumps({str(p): o for p, o in offsets.items()}))
+        if not requests:
+            return dg.SkipReason(f"No DLQ message to replay ({len(records)} read).")
+        return requests
+
+    return dlq_replay
+
+
+# -- the operator's view ----------------------------------------------------------------------
+
+
+def list_messages(
+    kafka_dlq: KafkaDLQResource, job: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The DLQ's messages, newest failure first, optionally for one job."""
+    rows = []
+    for record in kafka_dlq.read():
+        try:
+            body = json.loads(record.value)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = {"job_name": record.key, "error": {"type": "<not JSON>"}}
+        if not isinstance(body, dict) or (job and body.get("job_name") != job):
+            continue
+        rows.append(body | {"_offset": f"{record.partition}:{record.offset}"})
+    rows.sort(key=lambda b: str(b.get("failed_at", "")), reverse=True)
+    return rows[:limit]
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ("failed at", "job", "run id", "error type", "retries")
+    lines = [
+        (
+            str(r.get("failed_at", "?")),
+            str(r.get("job_name", "?")),
+            str(r.get("run_id", "?")),
+            str((r.get("error") or {}).get("type", "?")),
+            f"{r.get('retry_count', '?')}/{r.get('max_retries', '?')}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *lines]
+    )
