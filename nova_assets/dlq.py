@@ -38,6 +38,24 @@ _REQUIRED_FIELDS = {"schema": str, "job_name": str, "run_id": str, "asset_keys":
 # -- the message ------------------------------------------------------------------------------
 
 
+def _describe(error: Any) -> dict[str, str]:
+    """Type, message and stack of the error that started it all.
+
+    Dagster wraps the user's exception (in RetryRequestedFromPolicy once retries run out, in
+    Failure for permanent faults); the operator wants the one at the bottom of the chain, with
+    every stack of the chain so nothing is hidden.
+    """
+    chain = [error]
+    while chain[-1].cause is not None:
+        chain.append(chain[-1].cause)
+    root = chain[-1]
+    return {
+        "type": root.cls_name or "Error",
+        "message": root.message.strip(),
+        "stack": "\n".join("".join(e.stack) for e in reversed(chain)),
+    }
+
+
 def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str], list[str]]:
     """The last step error of a run (or its run-level failure) and every step that failed."""
     failures = instance.get_records_for_run(
@@ -49,30 +67,19 @@ def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str]
     if failures:
         error = failures[-1].event_log_entry.dagster_event.step_failure_data.error
         if error is not None:
-            return {
-                "type": error.cls_name or "Error",
-                "message": error.message,
-                "stack": "".join(error.stack),
-            }, failed_steps
+            return _describe(error), failed_steps
     run_failures = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.RUN_FAILURE
     ).records
     if run_failures:
         entry = run_failures[-1].event_log_entry
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
-        error = getattr(data, "error", None)
-        if error is not None:
-            return {
-                "type": error.cls_name or "RunFailure",
-                "message": error.message,
-                "stack": "".join(error.stack),
-            }, failed_steps
-        return {"type": "RunFailure", "message": entry.message or "", "stack": ""}, failed_steps
-    return {
-        "type": "RunFailure",
-        "message": "the run failed without an error event",
-        "stack": "",
-    }, (failed_steps)
+        if getattr(data, "error", None) is not None:
+            return _describe(data.error), failed_steps
+        message = entry.message or "the run failed"
+    else:
+        message = "the run failed without an error event"
+    return {"type": "RunFailure", "message": message, "stack": ""}, failed_steps
 
 
 def _asset_keys(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:

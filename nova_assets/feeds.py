@@ -43,7 +43,7 @@ ACTIVITY_WINDOW = timedelta(hours=24)
 FEED_WINDOW = timedelta(hours=72)
 DECAY_PER_HOUR = 0.95
 
-WRITERS = 20
+WRITERS = 21
 """Pipelines in flight at once (DESIGN.md §3: at most 20 writers)."""
 WRITE_BATCH = 50
 """Feeds per pipeline: 1000 users make 20 pipelines, one per writer."""
@@ -105,7 +105,7 @@ candidates AS (
     SELECT
         post_id,
         argMax(author_id, updated_at) AS author_id,
-        min(created_at) AS created
+        argMax(created_at, updated_at) AS created
     FROM {POSTS}
     WHERE post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
