@@ -8,7 +8,6 @@ from typing import ParamSpec, TypeVar
 
 import dagster as dg
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from pydantic import field_validator
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "share": 3.0}
 """Weight of each known event type; any other type weighs nothing and is ignored."""
@@ -17,11 +16,19 @@ STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EX
 """Transient faults retry after 1, 3, 7, 15, 31 s (Dagster's exponential backoff)."""
 
 
+class ConfigurationError(ValueError):
+    """Run configuration that cannot work (an unparseable `as_of`): retrying cannot help."""
+
+
 def parse_utc(value: str) -> datetime:
     """Parse an ISO-8601 time with an explicit UTC offset (`Z` or `+00:00`) to an aware datetime."""
-    parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    example = "e.g. 2026-11-28T12:00:00Z"
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigurationError(f"as_of {value!r} is not an ISO-8601 time; {example}") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"as_of {value!r} has no time zone; give UTC, e.g. 2026-11-28T12:00:00Z")
+        raise ConfigurationError(f"as_of {value!r} has no time zone; give UTC, {example}")
     return to_millis_precision(parsed.astimezone(UTC))
 
 
@@ -46,15 +53,12 @@ class AsOfConfig(dg.Config):
     as_of: str | None = None
     """ISO-8601 UTC instant, e.g. 2026-11-28T12:00:00Z; default: the run's start."""
 
-    @field_validator("as_of")
-    @classmethod
-    def _valid_as_of(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_utc(value)
-        return value
-
     def resolve(self, context: dg.AssetExecutionContext) -> datetime:
-        """The configured `as_of`, else the start of this run."""
+        """The configured `as_of`, else the start of this run.
+
+        Parsed here, inside the asset, so a bad value is a permanent fault (no retries) with a
+        message saying what to give instead.
+        """
         if self.as_of is not None:
             return parse_utc(self.as_of)
         record = context.instance.get_run_record_by_id(context.run_id)
@@ -86,6 +90,8 @@ _CLICKHOUSE_CODE = re.compile(r"Code: (\d+)\.")
 
 def permanent_reason(exc: BaseException) -> str | None:
     """Why `exc` is permanent (fails at once, no retries), or None for a transient fault."""
+    if isinstance(exc, ConfigurationError):
+        return f"the run configuration is invalid: {exc}"
     if isinstance(exc, DataContractError):
         return f"the data breaks the contract: {exc}"
     if isinstance(exc, ClickHouseError):

@@ -38,7 +38,7 @@ _REQUIRED_FIELDS = {"schema": str, "job_name": str, "run_id": str, "asset_keys":
 # -- the message ------------------------------------------------------------------------------
 
 
-def _describe(error: Any) -> dict[str, str]:
+def describe_error(error: Any) -> dict[str, str]:
     """Type, message and stack of the error that started it all.
 
     Dagster wraps the user's exception (in RetryRequestedFromPolicy once retries run out, in
@@ -67,7 +67,7 @@ def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str]
     if failures:
         error = failures[-1].event_log_entry.dagster_event.step_failure_data.error
         if error is not None:
-            return _describe(error), failed_steps
+            return describe_error(error), failed_steps
     run_failures = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.RUN_FAILURE
     ).records
@@ -75,7 +75,7 @@ def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str]
         entry = run_failures[-1].event_log_entry
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
         if getattr(data, "error", None) is not None:
-            return _describe(data.error), failed_steps
+            return describe_error(data.error), failed_steps
         message = entry.message or "the run failed"
     else:
         message = "the run failed without an error event"

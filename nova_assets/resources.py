@@ -145,6 +145,9 @@ class RedisCacheResource(dg.ConfigurableResource):
     url: str = Field(description="redis://[:password@]host:port/db")
     key_prefix: str = Field(default="nova:cache:", description="Prefix of every cache key.")
     retries: int = Field(default=3, description="Retries of a command on connection errors.")
+    socket_timeout_s: float = Field(
+        default=_REDIS_SOCKET_TIMEOUT_S, description="Connect and read timeout of every command."
+    )
 
     _client: redis.Redis | None = PrivateAttr(default=None)
     _replace: Any = PrivateAttr(default=None)
@@ -162,8 +165,8 @@ class RedisCacheResource(dg.ConfigurableResource):
         if self._client is None:
             self._client = redis.Redis.from_url(
                 self.url,
-                socket_timeout=_REDIS_SOCKET_TIMEOUT_S,
-                socket_connect_timeout=_REDIS_SOCKET_TIMEOUT_S,
+                socket_timeout=self.socket_timeout_s,
+                socket_connect_timeout=self.socket_timeout_s,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                 health_check_interval=30,

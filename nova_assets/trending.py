@@ -265,7 +265,9 @@ def _top_table(items: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_trending_asset(window: Window) -> dg.AssetsDefinition:
+def build_trending_asset(
+    window: Window, retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY
+) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}trending:{window}` fresh."""
     asset_key = dg.AssetKey(window.asset_name)
 
@@ -276,7 +278,7 @@ def build_trending_asset(window: Window) -> dg.AssetsDefinition:
         description=f"Top {TOP_POSTS} trending posts of the last {window.name}, decayed "
         f"{window.decay_per_hour} per hour, at most {POSTS_PER_AUTHOR} per author.",
         pool=CLICKHOUSE_POOL,
-        retry_policy=STEP_RETRY_POLICY,
+        retry_policy=retry_policy,
         check_specs=check_specs(asset_key),
         metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
     )

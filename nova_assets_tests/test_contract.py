@@ -1,0 +1,255 @@
+"""Retries: capped exponential waits, permanent faults failing at once, transient ones retried.
+
+Runs real steps through Dagster against real Redis processes (a private one the test can stop or
+fill up) and the real embedded ClickHouse, reading the waits and retry counts back from the run's
+events.
+"""
+
+import itertools
+import json
+import threading
+import time
+
+import dagster as dg
+import pytest
+import redis
+
+from nova_assets import definitions, dlq
+from nova_assets.contract import (
+    STEP_RETRY_POLICY,
+    ConfigurationError,
+    DataContractError,
+    fail_fast_on_permanent_faults,
+    parse_utc,
+)
+from nova_assets.resources import RedisCacheResource
+from nova_assets.stack import StackConfig, down, up
+from nova_assets.trending import build_trending_asset, windows
+from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset
+from nova_assets_tests.test_trending import AS_OF
+
+TRENDING_1H = windows()[0]
+
+
+def retry_waits(result) -> list[float]:
+    return [
+        event.event_specific_data.seconds_to_wait
+        for event in result.all_events
+        if event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+
+
+def test_every_asset_carries_the_production_retry_policy():
+    repository = definitions.defs.get_repository_def()
+    assets = [a for a in repository.asset_graph.assets_defs if a.is_executable]
+    assert assets
+    for assets_def in assets:
+        policy = assets_def.op.retry_policy
+        assert policy == dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL), (
+            assets_def.key
+        )
+    assert STEP_RETRY_POLICY.max_retries == 5
+
+
+def test_waits_grow_exponentially_and_stay_capped():
+    attempts = []
+
+    @dg.asset(
+        retry_policy=dg.RetryPolicy(max_retries=5, delay=0.02, backoff=dg.Backoff.EXPONENTIAL)
+    )
+    def flaky() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 4:
+            raise ConnectionError("connection refused")
+
+    result = dg.materialize([flaky])
+    assert result.success
+    # delay * (2^n - 1): the production policy (delay 1 s) waits 1, 3, 7, 15, 31 s.
+    assert retry_waits(result) == pytest.approx([0.02, 0.06, 0.14, 0.30])
+    production = [STEP_RETRY_POLICY.delay * (2**n - 1) for n in range(1, 6)]
+    assert production == [1, 3, 7, 15, 31]
+    assert max(production) <= 32
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= wait for gap, wait in zip(gaps, [0.02, 0.06, 0.14, 0.30], strict=True))
+
+
+# -- permanent faults: no retries -------------------------------------------------------------
+
+
+@pytest.fixture
+def ch(clickhouse):
+    reset(clickhouse)
+    yield clickhouse
+    reset(clickhouse)
+
+
+def materialize(asset, clickhouse, redis_cache, *, as_of="2026-11-28T12:00:00Z"):
+    return dg.materialize(
+        [asset],
+        resources={"clickhouse": clickhouse, "redis_cache": redis_cache},
+        run_config={"ops": {asset.op.name: {"config": {"as_of": as_of}}}},
+        raise_on_error=False,
+    )
+
+
+def test_a_missing_table_fails_at_once(ch, redis_cache):
+    ch.command("DROP TABLE nova.posts")
+    result = materialize(build_trending_asset(TRENDING_1H), ch, redis_cache)
+    assert not result.success
+    assert retry_waits(result) == []
+    [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "UNKNOWN_TABLE" in failure.step_failure_data.error.message
+
+
+def test_a_missing_column_fails_at_once(ch, redis_cache):
+    ch.command("DROP TABLE nova.posts")
+    ch.command(
+        "CREATE TABLE nova.posts (post_id UInt64, created_at DateTime64(3, 'UTC'), "
+        "is_deleted UInt8, updated_at DateTime64(3, 'UTC')) ENGINE = MergeTree ORDER BY post_id"
+    )
+    insert_events(ch, [(ago(AS_OF, minutes=5), 1, 1, "like")])
+    result = materialize(build_trending_asset(TRENDING_1H), ch, redis_cache)
+    assert not result.success
+    assert retry_waits(result) == []
+    ch.command("DROP TABLE nova.posts")
+
+
+def test_data_breaking_the_contract_fails_at_once(redis_cache):
+    @dg.asset(retry_policy=STEP_RETRY_POLICY)
+    @fail_fast_on_permanent_faults
+    def broken_scores(redis_cache: RedisCacheResource) -> None:
+        redis_cache.set_json(redis_cache.key("feed", 1), {"items": [{"score": float("nan")}]}, 60)
+
+    started = time.monotonic()
+    result = dg.materialize(
+        [broken_scores], resources={"redis_cache": redis_cache}, raise_on_error=False
+    )
+    assert not result.success
+    assert retry_waits(result) == []
+    assert time.monotonic() - started < 5
+    with pytest.raises(DataContractError):
+        redis_cache.set_json("k", {"score": float("inf")}, 60)
+
+
+@pytest.mark.parametrize("as_of", ["yesterday", "2026-11-28T12:00:00", "2026-13-01T00:00:00Z"])
+def test_bad_configuration_fails_at_once(ch, redis_cache, as_of):
+    result = materialize(build_trending_asset(TRENDING_1H), ch, redis_cache, as_of=as_of)
+    assert not result.success
+    assert retry_waits(result) == []
+    [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = dlq.describe_error(failure.step_failure_data.error)["message"]
+    assert "as_of" in message and "2026-11-28T12:00:00Z" in message
+    with pytest.raises(ConfigurationError):
+        parse_utc(as_of)
+
+
+# -- transient faults: retried ----------------------------------------------------------------
+
+FAST = dg.RetryPolicy(max_retries=2, delay=0.05, backoff=dg.Backoff.EXPONENTIAL)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    from nova_assets_tests.conftest import free_ports
+
+    [port] = free_ports(1)
+    config = StackConfig(state_dir=tmp_path / ".nova", redis_port=port)
+    up(config, services=("redis",))
+    yield config
+    down(config, services=("redis",))
+
+
+def _cache(port: int, **overrides) -> RedisCacheResource:
+    return RedisCacheResource(url=f"redis://127.0.0.1:{port}/0", key_prefix="t:", **overrides)
+
+
+def _seeded(ch):
+    insert_posts(ch, post(1, 1, ago(AS_OF, days=1)))
+    insert_events(ch, [(ago(AS_OF, minutes=5), 1, 1, "like")])
+    return ch
+
+
+def test_connection_refused_is_retried(ch):
+    result = materialize(build_trending_asset(TRENDING_1H, FAST), _seeded(ch), _cache(1, retries=0))
+    assert not result.success
+    assert len(retry_waits(result)) == 2
+
+
+def test_a_timeout_is_retried(ch):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections, never answers
+    try:
+        cache = _cache(silent.getsockname()[1], retries=0, socket_timeout_s=0.2)
+        result = materialize(build_trending_asset(TRENDING_1H, FAST), _seeded(ch), cache)
+    finally:
+        silent.close()
+    assert not result.success
+    assert len(retry_waits(result)) == 2
+
+
+def test_redis_out_of_memory_is_retried(ch, private_redis):
+    admin = redis.Redis(port=private_redis.redis_port)
+    admin.config_set("maxmemory", "1")
+    admin.config_set("maxmemory-policy", "noeviction")
+    result = materialize(
+        build_trending_asset(TRENDING_1H, FAST), _seeded(ch), _cache(private_redis.redis_port)
+    )
+    assert not result.success
+    assert len(retry_waits(result)) == 2
+    errors = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "OutOfMemoryError" in dlq.describe_error(errors[0].step_failure_data.error)["message"]
+
+
+def test_redis_back_within_the_retry_budget_means_success(ch, private_redis):
+    down(private_redis, services=("redis",))
+    policy = dg.RetryPolicy(max_retries=5, delay=0.5, backoff=dg.Backoff.EXPONENTIAL)
+    restarter = threading.Timer(1.0, lambda: up(private_redis, services=("redis",)))
+    restarter.start()
+    try:
+        result = materialize(
+            build_trending_asset(TRENDING_1H, policy),
+            _seeded(ch),
+            _cache(private_redis.redis_port, retries=0),
+        )
+    finally:
+        restarter.join()
+    assert result.success
+    assert 1 <= len(retry_waits(result)) < 5
+    value = json.loads(redis.Redis(port=private_redis.redis_port).get("t:trending:1h"))
+    assert [item["post_id"] for item in value["items"]] == [1]
+
+
+def test_redis_down_beyond_the_budget_fails_the_run_and_reaches_the_dlq(
+    ch, private_redis, kafka_dlq
+):
+    down(private_redis, services=("redis",))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [build_trending_asset(TRENDING_1H, FAST)],
+            resources={
+                "clickhouse": _seeded(ch),
+                "redis_cache": _cache(private_redis.redis_port, retries=0),
+            },
+            run_config={
+                "ops": {"trending_posts_1h": {"config": {"as_of": "2026-11-28T12:00:00Z"}}}
+            },
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not result.success
+        _, delivered, _ = dlq.publish_failed_runs(
+            instance,
+            dlq.PublisherCursor(),
+            kafka_dlq,
+            definitions.defs.resources["alerts"],
+            dg.get_dagster_logger(),
+        )
+    assert delivered == 1
+    [body] = [json.loads(r.value) for r in kafka_dlq.read()]
+    assert body["run_id"] == result.run_id
+    assert body["retry_count"] == 2
+    assert body["asset_keys"] == ["trending_posts_1h"]
+    assert body["error"]["type"] == "ConnectionError"
