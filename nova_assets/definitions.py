@@ -6,6 +6,7 @@ import warnings
 import dagster as dg
 
 from nova_assets.dlq import build_dlq_replay_sensor, dlq_publisher
+from nova_assets.metrics import build_job_metrics_sensor
 from nova_assets.resources import (
     AlertWebhookResource,
     ClickHouseResource,
@@ -63,6 +64,10 @@ defs = dg.Definitions(
     assets=build_trending_assets(settings.trending_interval_sec),
     jobs=jobs,
     schedules=schedules,
-    sensors=[dlq_publisher, build_dlq_replay_sensor(jobs)],
+    sensors=[
+        dlq_publisher,
+        build_dlq_replay_sensor(jobs),
+        build_job_metrics_sensor([job.name for job in jobs]),
+    ],
     resources=build_resources(settings),
 )

@@ -22,6 +22,7 @@ from nova_assets.resources import AlertWebhookResource, KafkaDLQResource
 
 SCHEMA = "nova.jobs.dlq.v1"
 DELIVERED_TAG = "nova/dlq_delivered"
+DELIVERED_VALUE = "true"
 REPLAY_TAG = "nova/replay_of"
 
 MAX_MESSAGE_BYTES = 900_000
@@ -245,7 +246,7 @@ def publish_failed_runs(
                 "it stays pending and is sent again at the next evaluation."
             )
             return cursor, delivered, len(records) - position
-        instance.add_run_tags(run.run_id, {DELIVERED_TAG: iso_z(datetime.now(UTC))})
+        instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
         alerts.notify_failure(message)
         delivered += 1
         cursor = cursor.handled(record)

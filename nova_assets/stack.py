@@ -394,10 +394,13 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
             "--dir", str(data_dir), "--daemonize", "no", "--save", "", "--appendonly", "no",
         ]  # fmt: skip
     else:
-        # Without --persistence.file the Pushgateway keeps metrics in memory only.
+        # Memory only: Debian's build defaults --persistence.file to a path shared by every
+        # gateway on the machine, so it is cleared explicitly. Our metrics are recomputed from
+        # durable state at each push, never read back from the gateway.
         command = [
             "prometheus-pushgateway",
             f"--web.listen-address={HOST}:{config.pushgateway_port}",
+            "--persistence.file=",
         ]
 
     log_path = config.log_path(name)
