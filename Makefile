@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export NOVA_HOME ?= $(CURDIR)/.nova
 export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
 
-.PHONY: dev test install instance services services-down seed lint bench clean
+.PHONY: dev test install instance services services-down seed lint alerts bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: services lint
+# The alert rules and their unit tests (promtool comes with the stack's apt packages).
+alerts: services
+	promtool check rules ops/prometheus/alerts.yml
+	promtool check config ops/prometheus/prometheus.yml
+	promtool test rules ops/prometheus/alerts_test.yml
+
+test: services lint alerts
 	$(BIN)/pytest
 
 bench: services

@@ -33,19 +33,22 @@ def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackCo
         kafka_controller_port=args.kafka_controller_port or kafka_port + 1,
         pushgateway_port=args.pushgateway_port or _local_port(settings.pushgateway_url, 9091),
         dlq_topic=settings.dlq_topic,
+        prometheus_port=args.prometheus_port or 9090,
+        prometheus_rules=Path("ops/prometheus/alerts.yml").resolve(),
     )
 
 
 def _services(settings: Settings, args: argparse.Namespace) -> int:
     config = _stack_config(settings, args)
+    services = stack.SERVICES + (("prometheus",) if args.with_prometheus else ())
     if args.action == "up":
         try:
-            stack.up(config, log=print)
+            stack.up(config, services, log=print)
         except stack.StackError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     elif args.action == "down":
-        stack.down(config, log=print)
+        stack.down(config, stack.SERVICES + stack.OPTIONAL_SERVICES, log=print)
     else:
         for service in stack.status(config):
             state = "answering" if service.answering else "not answering"
@@ -130,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     services = commands.add_parser("services", help="start, stop or inspect the local stack")
     services.add_argument("action", choices=["up", "down", "status"])
-    for name in ("redis", "kafka", "kafka-controller", "pushgateway"):
+    for name in ("redis", "kafka", "kafka-controller", "pushgateway", "prometheus"):
         services.add_argument(f"--{name}-port", type=int, default=None)
+    services.add_argument(
+        "--with-prometheus",
+        action="store_true",
+        help="also run Prometheus on 127.0.0.1:9090 with the alert rules of ops/prometheus",
+    )
 
     demo = commands.add_parser("seed", help="create the schema and generate demo data")
     defaults = seed.SeedSpec(as_of=datetime.now(UTC))

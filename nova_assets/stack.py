@@ -30,6 +30,8 @@ from redis.retry import Retry
 
 HOST = "127.0.0.1"
 SERVICES = ("redis", "kafka", "pushgateway")
+OPTIONAL_SERVICES = ("prometheus",)
+"""Started only on request (`services up --with-prometheus`), to watch the alerts locally."""
 
 # One apt line for the binaries the stack runs; `prometheus` brings promtool along.
 APT_PACKAGES = ("redis-server", "prometheus-pushgateway", "prometheus")
@@ -37,17 +39,20 @@ APT_PACKAGES = ("redis-server", "prometheus-pushgateway", "prometheus")
 _BINARY_PACKAGES = {
     "redis-server": APT_PACKAGES,
     "prometheus-pushgateway": APT_PACKAGES,
+    "promtool": APT_PACKAGES,
+    "prometheus": APT_PACKAGES,
     "java": ("default-jre-headless",),
     "mvn": ("maven",),
 }
 _BINARIES = {
     "redis": ("redis-server",),
     "kafka": ("java", "mvn"),
-    "pushgateway": ("prometheus-pushgateway",),
+    "pushgateway": ("prometheus-pushgateway", "promtool"),
+    "prometheus": ("prometheus",),
 }
 # A cold JVM on a small machine needs far longer than Redis or the Pushgateway.
-_READY_TIMEOUT_S = {"redis": 15.0, "kafka": 90.0, "pushgateway": 15.0}
-_STOP_GRACE_S = {"redis": 5.0, "kafka": 15.0, "pushgateway": 5.0}
+_READY_TIMEOUT_S = {"redis": 15.0, "kafka": 90.0, "pushgateway": 15.0, "prometheus": 30.0}
+_STOP_GRACE_S = {"redis": 5.0, "kafka": 15.0, "pushgateway": 5.0, "prometheus": 10.0}
 _PROBE_TIMEOUT_S = 1.0
 _LOG_TAIL_LINES = 30
 _KAFKA_HEAP = "-Xmx512m"
@@ -62,6 +67,8 @@ class StackConfig:
     pushgateway_port: int = 9091
     dlq_topic: str = "jobs-dlq"
     jars_dir: Path | None = None
+    prometheus_port: int = 9090
+    prometheus_rules: Path | None = None
 
     @property
     def kafka_jars(self) -> Path:
@@ -76,6 +83,7 @@ class StackConfig:
             "redis": self.redis_port,
             "kafka": self.kafka_port,
             "pushgateway": self.pushgateway_port,
+            "prometheus": self.prometheus_port,
         }[service]
 
     def log_path(self, service: str) -> Path:
@@ -174,7 +182,7 @@ def status(config: StackConfig) -> list[ServiceStatus]:
             answering=_answering(config, name),
             pid=started_pid(config, name),
         )
-        for name in SERVICES
+        for name in SERVICES + OPTIONAL_SERVICES
     ]
 
 
@@ -198,9 +206,10 @@ def started_pid(config: StackConfig, service: str) -> int | None:
 
 
 def _check_names(services: Sequence[str]) -> None:
-    unknown = sorted(set(services) - set(SERVICES))
+    known = SERVICES + OPTIONAL_SERVICES
+    unknown = sorted(set(services) - set(known))
     if unknown:
-        raise StackError(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
+        raise StackError(f"unknown service(s) {unknown}; choose from {list(known)}")
 
 
 def _cmdline_markers(config: StackConfig, service: str) -> tuple[str, ...]:
@@ -210,6 +219,7 @@ def _cmdline_markers(config: StackConfig, service: str) -> tuple[str, ...]:
         "redis": ("redis-server", f"{HOST}:{port}"),
         "kafka": ("kafka.Kafka", str(config.kafka_dir / "server.properties")),
         "pushgateway": ("pushgateway", f"--web.listen-address={HOST}:{port}"),
+        "prometheus": ("prometheus", f"--web.listen-address={HOST}:{port}"),
     }[service]
 
 
@@ -225,7 +235,7 @@ def _answering(config: StackConfig, service: str) -> bool:
         return False
     if service == "redis":
         return _redis_answers(port)
-    if service == "pushgateway":
+    if service in ("pushgateway", "prometheus"):
         return _pushgateway_answers(port)
     return bool(_kafka_brokers(port))
 
@@ -393,6 +403,8 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
             "redis-server", "--port", str(config.redis_port), "--bind", HOST,
             "--dir", str(data_dir), "--daemonize", "no", "--save", "", "--appendonly", "no",
         ]  # fmt: skip
+    elif name == "prometheus":
+        command = _prepare_prometheus(config)
     else:
         # Memory only: Debian's build defaults --persistence.file to a path shared by every
         # gateway on the machine, so it is cleared explicitly. Our metrics are recomputed from
@@ -427,6 +439,28 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
         del process
     log(f"started {name} (pid {pid}), log in {log_path}")
     return pid
+
+
+def _prepare_prometheus(config: StackConfig) -> list[str]:
+    """A Prometheus scraping the local Pushgateway and evaluating the project's alert rules."""
+    prometheus_dir = config.state_dir / "prometheus"
+    prometheus_dir.mkdir(parents=True, exist_ok=True)
+    rules = [str(config.prometheus_rules)] if config.prometheus_rules else []
+    settings = prometheus_dir / "prometheus.yml"
+    settings.write_text(
+        "global: {scrape_interval: 15s, evaluation_interval: 15s}\n"
+        f"rule_files: {rules}\n"
+        "scrape_configs:\n"
+        "  - job_name: pushgateway\n"
+        "    honor_labels: true\n"
+        f"    static_configs: [{{targets: ['{HOST}:{config.pushgateway_port}']}}]\n"
+    )
+    return [
+        "prometheus",
+        f"--config.file={settings}",
+        f"--storage.tsdb.path={prometheus_dir / 'data'}",
+        f"--web.listen-address={HOST}:{config.prometheus_port}",
+    ]
 
 
 def _prepare_kafka(config: StackConfig, log: Callable[[str], None]) -> list[str]:

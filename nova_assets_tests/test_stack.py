@@ -6,18 +6,29 @@ on free ports in a temporary state folder, so the project's default stack is nev
 Kafka jars are shared with the project's cache so Maven downloads them once.
 """
 
+import json
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from nova_assets.stack import SERVICES, StackConfig, StackError, down, started_pid, status, up
+from nova_assets.stack import (
+    OPTIONAL_SERVICES,
+    SERVICES,
+    StackConfig,
+    StackError,
+    down,
+    started_pid,
+    status,
+    up,
+)
 from nova_assets_tests.conftest import JARS_DIR, free_ports
 
 
@@ -58,7 +69,7 @@ def test_up_starts_answering_services_and_down_stops_them(config: StackConfig) -
     assert config.dlq_topic in admin.list_topics(timeout=10).topics
     pids = {name: started_pid(config, name) for name in SERVICES}
     assert all(pids.values()), pids
-    assert all(service.answering for service in status(config))
+    assert all(s.answering for s in status(config) if s.name in SERVICES)
 
     messages.clear()
     up(config, log=messages.append)
@@ -68,7 +79,7 @@ def test_up_starts_answering_services_and_down_stops_them(config: StackConfig) -
 
     down(config)
     assert [(s.name, s.answering, s.pid) for s in status(config)] == [
-        (name, False, None) for name in SERVICES
+        (name, False, None) for name in SERVICES + OPTIONAL_SERVICES
     ]
     assert not list((config.state_dir / "run").glob("*.pid"))
 
@@ -109,3 +120,22 @@ def test_failed_start_reports_the_service_log(config: StackConfig) -> None:
     assert "Address already in use" in message  # written by redis-server into its log
     assert str(config.state_dir / "logs" / "redis.log") in message
     assert started_pid(config, "redis") is None
+
+
+def test_prometheus_runs_on_request_with_the_project_alert_rules(config):
+    rules = Path(__file__).parents[1] / "ops" / "prometheus" / "alerts.yml"
+    [port] = free_ports(1)
+    watched = replace(config, prometheus_port=port, prometheus_rules=rules)
+    up(watched, ("pushgateway", "prometheus"))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5) as reply:
+            groups = json.load(reply)["data"]["groups"]
+        assert [r["name"] for g in groups for r in g["rules"]] == [
+            "NovaJobUnhealthy",
+            "NovaJobStale",
+            "NovaDLQGrowing",
+        ]
+        assert any(s.name == "prometheus" and s.pid for s in status(watched))
+    finally:
+        down(watched, ("prometheus", "pushgateway"))
+    assert not any(s.answering for s in status(watched) if s.name == "prometheus")
