@@ -78,6 +78,7 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
     ]
     assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
     assert config["telemetry"]["enabled"] is False
+    assert config["run_monitoring"]["enabled"] is True
 
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     try:
