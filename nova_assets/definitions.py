@@ -5,6 +5,7 @@ import warnings
 
 import dagster as dg
 
+from nova_assets import feeds, suggestions
 from nova_assets.dlq import build_dlq_replay_sensor, dlq_publisher
 from nova_assets.metrics import build_job_metrics_sensor
 from nova_assets.resources import (
@@ -51,9 +52,15 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def job_specs(settings: Settings) -> list[JobSpec]:
-    return [
+    """One job per cache family and its cadence (DESIGN.md §5)."""
+    trending = [
         JobSpec(w.job_name, w.asset_name, interval_to_cron(w.refresh_sec))
         for w in windows(settings.trending_interval_sec)
+    ]
+    return [
+        *trending,
+        JobSpec(suggestions.JOB_NAME, suggestions.ASSET_NAME, settings.suggestion_cron),
+        JobSpec(feeds.JOB_NAME, feeds.ASSET_NAME, interval_to_cron(feeds.REFRESH_SEC)),
     ]
 
 
@@ -61,7 +68,11 @@ settings = Settings.from_env()
 jobs, schedules = build_jobs_and_schedules(job_specs(settings))
 
 defs = dg.Definitions(
-    assets=build_trending_assets(settings.trending_interval_sec),
+    assets=[
+        *build_trending_assets(settings.trending_interval_sec),
+        suggestions.build_suggested_users_asset(settings.suggestion_ttl_sec),
+        feeds.build_warmed_feeds_asset(settings.feed_ttl_sec),
+    ],
     jobs=jobs,
     schedules=schedules,
     sensors=[
