@@ -15,10 +15,20 @@ EDGE_COLUMNS = {
 }
 
 
+HISTORY_TABLES = ("nova.posts", "nova.follows", "nova.blocks")
+
+
 def reset(clickhouse: ClickHouseResource) -> None:
-    """Create the schema if needed and empty every table."""
+    """Create the schema if needed, empty every table, and keep every row a test inserts.
+
+    ReplacingMergeTree collapses a key's rows when it merges parts, and within one insert block
+    unless told not to. Tests stop both, so a query that did not resolve the latest row itself
+    (argMax or FINAL) fails instead of passing by luck.
+    """
     seed.create_schema(clickhouse)
     seed.truncate(clickhouse)
+    for table in HISTORY_TABLES:
+        clickhouse.command(f"SYSTEM STOP MERGES {table}")
 
 
 def insert_events(
@@ -63,7 +73,8 @@ def _insert_rows(clickhouse: ClickHouseResource, table: str, columns: list[str],
             exprs.append(f"t.{i + 1} AS {column}")
     clickhouse.command(
         f"INSERT INTO nova.{table} ({', '.join(columns)}) "
-        f"SELECT {', '.join(exprs)} FROM (SELECT arrayJoin(arrayZip({', '.join(arrays)})) AS t)",
+        f"SELECT {', '.join(exprs)} FROM (SELECT arrayJoin(arrayZip({', '.join(arrays)})) AS t) "
+        "SETTINGS optimize_on_insert = 0",
         parameters,
     )
 

@@ -51,50 +51,23 @@ LONG_AGO = AS_OF - timedelta(days=30)
 
 
 # Tables whose state is a key's latest row (ReplacingMergeTree).
-REPLACING = ("nova.posts", "nova.follows")
 
 
 @pytest.fixture
 def ch(clickhouse):
-    """The engine, emptied, with merges stopped so a key's superseded rows stay until the query.
-
-    With merges running, the rows could collapse before the query reads them, and a query that did
-    not resolve the latest row itself would pass by luck.
-    """
+    """The engine, emptied; `reset` keeps superseded rows until the query reads them."""
     reset(clickhouse)
-    for table in REPLACING:
-        clickhouse.command(f"SYSTEM STOP MERGES {table}")
-    yield clickhouse
-    for table in REPLACING:
-        clickhouse.command(f"SYSTEM START MERGES {table}")
-
-
-def _layered(insert, clickhouse, rows, key):
-    """Insert so that no row collapses: the n-th row of each key goes in the n-th INSERT.
-
-    ReplacingMergeTree keeps only a key's latest row among the rows of one insert block.
-    """
-    layers = defaultdict(list)
-    seen = Counter()
-    for row in rows:
-        layers[seen[key(row)]].append(row)
-        seen[key(row)] += 1
-    for n in sorted(layers):
-        insert(clickhouse, layers[n])
+    return clickhouse
 
 
 def add_posts(clickhouse, rows):
     """Post rows as (post_id, author_id, created_at, is_deleted, updated_at), history kept."""
-    _layered(insert_posts, clickhouse, rows, key=lambda row: row[0])
+    insert_posts(clickhouse, rows)
 
 
 def add_follows(clickhouse, rows):
     """Follow rows as (follower_id, followee_id, is_deleted, updated_at), history kept."""
-
-    def insert(engine, layer):
-        insert_edges(engine, "follows", layer)
-
-    _layered(insert, clickhouse, rows, key=lambda row: row[:2])
+    insert_edges(clickhouse, "follows", rows)
 
 
 def materialize(clickhouse, redis_cache, as_of=AS_OF, *, feed_ttl_sec=TTL):
