@@ -20,12 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
+from common import timed
 
 from nova_assets import seed
 from nova_assets.contract import epoch_ms, iso_z
@@ -55,17 +54,6 @@ PER_KEY_WRITE = "baseline write: one SET … EX round trip per key"
 PIPELINED_TRANSPORT = f"transport only (pre-serialized): pipelines of {WRITE_BATCH} keys"
 PER_KEY_TRANSPORT = "transport only (pre-serialized): one round trip per key"
 TOTAL = "**rank + build values + write**"
-
-
-def timed(function: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """Median wall time in ms over `repeat` calls (after one warm-up call), and the last result."""
-    result = function()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = function()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples), result
 
 
 def _delete_keys(redis_cache: RedisCacheResource) -> None:
