@@ -223,7 +223,7 @@ def _message(job="trending_1h", run_id=None, **extra):
 def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka_dlq, instance):
     from nova_assets import definitions
 
-    replay = definitions.defs.get_sensor_def("dlq_replay")
+    replay = definitions.defs.resolve_sensor_def("dlq_replay")
     good = [uuid.uuid4().hex for _ in range(2)]
     payloads = [
         _message(run_id=good[0]),
@@ -338,9 +338,9 @@ def test_no_webhook_configured_sends_nothing():
 def test_the_replay_sensor_is_stopped_and_the_publisher_running_by_default():
     from nova_assets import definitions
 
-    assert definitions.defs.get_sensor_def("dlq_replay").default_status == (
+    assert definitions.defs.resolve_sensor_def("dlq_replay").default_status == (
         dg.DefaultSensorStatus.STOPPED
     )
-    assert definitions.defs.get_sensor_def("dlq_publisher").default_status == (
+    assert definitions.defs.resolve_sensor_def("dlq_publisher").default_status == (
         dg.DefaultSensorStatus.RUNNING
     )
