@@ -42,7 +42,7 @@ def instance():
         yield test_instance
 
 
-def fail_runs(instance: dg.DagsterInstance, count: int = 1) -> list[str]:
+def fail_runs(instance: dg.DagsterInstance, count: int = 1, **tags: str) -> list[str]:
     """Run the failing job `count` times; the ids of the failed runs."""
     run_ids = []
     for _ in range(count):
@@ -50,7 +50,7 @@ def fail_runs(instance: dg.DagsterInstance, count: int = 1) -> list[str]:
             [fragile_cache],
             instance=instance,
             raise_on_error=False,
-            tags={JOB_TAG: "trending_1h"},
+            tags={JOB_TAG: "trending_1h", **tags},
         )
         assert not result.success
         run_ids.append(result.run_id)
@@ -118,6 +118,20 @@ def test_the_message_carries_the_design_payload(instance, kafka_dlq):
     assert body["run_retry"] == {"attempt": 0, "max_retries": 0, "will_retry": False}
     assert body["truncated"] is False
     assert dlq.DELIVERED_TAG in instance.get_run_by_id(run_id).tags
+
+
+@pytest.mark.parametrize(("attempt", "will_retry"), [("0", True), ("2", False)])
+def test_a_run_retried_as_a_whole_says_whether_another_attempt_follows(
+    instance, kafka_dlq, attempt, will_retry
+):
+    fail_runs(instance, **{"dagster/max_retries": "2", "dagster/retry_number": attempt})
+    evaluate(instance, kafka_dlq)
+    [body] = messages(kafka_dlq)
+    assert body["run_retry"] == {
+        "attempt": int(attempt),
+        "max_retries": 2,
+        "will_retry": will_retry,
+    }
 
 
 def test_broker_stopped_nothing_lost_then_published_exactly_once(instance, private_kafka):

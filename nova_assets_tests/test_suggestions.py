@@ -10,9 +10,15 @@ next to its job of the same name.
 """
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -569,3 +575,118 @@ def test_each_check_fails_on_broken_data(ch, redis_cache, raw_redis):
     key = redis_cache.key(ASSET_NAME, 1)
     raw_redis.set(key, json.dumps(_value(1, GOOD)))
     assert _failed(GOOD, ttl=redis_cache.ttl(key)) == {"keys_have_ttl"}
+
+
+def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: bool, sig: int):
+    """Run the suggestions job in a worker process of its own and interrupt it mid-way.
+
+    Every active user starts with an "old" value; returns the finished run, the instance's home,
+    and how many users hold a new value, after checking every key is whole and has its TTL.
+    """
+    from nova_assets import seed
+    from nova_assets.suggestions import active_users
+
+    seed.generate(
+        ch,
+        seed.SeedSpec(
+            seed=5, users=60_000, posts=60_000, events=600_000, follows_per_user=20, as_of=AS_OF
+        ),
+    )
+    users = active_users(ch, AS_OF)
+    old = {"generation": "old", "items": []}
+    redis_cache.set_many_json(
+        (redis_cache.key("suggested_users", u), old | {"user_id": u}, 86400) for u in users
+    )
+    ch.close()  # the run's own process needs the embedded engine
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    run_config = tmp_path / "run_config.json"
+    run_config.write_text(json.dumps({"ops": {OP_NAME: {"config": {"as_of": iso_z(AS_OF)}}}}))
+    env = os.environ | {
+        "DAGSTER_HOME": str(tmp_path),
+        "CLICKHOUSE_URL": ch.url,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_KEY_PREFIX": redis_cache.key_prefix,
+    }
+    worker = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            *("job", "execute", "-m", "nova_assets.definitions", "-j", "suggested_users"),
+            *("--config", str(run_config)),
+        ],
+        env=env,
+        stdout=(tmp_path / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    client = redis_cache.client()
+    keys = [redis_cache.key("suggested_users", u) for u in users]
+
+    def read_all() -> list:
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+                pipe.ttl(key)
+            return pipe.execute()
+
+    deadline = time.monotonic() + 120
+    while worker.poll() is None and time.monotonic() < deadline:
+        if any(b'"generation":"old"' not in raw for raw in read_all()[::2]):
+            break
+        time.sleep(0.05)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        [started] = instance.get_runs()
+        if request_termination:
+            # What Dagster's termination (the UI, `run_launcher.terminate`) does first.
+            instance.report_run_canceling(started)
+    worker.send_signal(sig)
+    worker.wait(timeout=120)
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        [run] = instance.get_runs()
+    replies = read_all()
+    written = 0
+    for user, raw, ttl in zip(users, replies[::2], replies[1::2], strict=True):
+        value = json.loads(raw)
+        assert value["user_id"] == user and 0 < ttl <= 86400
+        if value.get("generation") != "old":
+            written += 1
+            assert value["as_of"] == iso_z(AS_OF)
+            assert 0 < len(value["items"]) <= 20
+    assert 0 < written < len(users)
+    return run, written
+
+
+def test_a_terminated_run_stops_at_a_batch_boundary_and_ends_canceled(ch, redis_cache, tmp_path):
+    from nova_assets.suggestions import BATCH_USERS
+
+    run, written = _interrupt_a_real_run(
+        ch, redis_cache, tmp_path, request_termination=True, sig=signal.SIGINT
+    )
+    assert run.status == dg.DagsterRunStatus.CANCELED
+    # Whole batches only: the run stopped between batches, never inside one.
+    assert written % BATCH_USERS == 0
+
+
+def test_a_worker_killed_without_a_request_ends_failed_and_reaches_the_dlq(
+    ch, redis_cache, tmp_path, kafka_dlq
+):
+    from nova_assets import dlq
+    from nova_assets.resources import AlertWebhookResource
+
+    run, _ = _interrupt_a_real_run(
+        ch, redis_cache, tmp_path, request_termination=False, sig=signal.SIGTERM
+    )
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        _, delivered, _ = dlq.publish_failed_runs(
+            instance,
+            dlq.PublisherCursor(),
+            kafka_dlq,
+            AlertWebhookResource(),
+            dg.get_dagster_logger(),
+        )
+    assert delivered == 1
+    [body] = [json.loads(r.value) for r in kafka_dlq.read()]
+    assert body["run_id"] == run.run_id
+    assert body["job_name"] == "suggested_users"
+    assert body["asset_keys"] == ["suggested_users"]
