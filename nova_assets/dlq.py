@@ -120,7 +120,10 @@ def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[st
         "max_retries": STEP_RETRY_POLICY.max_retries,
         "run_started_at": iso_z(datetime.fromtimestamp(started, UTC)),
         "failed_at": iso_z(datetime.fromtimestamp(failed, UTC)),
-        "tags": {k: v for k, v in run.tags.items() if k != DELIVERED_TAG},
+        # Dagster's hidden tags (".dagster/…": sockets, hosts) mean nothing to a consumer.
+        "tags": {
+            k: v for k, v in run.tags.items() if k != DELIVERED_TAG and not k.startswith(".")
+        },
         "replay_of": run.tags.get(REPLAY_TAG),
         # Runs retried as a whole by Dagster (dagster/max_retries) say whether one follows.
         "run_retry": {
