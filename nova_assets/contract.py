@@ -3,7 +3,7 @@
 import functools
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import ParamSpec, TypeVar
 
 import dagster as dg
@@ -14,6 +14,16 @@ EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "sh
 
 STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL)
 """Transient faults retry after 1, 3, 7, 15, 31 s (Dagster's exponential backoff)."""
+
+
+def freshness_policy(refresh_sec: int) -> dg.FreshnessPolicy:
+    """Fresh while the last materialization is younger than two refresh intervals (warn after
+    that), failing after three missed intervals: sized to each asset's schedule.
+    """
+    return dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(seconds=3 * refresh_sec),
+        warn_window=timedelta(seconds=2 * refresh_sec),
+    )
 
 
 class ConfigurationError(ValueError):

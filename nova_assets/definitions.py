@@ -70,7 +70,9 @@ jobs, schedules = build_jobs_and_schedules(job_specs(settings))
 defs = dg.Definitions(
     assets=[
         *build_trending_assets(settings.trending_interval_sec),
-        suggestions.build_suggested_users_asset(settings.suggestion_ttl_sec),
+        suggestions.build_suggested_users_asset(
+            settings.suggestion_ttl_sec, refresh_sec=settings.suggestion_interval_sec
+        ),
         feeds.build_warmed_feeds_asset(settings.feed_ttl_sec),
     ],
     jobs=jobs,

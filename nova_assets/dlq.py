@@ -121,9 +121,7 @@ def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[st
         "run_started_at": iso_z(datetime.fromtimestamp(started, UTC)),
         "failed_at": iso_z(datetime.fromtimestamp(failed, UTC)),
         # Dagster's hidden tags (".dagster/…": sockets, hosts) mean nothing to a consumer.
-        "tags": {
-            k: v for k, v in run.tags.items() if k != DELIVERED_TAG and not k.startswith(".")
-        },
+        "tags": {k: v for k, v in run.tags.items() if k != DELIVERED_TAG and not k.startswith(".")},
         "replay_of": run.tags.get(REPLAY_TAG),
         # Runs retried as a whole by Dagster (dagster/max_retries) say whether one follows.
         "run_retry": {

@@ -25,6 +25,7 @@ from nova_assets.contract import (
     AsOfConfig,
     epoch_ms,
     fail_fast_on_permanent_faults,
+    freshness_policy,
     iso_z,
 )
 from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
@@ -479,6 +480,7 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
         f"most active users of the last 24 h. {freshness}",
         pool=CLICKHOUSE_POOL,
         retry_policy=STEP_RETRY_POLICY,
+        freshness_policy=freshness_policy(REFRESH_SEC),
         check_specs=check_specs(asset_key, feed_ttl_sec),
         metadata={"cache_key_suffix": "feed:{user_id}", "ttl_seconds": feed_ttl_sec},
     )

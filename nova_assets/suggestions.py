@@ -41,6 +41,7 @@ from nova_assets.contract import (
     AsOfConfig,
     epoch_ms,
     fail_fast_on_permanent_faults,
+    freshness_policy,
     iso_z,
 )
 from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
@@ -537,7 +538,10 @@ class _Progress:
 
 
 def build_suggested_users_asset(
-    ttl_sec: int = DEFAULT_TTL_SEC, *, chunk_users: int = CHUNK_USERS
+    ttl_sec: int = DEFAULT_TTL_SEC,
+    *,
+    refresh_sec: int = 600,
+    chunk_users: int = CHUNK_USERS,
 ) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}suggested_users:{user_id}` fresh for every active user."""
     if ttl_sec <= 0 or chunk_users <= 0:
@@ -562,6 +566,7 @@ def build_suggested_users_asset(
                     "cache_key_pattern": f"{ASSET_NAME}:{{user_id}}",
                     "ttl_seconds": ttl_sec,
                 },
+                freshness_policy=freshness_policy(refresh_sec),
             )
         ],
         pool=CLICKHOUSE_POOL,

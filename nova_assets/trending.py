@@ -20,6 +20,7 @@ from nova_assets.contract import (
     AsOfConfig,
     epoch_ms,
     fail_fast_on_permanent_faults,
+    freshness_policy,
     iso_z,
 )
 from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
@@ -279,6 +280,7 @@ def build_trending_asset(
         f"{window.decay_per_hour} per hour, at most {POSTS_PER_AUTHOR} per author.",
         pool=CLICKHOUSE_POOL,
         retry_policy=retry_policy,
+        freshness_policy=freshness_policy(window.refresh_sec),
         check_specs=check_specs(asset_key),
         metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
     )

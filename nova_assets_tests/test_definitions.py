@@ -79,6 +79,7 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
     assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
     assert config["telemetry"]["enabled"] is False
     assert config["run_monitoring"]["enabled"] is True
+    assert config["freshness"]["enabled"] is True
 
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     try:
@@ -126,3 +127,24 @@ def test_two_runs_on_the_embedded_engine_are_serialised_by_the_pool(clickhouse, 
     assert [success for success, _ in outcomes] == [True, True]
     spans = sorted((m["started"].value, m["ended"].value) for _, m in outcomes)
     assert spans[0][1] <= spans[1][0], f"the two steps overlapped: {spans}"
+
+
+def test_every_asset_fails_freshness_after_three_missed_intervals():
+    repository = definitions.defs.get_repository_def()
+    cadence = {
+        "trending_posts_1h": 60,
+        "trending_posts_24h": 300,
+        "trending_posts_7d": 3600,
+        "suggested_users": 600,
+        "warmed_feeds": 60,
+    }
+    specs = {
+        spec.key.to_user_string(): spec
+        for assets_def in repository.asset_graph.assets_defs
+        for spec in assets_def.specs
+    }
+    assert set(specs) == set(cadence)
+    for name, seconds in cadence.items():
+        policy = specs[name].freshness_policy
+        assert policy.fail_window.to_timedelta().total_seconds() == 3 * seconds, name
+        assert policy.warn_window.to_timedelta().total_seconds() == 2 * seconds, name
