@@ -17,9 +17,7 @@ STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EX
 
 
 def freshness_policy(refresh_sec: int) -> dg.FreshnessPolicy:
-    """Fresh while the last materialization is younger than two refresh intervals (warn after
-    that), failing after three missed intervals: sized to each asset's schedule.
-    """
+    """Freshness sized to an asset's schedule: warn after two intervals, fail after three."""
     return dg.FreshnessPolicy.time_window(
         fail_window=timedelta(seconds=3 * refresh_sec),
         warn_window=timedelta(seconds=2 * refresh_sec),
