@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export NOVA_HOME ?= $(CURDIR)/.nova
 export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
 
-.PHONY: dev test install instance services services-down seed lint alerts bench clean
+.PHONY: dev test install instance services services-down seed lint alerts browser screenshots bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,19 @@ alerts: services
 	promtool check config ops/prometheus/prometheus.yml
 	promtool test rules ops/prometheus/alerts_test.yml
 
-test: services lint alerts
+# Debian's Chromium for the browser test (Playwright drives it; it never downloads a browser).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: services lint alerts browser
 	$(BIN)/pytest
+
+# Refresh the README's screenshots from a real browser run against `dagster dev`.
+screenshots: services browser
+	$(BIN)/pytest -q nova_assets_tests/test_e2e.py -k browser
+	mkdir -p docs/screenshots
+	cp test-artifacts/asset-graph.png test-artifacts/finished-run.png docs/screenshots/
 
 bench: services
 	$(BIN)/python bench/run.py
