@@ -5,7 +5,7 @@ import warnings
 
 import dagster as dg
 
-from nova_assets import feeds, suggestions
+from nova_assets import feeds, seed, suggestions
 from nova_assets.dlq import build_dlq_replay_sensor, dlq_publisher
 from nova_assets.metrics import build_job_metrics_sensor
 from nova_assets.resources import (
@@ -15,7 +15,7 @@ from nova_assets.resources import (
     KafkaDLQResource,
     RedisCacheResource,
 )
-from nova_assets.schedules import JobSpec, build_jobs_and_schedules
+from nova_assets.schedules import JobSpec, build_jobs_and_schedules, build_schedule
 from nova_assets.settings import Settings, interval_to_cron
 from nova_assets.trending import build_trending_assets, windows
 
@@ -66,6 +66,19 @@ def job_specs(settings: Settings) -> list[JobSpec]:
 
 settings = Settings.from_env()
 jobs, schedules = build_jobs_and_schedules(job_specs(settings))
+# Live demo traffic only runs against the local embedded engine, never against a real server.
+demo_jobs, demo_schedules = (
+    (
+        [seed.demo_traffic],
+        [
+            build_schedule(
+                JobSpec(seed.DEMO_TRAFFIC_JOB, "demo events", "* * * * *"), seed.demo_traffic
+            )
+        ],
+    )
+    if settings.embedded_clickhouse
+    else ([], [])
+)
 
 defs = dg.Definitions(
     assets=[
@@ -75,8 +88,8 @@ defs = dg.Definitions(
         ),
         feeds.build_warmed_feeds_asset(settings.feed_ttl_sec),
     ],
-    jobs=jobs,
-    schedules=schedules,
+    jobs=[*jobs, *demo_jobs],
+    schedules=[*schedules, *demo_schedules],
     sensors=[
         dlq_publisher,
         build_dlq_replay_sensor(jobs),
