@@ -34,13 +34,18 @@ def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackCo
         pushgateway_port=args.pushgateway_port or _local_port(settings.pushgateway_url, 9091),
         dlq_topic=settings.dlq_topic,
         prometheus_port=args.prometheus_port or 9090,
+        postgres_port=args.postgres_port or 5432,
         prometheus_rules=Path("ops/prometheus/alerts.yml").resolve(),
     )
 
 
 def _services(settings: Settings, args: argparse.Namespace) -> int:
     config = _stack_config(settings, args)
-    services = stack.SERVICES + (("prometheus",) if args.with_prometheus else ())
+    services = (
+        stack.SERVICES
+        + (("prometheus",) if args.with_prometheus else ())
+        + (("postgres",) if args.with_postgres else ())
+    )
     if args.action == "up":
         try:
             stack.up(config, services, log=print)
@@ -133,12 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     services = commands.add_parser("services", help="start, stop or inspect the local stack")
     services.add_argument("action", choices=["up", "down", "status"])
-    for name in ("redis", "kafka", "kafka-controller", "pushgateway", "prometheus"):
+    for name in ("redis", "kafka", "kafka-controller", "pushgateway", "prometheus", "postgres"):
         services.add_argument(f"--{name}-port", type=int, default=None)
     services.add_argument(
         "--with-prometheus",
         action="store_true",
         help="also run Prometheus on 127.0.0.1:9090 with the alert rules of ops/prometheus",
+    )
+    services.add_argument(
+        "--with-postgres",
+        action="store_true",
+        help="also run PostgreSQL on 127.0.0.1:5432, for deploy/dagster.yaml",
     )
 
     demo = commands.add_parser("seed", help="create the schema and generate demo data")

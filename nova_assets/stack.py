@@ -30,8 +30,9 @@ from redis.retry import Retry
 
 HOST = "127.0.0.1"
 SERVICES = ("redis", "kafka", "pushgateway")
-OPTIONAL_SERVICES = ("prometheus",)
-"""Started only on request (`services up --with-prometheus`), to watch the alerts locally."""
+OPTIONAL_SERVICES = ("prometheus", "postgres")
+"""Started only on request: Prometheus to watch the alerts locally (`--with-prometheus`), and
+PostgreSQL for Dagster's production storage (`--with-postgres`, deploy/dagster.yaml)."""
 
 # One apt line for the binaries the stack runs; `prometheus` brings promtool along.
 APT_PACKAGES = ("redis-server", "prometheus-pushgateway", "prometheus")
@@ -41,6 +42,7 @@ _BINARY_PACKAGES = {
     "prometheus-pushgateway": APT_PACKAGES,
     "promtool": APT_PACKAGES,
     "prometheus": APT_PACKAGES,
+    "pg_ctlcluster": ("postgresql",),
     "java": ("default-jre-headless",),
     "mvn": ("maven",),
 }
@@ -49,10 +51,23 @@ _BINARIES = {
     "kafka": ("java", "mvn"),
     "pushgateway": ("prometheus-pushgateway", "promtool"),
     "prometheus": ("prometheus",),
+    "postgres": ("pg_ctlcluster",),
 }
 # A cold JVM on a small machine needs far longer than Redis or the Pushgateway.
-_READY_TIMEOUT_S = {"redis": 15.0, "kafka": 90.0, "pushgateway": 15.0, "prometheus": 30.0}
-_STOP_GRACE_S = {"redis": 5.0, "kafka": 15.0, "pushgateway": 5.0, "prometheus": 10.0}
+_READY_TIMEOUT_S = {
+    "redis": 15.0,
+    "kafka": 90.0,
+    "pushgateway": 15.0,
+    "prometheus": 30.0,
+    "postgres": 60.0,
+}
+_STOP_GRACE_S = {
+    "redis": 5.0,
+    "kafka": 15.0,
+    "pushgateway": 5.0,
+    "prometheus": 10.0,
+    "postgres": 10.0,
+}
 _PROBE_TIMEOUT_S = 1.0
 _LOG_TAIL_LINES = 30
 _KAFKA_HEAP = "-Xmx512m"
@@ -69,6 +84,18 @@ class StackConfig:
     jars_dir: Path | None = None
     prometheus_port: int = 9090
     prometheus_rules: Path | None = None
+    postgres_port: int = 5432
+    postgres_dir: Path | None = None
+    """PostgreSQL's data directory (default state_dir/postgres); the `postgres` user owns it."""
+
+    @property
+    def postgres_data(self) -> Path:
+        return self.postgres_dir or self.state_dir / "postgres"
+
+    @property
+    def postgres_url(self) -> str:
+        """SQLAlchemy URL for Dagster's storage (psycopg2, the driver dagster-postgres uses)."""
+        return f"postgresql+psycopg2://postgres@{HOST}:{self.postgres_port}/postgres"
 
     @property
     def kafka_jars(self) -> Path:
@@ -84,6 +111,7 @@ class StackConfig:
             "kafka": self.kafka_port,
             "pushgateway": self.pushgateway_port,
             "prometheus": self.prometheus_port,
+            "postgres": self.postgres_port,
         }[service]
 
     def log_path(self, service: str) -> Path:
@@ -220,6 +248,7 @@ def _cmdline_markers(config: StackConfig, service: str) -> tuple[str, ...]:
         "kafka": ("kafka.Kafka", str(config.kafka_dir / "server.properties")),
         "pushgateway": ("pushgateway", f"--web.listen-address={HOST}:{port}"),
         "prometheus": ("prometheus", f"--web.listen-address={HOST}:{port}"),
+        "postgres": ("postgres", str(config.postgres_data), f"-p {port}"),
     }[service]
 
 
@@ -237,6 +266,8 @@ def _answering(config: StackConfig, service: str) -> bool:
         return _redis_answers(port)
     if service in ("pushgateway", "prometheus"):
         return _pushgateway_answers(port)
+    if service == "postgres":
+        return _postgres_answers(port)
     return bool(_kafka_brokers(port))
 
 
@@ -255,6 +286,18 @@ def _redis_answers(port: int) -> bool:
         return False
     finally:
         client.close()
+
+
+def _postgres_answers(port: int) -> bool:
+    import psycopg2  # comes with dagster-postgres
+
+    try:
+        psycopg2.connect(
+            host=HOST, port=port, user="postgres", dbname="postgres", connect_timeout=1
+        ).close()
+    except psycopg2.Error:
+        return False
+    return True
 
 
 def _pushgateway_answers(port: int) -> bool:
@@ -405,6 +448,8 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
         ]  # fmt: skip
     elif name == "prometheus":
         command = _prepare_prometheus(config)
+    elif name == "postgres":
+        command = _prepare_postgres(config)
     else:
         # Memory only: Debian's build defaults --persistence.file to a path shared by every
         # gateway on the machine, so it is cleared explicitly. Our metrics are recomputed from
@@ -422,13 +467,16 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
         log_path.replace(log_path.with_suffix(".log.1"))
     with log_path.open("wb") as out:
         # A new session detaches the service from the terminal, so it outlives the command line.
+        # PostgreSQL will not run as root: it runs as the `postgres` user, in its own folder.
+        as_postgres = name == "postgres" and os.geteuid() == 0
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=config.state_dir,
+            cwd=config.postgres_data if name == "postgres" else config.state_dir,
             start_new_session=True,
+            user="postgres" if as_postgres else None,
         )
     pid = process.pid
     config.pid_path(name).parent.mkdir(parents=True, exist_ok=True)
@@ -439,6 +487,41 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
         del process
     log(f"started {name} (pid {pid}), log in {log_path}")
     return pid
+
+
+def _postgres_bin(program: str) -> str:
+    # Debian installs the server outside PATH, under its major version.
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))
+    if not found:
+        raise StackError(
+            f"{program} not found under /usr/lib/postgresql; apt-get install postgresql"
+        )
+    return str(found[-1])
+
+
+def _prepare_postgres(config: StackConfig) -> list[str]:
+    """A cluster of our own (trust auth on 127.0.0.1 only), created once, run as `postgres`.
+
+    PostgreSQL refuses to run as root, so the data directory belongs to the `postgres` user and
+    the server starts under it.
+    """
+    data = config.postgres_data
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        shutil.chown(data, user="postgres", group="postgres")
+        subprocess.run(
+            [_postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+            user="postgres",
+            check=True,
+            capture_output=True,
+        )
+    return [
+        _postgres_bin("postgres"),
+        "-D", str(data),
+        "-p", str(config.postgres_port),
+        "-c", f"listen_addresses={HOST}",
+        "-c", f"unix_socket_directories={data}",
+    ]  # fmt: skip
 
 
 def _prepare_prometheus(config: StackConfig) -> list[str]:

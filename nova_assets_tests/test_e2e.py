@@ -8,9 +8,11 @@ freshly seeded embedded ClickHouse, and waits (bounded) for the schedules' ticks
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
+from nova_assets.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
 
 ROOT = Path(__file__).parents[1]
@@ -34,6 +38,16 @@ def _graphql(port: int, query: str) -> dict:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)["data"]
+
+
+def _start_postgres(tmp_path: Path) -> StackConfig:
+    """A PostgreSQL of the test's own; its data lives outside the root-only pytest folder."""
+    [port] = free_ports(1)
+    data = Path(tempfile.mkdtemp(prefix="nova-e2e-pg-"))
+    data.rmdir()  # the stack creates it for the `postgres` user
+    config = StackConfig(state_dir=tmp_path / "pg-stack", postgres_port=port, postgres_dir=data)
+    up(config, services=("postgres",))
+    return config
 
 
 def _wait_for_webserver(port: int, server: subprocess.Popen, log: Path) -> None:
@@ -52,8 +66,12 @@ def _wait_for_webserver(port: int, server: subprocess.Popen, log: Path) -> None:
 def dagster_dev(tmp_path, request):
     """`dagster dev` as `make dev` runs it, on a private NOVA_HOME, DAGSTER_HOME and key prefix.
 
-    Parametrize indirectly with extra environment variables (another Redis, another topic).
+    Parametrize indirectly with extra environment variables (another Redis, another topic), and
+    `"instance": "postgres"` to run on the production instance config (deploy/dagster.yaml) with
+    a PostgreSQL of the test's own.
     """
+    param = dict(getattr(request, "param", {}))
+    on_postgres = param.pop("instance", "local") == "postgres"
     [port] = free_ports(1)
     prefix = f"e2e:{uuid.uuid4().hex[:8]}:"
     nova_home = tmp_path / ".nova"
@@ -63,11 +81,26 @@ def dagster_dev(tmp_path, request):
         "DAGSTER_HOME": str(dagster_home),
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
-        **getattr(request, "param", {}),
+        **param,
     }
     env.pop("CLICKHOUSE_URL", None)
-    for command in (["seed", "--if-empty"], ["instance", "--home", str(dagster_home)]):
-        subprocess.run([str(BIN / "nova-assets"), *command], env=env, cwd=ROOT, check=True)
+    subprocess.run([str(BIN / "nova-assets"), "seed", "--if-empty"], env=env, cwd=ROOT, check=True)
+    postgres = None
+    if on_postgres:
+        postgres = _start_postgres(tmp_path)
+        env["DAGSTER_POSTGRES_URL"] = postgres.postgres_url
+        config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
+        # This test still runs the embedded engine, which admits one process at a time.
+        config["concurrency"]["pools"] = {"default_limit": 1, "granularity": "op"}
+        dagster_home.mkdir(parents=True)
+        (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    else:
+        subprocess.run(
+            [str(BIN / "nova-assets"), "instance", "--home", str(dagster_home)],
+            env=env,
+            cwd=ROOT,
+            check=True,
+        )
     log = (tmp_path / "dagster-dev.log").open("wb")
     server = subprocess.Popen(
         [
@@ -83,7 +116,7 @@ def dagster_dev(tmp_path, request):
     )
     try:
         _wait_for_webserver(port, server, tmp_path / "dagster-dev.log")
-        yield port, prefix, tmp_path / "dagster-dev.log"
+        yield port, prefix, tmp_path / "dagster-dev.log", env.get("DLQ_TOPIC", "jobs-dlq")
     finally:
         # The whole group: webserver, daemon, code servers and any run still in flight.
         os.killpg(server.pid, signal.SIGTERM)
@@ -99,10 +132,14 @@ def dagster_dev(tmp_path, request):
                 client.delete(*keys[start : start + 1000])
         except redis.ConnectionError:
             pass  # a private Redis the test already stopped
+        if postgres is not None:
+            down(postgres, services=("postgres",))
+            shutil.rmtree(postgres.postgres_data, ignore_errors=True)
 
 
+@pytest.mark.parametrize("dagster_dev", [{}, {"instance": "postgres"}], indirect=True)
 def test_the_daemon_keeps_trending_and_feeds_fresh_without_a_click(dagster_dev):
-    port, prefix, log = dagster_dev
+    port, prefix, log, _ = dagster_dev
     started = datetime.now(UTC)
     client = redis.Redis.from_url(REDIS_URL)
     wanted = {f"{prefix}trending:1h": None, "feed": None}
@@ -141,23 +178,25 @@ def test_the_daemon_keeps_trending_and_feeds_fresh_without_a_click(dagster_dev):
 FAILURE_TOPIC = f"e2e-dlq-{uuid.uuid4().hex[:8]}"
 
 
+FAILING_REDIS = {
+    "REDIS_URL": f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/0",
+    "SUGGESTION_INTERVAL_SEC": "3600",
+}
+
+
 @pytest.mark.parametrize(
     "dagster_dev",
     [
-        {
-            "REDIS_URL": f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/0",
-            "DLQ_TOPIC": FAILURE_TOPIC,
-            "SUGGESTION_INTERVAL_SEC": "3600",
-        }
+        FAILING_REDIS | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-local"},
+        FAILING_REDIS | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-pg", "instance": "postgres"},
     ],
     indirect=True,
 )
 def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp_path):
-    from nova_assets.stack import StackConfig, down, up
     from nova_assets_tests.conftest import create_topic
 
-    port, prefix, log = dagster_dev
-    create_topic(FAILURE_TOPIC)
+    port, prefix, log, topic = dagster_dev
+    create_topic(topic)
     private = StackConfig(state_dir=tmp_path / "redis-stack", redis_port=PRIVATE_REDIS_PORT)
     # Redis is down from the start: the first trending_1h run fails after its five retries.
     query = (
@@ -186,7 +225,7 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
         time.sleep(3)
     assert failed is not None, log.read_text()[-4000:]
 
-    env = os.environ | {"DLQ_TOPIC": FAILURE_TOPIC}
+    env = os.environ | {"DLQ_TOPIC": topic}
     listed = subprocess.run(
         [str(BIN / "nova-assets"), "dlq", "list", "--job", "trending_1h"],
         env=env,
@@ -241,7 +280,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
     from playwright.sync_api import expect, sync_playwright
 
-    port, prefix, _ = dagster_dev
+    port, prefix, _, _ = dagster_dev
     ui = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     clicked_at = datetime.now(UTC)
