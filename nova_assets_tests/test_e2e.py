@@ -16,12 +16,15 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis
 import yaml
+from playwright.sync_api import Browser, expect, sync_playwright
 
 from nova_assets.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
@@ -48,6 +51,31 @@ def _start_postgres(tmp_path: Path) -> StackConfig:
     config = StackConfig(state_dir=tmp_path / "pg-stack", postgres_port=port, postgres_dir=data)
     up(config, services=("postgres",))
     return config
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextmanager
+def _browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (no browser is downloaded)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def _wait_for_webserver(port: int, server: subprocess.Popen, log: Path) -> None:
@@ -234,6 +262,12 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
         check=True,
     ).stdout
     assert failed["runId"] in listed and "5/5" in listed
+    # What the operator sees in the UI: the run marked failed, with the root error.
+    with _browser() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/runs/{failed['runId']}", wait_until="networkidle")
+        expect(page.get_by_text("Failure", exact=True).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("ConnectionError").first).to_be_visible(timeout=60_000)
 
     up(private, services=("redis",))
     try:
@@ -264,67 +298,45 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
         down(private, services=("redis",))
 
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
 def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
-    from playwright.sync_api import expect, sync_playwright
-
     port, prefix, _, _ = dagster_dev
     ui = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     clicked_at = datetime.now(UTC)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{ui}/assets", wait_until="networkidle")
-            catalog = page.inner_text("body")
-            for asset in (
-                "trending_posts_1h",
-                "trending_posts_24h",
-                "trending_posts_7d",
-                "suggested_users",
-                "warmed_feeds",
-            ):
-                assert asset in catalog
-            page.goto(f"{ui}/asset-groups", wait_until="networkidle")
-            page.screenshot(path=ARTIFACTS / "asset-graph.png")
+    with _browser() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{ui}/assets", wait_until="networkidle")
+        catalog = page.inner_text("body")
+        for asset in (
+            "trending_posts_1h",
+            "trending_posts_24h",
+            "trending_posts_7d",
+            "suggested_users",
+            "warmed_feeds",
+        ):
+            assert asset in catalog
+        page.goto(f"{ui}/asset-groups", wait_until="networkidle")
+        page.screenshot(path=ARTIFACTS / "asset-graph.png")
 
-            page.goto(f"{ui}/assets/trending_posts_24h", wait_until="networkidle")
-            skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
-            if skip.count():
-                skip.click()
-            clicked_at = datetime.now(UTC)
-            page.locator("button", has_text="Materialize").first.click()
-            toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
-            expect(toast).to_be_visible(timeout=30_000)
-            short_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
-            recent = _graphql(
-                port, "{ runsOrError(limit: 20) { ... on Runs { results { runId } } } }"
-            )
-            run_id = next(
-                r["runId"]
-                for r in recent["runsOrError"]["results"]
-                if r["runId"].startswith(short_id)
-            )
-            page.goto(f"{ui}/runs/{run_id}", wait_until="networkidle")
-            expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=180_000)
-            page.screenshot(path=ARTIFACTS / "finished-run.png")
-        finally:
-            browser.close()
+        page.goto(f"{ui}/assets/trending_posts_24h", wait_until="networkidle")
+        skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
+        if skip.count():
+            skip.click()
+        clicked_at = datetime.now(UTC)
+        page.locator("button", has_text="Materialize").first.click()
+        toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
+        expect(toast).to_be_visible(timeout=30_000)
+        short_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
+        recent = _graphql(port, "{ runsOrError(limit: 20) { ... on Runs { results { runId } } } }")
+        run_id = next(
+            r["runId"] for r in recent["runsOrError"]["results"] if r["runId"].startswith(short_id)
+        )
+        page.goto(f"{ui}/runs/{run_id}", wait_until="networkidle")
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=180_000)
+        page.screenshot(path=ARTIFACTS / "finished-run.png")
 
     value = json.loads(redis.Redis.from_url(REDIS_URL).get(f"{prefix}trending:24h"))
     generated = datetime.fromisoformat(value["generated_at"].replace("Z", "+00:00"))
