@@ -71,14 +71,17 @@ _WEIGHT = "transform(event_type, {types:Array(String)}, {weights:Array(Float64)}
 _DECAY = (
     "exp({ln_decay:Float64} * ({as_of_ms:Int64} - toUnixTimestamp64Milli(event_time)) / 3600000.)"
 )
+# Events in the window, and those of a known type (the metadata's scanned and weighted events).
+_EVENT_COUNTS = f"count(), countIf({_WEIGHT} > 0)"
 
 # One query ranks a window. Deduplicating every event of a 7-day window (one hash-table entry per
 # user, post and type) is the expensive part, so it runs only on candidate posts:
 #
 # 1. `candidates`: every post's raw, undeduplicated score, which bounds its real score from
 #    above, computed in one cheap pass grouped by post; the best {candidates} posts by that bound
-#    are kept, with the lowest bound among them (no other post can score higher) and the window's
-#    event counts.
+#    are kept, with the lowest bound among them (no other post can score higher). `counts` holds
+#    the window's event counts for the metadata (a scalar of its own: window functions over the
+#    grouped pass cost more than a second, index-bounded count).
 # 2. For those posts only: events deduplicated per (post, user, type) at their latest time, decayed
 #    and summed; joined to the posts whose latest row is live and created by as_of; ordered,
 #    capped per author and cut to the top.
@@ -87,13 +90,9 @@ _DECAY = (
 # the bound; `rank` checks that and otherwise ranks again with every post as a candidate.
 RANKING_SQL = f"""
 WITH (
-    SELECT (groupArray(post_id), min(bound), count(), any(scanned), any(weighted))
+    SELECT (groupArray(post_id), min(bound), count())
     FROM (
-        SELECT
-            post_id,
-            sum({_WEIGHT} * {_DECAY}) AS bound,
-            sum(count()) OVER () AS scanned,
-            sum(countIf({_WEIGHT} > 0)) OVER () AS weighted
+        SELECT post_id, sum({_WEIGHT} * {_DECAY}) AS bound
         FROM nova.engagement_events
         WHERE {_IN_WINDOW}
         GROUP BY post_id
@@ -101,15 +100,18 @@ WITH (
         ORDER BY bound DESC, post_id ASC
         LIMIT {{candidates:UInt32}}
     )
-) AS candidates
+) AS candidates,
+(
+    SELECT tuple({_EVENT_COUNTS}) FROM nova.engagement_events WHERE {_IN_WINDOW}
+) AS counts
 SELECT
     s.post_id AS post_id,
     e.author_id AS author_id,
     s.score AS score,
     candidates.2 AS bound,
     candidates.3 AS candidate_count,
-    candidates.4 AS scanned,
-    candidates.5 AS weighted
+    counts.1 AS scanned,
+    counts.2 AS weighted
 FROM (
     SELECT post_id, sum(weight * latest_decay) AS score
     FROM (
@@ -136,7 +138,7 @@ LIMIT {{top:UInt32}}
 """
 
 EVENTS_IN_WINDOW_SQL = f"""
-SELECT count(), countIf({_WEIGHT} > 0) FROM nova.engagement_events WHERE {_IN_WINDOW}
+SELECT {_EVENT_COUNTS} FROM nova.engagement_events WHERE {_IN_WINDOW}
 """
 
 LIVE_POSTS_SQL = """

@@ -128,8 +128,10 @@ def test_unknown_event_types_weigh_nothing(ch):
     insert_posts(ch, post(1, 1, ago(AS_OF, days=1)) + post(2, 2, ago(AS_OF, days=1)))
     t = ago(AS_OF, minutes=30)
     insert_events(ch, [(t, 5, 1, "bookmark"), (t, 5, 1, "VIEW"), (t, 5, 1, ""), (t, 6, 2, "like")])
-    items = rank_1h(ch)
-    assert ids(items) == [2]
+    ranking = rank(ch, WINDOWS["1h"], AS_OF)
+    assert ids(ranking.items) == [2]
+    # The metadata still counts them: scanned, though only one of the four weighs anything.
+    assert (ranking.events_scanned, ranking.weighted_events) == (4, 1)
 
 
 def test_events_on_missing_posts_are_excluded(ch):
