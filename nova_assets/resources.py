@@ -15,6 +15,7 @@ from typing import Any
 
 import clickhouse_connect
 import dagster as dg
+import orjson
 import pandas as pd
 import redis
 from clickhouse_connect.driver.client import Client as ClickHouseClient
@@ -45,12 +46,21 @@ _KAFKA_LOGGER = logging.getLogger("nova_assets.kafka")
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
 
 
-def json_dumps(value: Mapping[str, Any]) -> str:
-    """Serialise a cache value: compact UTF-8 JSON, floats at full precision (never rounded)."""
+def json_dumps(value: Mapping[str, Any]) -> bytes:
+    """Serialise a cache value: compact UTF-8 JSON, floats at full precision (never rounded).
+
+    orjson writes the shortest text that reads back as the same float, several times faster than
+    the standard library; but it writes NaN and infinity as null, so any null hands the value to
+    the strict standard encoder, which refuses them.
+    """
+    text = orjson.dumps(value)
+    if b"null" not in text:
+        return text
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        strict = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # NaN or infinity: JSON has no such number
         raise DataContractError(f"a cache value cannot be written as JSON: {exc}") from exc
+    return strict.encode()
 
 
 class ClickHouseResource(dg.ConfigurableResource):
