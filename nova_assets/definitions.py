@@ -65,7 +65,8 @@ def job_specs(settings: Settings) -> list[JobSpec]:
 
 
 settings = Settings.from_env()
-jobs, schedules = build_jobs_and_schedules(job_specs(settings))
+specs = job_specs(settings)
+jobs, schedules = build_jobs_and_schedules(specs)
 # Live demo traffic only runs against the local embedded engine, never against a real server.
 demo_jobs, demo_schedules = (
     (
@@ -92,7 +93,7 @@ defs = dg.Definitions(
     schedules=[*schedules, *demo_schedules],
     sensors=[
         dlq_publisher,
-        build_dlq_replay_sensor(jobs),
+        build_dlq_replay_sensor(jobs, {spec.name: [spec.asset] for spec in specs}),
         build_job_metrics_sensor([job.name for job in jobs]),
     ],
     resources=build_resources(settings),

@@ -10,7 +10,7 @@ evaluation, so Kafka being down delays messages and loses none.
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,12 +27,18 @@ REPLAY_TAG = "nova/replay_of"
 
 MAX_MESSAGE_BYTES = 900_000
 """Below the broker's default message.max.bytes (1 MiB), leaving room for key and headers."""
+TAGS_BUDGET = 64_000
+"""Bytes of tags an oversized message keeps."""
 
 PUBLISH_BUDGET_S = 30.0
 """Time one evaluation may spend publishing, well inside the sensor evaluation timeout (60 s)."""
 
-_RUNS_PER_EVALUATION = 100
-_RECENT_RUN_IDS = 500
+LOOKBACK = timedelta(minutes=10)
+"""How far behind its watermark the publisher looks again. A run's update time is its failure
+event's own time, taken by the process that failed: a host whose clock runs behind, or a failure
+stored late, stamps a run earlier than one already handled."""
+
+RUNS_PER_PAGE = 100
 _REQUIRED_FIELDS = {"schema": str, "job_name": str, "run_id": str, "asset_keys": list}
 
 
@@ -133,28 +139,60 @@ def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[st
     }
 
 
-def encode(message: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    """JSON bytes of `message`; an oversized one is cut down and marked, never dropped.
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
-    The stack trace goes first (kept head and tail), then the error message, then tag values.
+
+_CUT_NOTE = "\n…[truncated]…\n"
+
+
+def _shorten(text: str, size: int) -> str:
+    """`text` cut to about `size` UTF-8 bytes: its head and tail around a note."""
+    raw = text.encode()
+    if len(raw) <= size:
+        return text
+    half = max(0, size - len(_CUT_NOTE.encode())) // 2
+    head = raw[:half].decode(errors="ignore")
+    tail = raw[len(raw) - half :].decode(errors="ignore") if half else ""
+    return head + _CUT_NOTE + tail
+
+
+def _fitting(items: Mapping[str, str], room: int) -> dict[str, str]:
+    """The first items (values cut to 200 characters) whose JSON fits in `room` bytes."""
+    kept: dict[str, str] = {}
+    for key, value in items.items():
+        entry = {key: value[:200]}
+        room -= len(_json(entry)) - 1  # its "key":"value" and a comma, without the braces
+        if room < 0:
+            break
+        kept |= entry
+    return kept
+
+
+def encode(message: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """JSON bytes of `message`, never over `limit`; an oversized one is cut and marked, not dropped.
+
+    The tags are bounded first (values to 200 characters, then as many whole tags as fit in
+    `TAGS_BUDGET`), then the stack trace is cut (head and tail kept), then the error message;
+    sizes are measured in encoded bytes.
     """
-    raw = json.dumps(message, separators=(",", ":")).encode()
+    raw = _json(message)
     if len(raw) <= limit:
         return raw
     cut = json.loads(raw)
     cut["truncated"] = True
-    note = "\n…[truncated]…\n"
+    cut["tags"] = _fitting(cut["tags"], min(TAGS_BUDGET, limit // 4))
+    error = cut["error"]
     for field in ("stack", "message"):
-        text = cut["error"][field]
-        overflow = len(json.dumps(cut, separators=(",", ":")).encode()) - limit
-        if overflow <= 0:
-            break
-        keep = max(0, len(text) - overflow - len(note) - 64)
-        cut["error"][field] = text[: keep // 2] + note + text[len(text) - keep // 2 :]
-    raw = json.dumps(cut, separators=(",", ":")).encode()
+        # Escapes make a text longer in JSON than in UTF-8: shrink it in that proportion.
+        while (overflow := len(_json(cut)) - limit) > 0 and error[field]:
+            text = error[field].encode()
+            in_json = len(_json(error[field]))
+            size = len(text) * (in_json - overflow) // in_json - 64
+            error[field] = _shorten(error[field], size) if size > len(_CUT_NOTE) * 2 else ""
+    raw = _json(cut)
     if len(raw) > limit:
-        cut["tags"] = {k: v[:200] for k, v in cut["tags"].items()}
-        raw = json.dumps(cut, separators=(",", ":")).encode()
+        raise ValueError(f"a DLQ message without stack and message is {len(raw)} bytes")
     return raw
 
 
@@ -165,8 +203,13 @@ class ParsedMessage:
     asset_keys: tuple[str, ...]
 
 
-def parse_message(value: bytes, known_jobs: Sequence[str]) -> ParsedMessage | str:
-    """A replayable message, or the reason it is skipped."""
+def parse_message(value: bytes, job_assets: Mapping[str, Collection[str]]) -> ParsedMessage | str:
+    """A replayable message, or the reason it is skipped.
+
+    Args:
+        value: The message as read from the topic.
+        job_assets: Each job that may be replayed, with the asset keys it materializes.
+    """
     try:
         body = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -178,11 +221,16 @@ def parse_message(value: bytes, known_jobs: Sequence[str]) -> ParsedMessage | st
             return f"missing or malformed field {field!r}"
     if body["schema"] != SCHEMA:
         return f"unknown schema {body['schema']!r}"
-    if body["job_name"] not in known_jobs:
-        return f"unknown job {body['job_name']!r}"
+    job = body["job_name"]
+    if job not in job_assets:
+        return f"unknown job {job!r}"
     if not all(isinstance(k, str) for k in body["asset_keys"]):
         return "malformed field 'asset_keys'"
-    return ParsedMessage(body["job_name"], body["run_id"], tuple(body["asset_keys"]))
+    # Checked here: a selection outside the job fails the whole tick when the daemon resolves it.
+    foreign = sorted(set(body["asset_keys"]) - set(job_assets[job]))
+    if foreign:
+        return f"asset keys {foreign} are not materialized by job {job!r}"
+    return ParsedMessage(job, body["run_id"], tuple(body["asset_keys"]))
 
 
 # -- the publisher ----------------------------------------------------------------------------
@@ -190,24 +238,21 @@ def parse_message(value: bytes, known_jobs: Sequence[str]) -> ParsedMessage | st
 
 @dataclass(frozen=True)
 class PublisherCursor:
-    """Failed runs updated at or before `watermark` are handled, except those still pending."""
+    """Every failed run updated before `watermark - LOOKBACK` has been handled."""
 
     watermark: float = 0.0
-    recent: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, raw: str | None) -> "PublisherCursor":
         if not raw:
             return cls()
-        data = json.loads(raw)
-        return cls(float(data["watermark"]), tuple(data["recent"]))
+        return cls(float(json.loads(raw)["watermark"]))
 
     def serialize(self) -> str:
-        return json.dumps({"watermark": self.watermark, "recent": list(self.recent)})
+        return json.dumps({"watermark": self.watermark})
 
     def handled(self, record: dg.RunRecord) -> "PublisherCursor":
-        recent = (*self.recent, record.dagster_run.run_id)[-_RECENT_RUN_IDS:]
-        return PublisherCursor(max(self.watermark, record.update_timestamp.timestamp()), recent)
+        return PublisherCursor(max(self.watermark, record.update_timestamp.timestamp()))
 
 
 def publish_failed_runs(
@@ -219,39 +264,56 @@ def publish_failed_runs(
 ) -> tuple[PublisherCursor, int, int]:
     """Publish the failed runs not yet delivered, oldest failure first.
 
+    Every evaluation looks again at the failed runs updated since `watermark - LOOKBACK`, page by
+    page, and skips those tagged delivered: a run stamped earlier than one already handled (a
+    failure stored late, or by a host whose clock runs behind) is still found, and any number of
+    delivered runs in that span never stalls the walk.
+
     Returns:
-        The new cursor, how many messages were delivered, and how many runs still wait.
+        The new cursor, how many messages were delivered, and how many runs of the page at hand
+        still wait (more may follow it).
     """
-    # Look a little behind the watermark: runs updated in the same instant as the last handled
-    # one are caught, and the `recent` ids keep them from being sent twice.
-    since = datetime.fromtimestamp(cursor.watermark, UTC) - timedelta(seconds=1)
-    records = instance.get_run_records(
-        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=since),
-        order_by="update_timestamp",
-        ascending=True,
-        limit=_RUNS_PER_EVALUATION,
-    )
+    since = datetime.fromtimestamp(cursor.watermark, UTC) - LOOKBACK
     deadline = time.monotonic() + PUBLISH_BUDGET_S
     delivered = 0
-    for position, record in enumerate(records):
-        run = record.dagster_run
-        if run.run_id in cursor.recent or DELIVERED_TAG in run.tags:
+    seen: set[str] = set()
+    while True:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=since),
+            order_by="update_timestamp",
+            ascending=True,
+            limit=RUNS_PER_PAGE,
+        )
+        new_runs = 0
+        for position, record in enumerate(records):
+            run = record.dagster_run
+            if run.run_id in seen:
+                continue
+            seen.add(run.run_id)
+            new_runs += 1
+            if DELIVERED_TAG in run.tags:
+                cursor = cursor.handled(record)
+                continue
+            if time.monotonic() >= deadline:
+                return cursor, delivered, len(records) - position
+            message = build_message(instance, record)
+            if not kafka_dlq.publish(run.job_name, encode(message)):
+                log.warning(
+                    f"Kafka did not acknowledge the DLQ message of run {run.run_id} "
+                    f"({run.job_name}); it stays pending and is sent again at the next evaluation."
+                )
+                return cursor, delivered, len(records) - position
+            instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
+            alerts.notify_failure(message)
+            delivered += 1
             cursor = cursor.handled(record)
-            continue
-        if time.monotonic() >= deadline:
-            return cursor, delivered, len(records) - position
-        message = build_message(instance, record)
-        if not kafka_dlq.publish(run.job_name, encode(message)):
-            log.warning(
-                f"Kafka did not acknowledge the DLQ message of run {run.run_id} ({run.job_name}); "
-                "it stays pending and is sent again at the next evaluation."
-            )
-            return cursor, delivered, len(records) - position
-        instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
-        alerts.notify_failure(message)
-        delivered += 1
-        cursor = cursor.handled(record)
-    return cursor, delivered, 0
+        if len(records) < RUNS_PER_PAGE:
+            return cursor, delivered, 0
+        # The next page starts just before the last run of this one (`updated_after` is strict),
+        # so runs sharing its instant are not skipped; those read twice are in `seen`. A page of
+        # nothing new (a hundred runs of one microsecond) moves past that instant.
+        last = records[-1].update_timestamp
+        since = last - timedelta(microseconds=1) if new_runs else last
 
 
 @dg.sensor(
@@ -278,9 +340,15 @@ def dlq_publisher(
 # -- replay -----------------------------------------------------------------------------------
 
 
-def build_dlq_replay_sensor(jobs: Sequence[Any]) -> dg.SensorDefinition:
-    """`dlq_replay`: launches one new run per good DLQ message, tagged with the run it replays."""
-    job_names = [job.name for job in jobs]
+def build_dlq_replay_sensor(
+    jobs: Sequence[Any], job_assets: Mapping[str, Collection[str]]
+) -> dg.SensorDefinition:
+    """`dlq_replay`: launches one new run per good DLQ message, tagged with the run it replays.
+
+    Args:
+        jobs: The jobs it may launch.
+        job_assets: The asset keys each of those jobs materializes, by job name.
+    """
 
     @dg.sensor(
         name="dlq_replay",
@@ -292,11 +360,11 @@ def build_dlq_replay_sensor(jobs: Sequence[Any]) -> dg.SensorDefinition:
     )
     def dlq_replay(context: dg.SensorEvaluationContext, kafka_dlq: KafkaDLQResource):
         offsets = {int(p): o for p, o in json.loads(context.cursor or "{}").items()}
-        records = kafka_dlq.read(offsets, max_messages=_RUNS_PER_EVALUATION)
+        records = kafka_dlq.read(offsets, max_messages=RUNS_PER_PAGE)
         requests = []
         for record in records:
             offsets[record.partition] = record.offset + 1
-            parsed = parse_message(record.value, job_names)
+            parsed = parse_message(record.value, job_assets)
             where = f"{kafka_dlq.topic}:{record.partition}:{record.offset}"
             if isinstance(parsed, str):
                 context.log.warning(f"Skipping DLQ message {where}: {parsed}.")
@@ -305,7 +373,9 @@ def build_dlq_replay_sensor(jobs: Sequence[Any]) -> dg.SensorDefinition:
                 dg.RunRequest(
                     run_key=f"dlq:{where}",
                     job_name=parsed.job_name,
-                    asset_selection=[dg.AssetKey.from_user_string(k) for k in parsed.asset_keys],
+                    # No keys recorded: the job's whole selection.
+                    asset_selection=[dg.AssetKey.from_user_string(k) for k in parsed.asset_keys]
+                    or None,
                     tags={REPLAY_TAG: parsed.run_id},
                 )
             )

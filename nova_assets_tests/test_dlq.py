@@ -15,6 +15,7 @@ import sys
 import threading
 import typing
 import uuid
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -181,6 +182,31 @@ def test_twelve_failures_drain_within_three_evaluations(instance, kafka_dlq):
     assert sorted(m["run_id"] for m in messages(kafka_dlq)) == sorted(run_ids)
 
 
+def test_a_run_stamped_before_the_watermark_is_still_delivered(instance, kafka_dlq):
+    # The last run handled came from a host whose clock ran a minute ahead; this one fails now.
+    ahead = dlq.PublisherCursor(datetime.now(UTC).timestamp() + 60).serialize()
+    [run_id] = fail_runs(instance)
+    _, delivered, pending = evaluate(instance, kafka_dlq, ahead)
+    assert (delivered, pending) == (1, 0)
+    assert [m["run_id"] for m in messages(kafka_dlq)] == [run_id]
+
+
+def test_many_delivered_runs_never_stall_the_walk(instance, kafka_dlq):
+    @dg.job
+    def idle():
+        pass
+
+    # More delivered failures than one page holds, then one that is not delivered yet.
+    for _ in range(dlq.RUNS_PER_PAGE + 20):
+        run = instance.create_run_for_job(idle, tags={dlq.DELIVERED_TAG: dlq.DELIVERED_VALUE})
+        instance.report_run_failed(run)
+    [run_id] = fail_runs(instance)
+    cursor, delivered, pending = evaluate(instance, kafka_dlq)
+    assert (delivered, pending) == (1, 0)
+    assert [m["run_id"] for m in messages(kafka_dlq)] == [run_id]
+    assert evaluate(instance, kafka_dlq, cursor)[1:] == (0, 0)
+
+
 def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
     message = {
         "schema": dlq.SCHEMA,
@@ -204,6 +230,37 @@ def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
         ]
         is False
     )
+
+
+def _oversized(stack: str = "", tags: dict[str, str] | None = None) -> dict:
+    return {
+        "schema": dlq.SCHEMA,
+        "job_name": "trending_1h",
+        "run_id": "r2",
+        "asset_keys": ["trending_posts_1h"],
+        "error": {"type": "RuntimeError", "message": "boom", "stack": stack},
+        "tags": tags or {},
+        "truncated": False,
+    }
+
+
+def test_a_non_ascii_stack_is_cut_to_the_room_left_not_dropped():
+    encoded = dlq.encode(_oversized(stack="ошибка в строке\n" * 300_000))
+    assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
+    stack = json.loads(encoded)["error"]["stack"]
+    assert stack.startswith("ошибка") and stack.endswith("строке\n")
+    assert len(stack.encode()) > dlq.MAX_MESSAGE_BYTES * 0.8
+
+
+def test_thousands_of_tags_still_fit():
+    tags = {f"team/label-{i}": "v" * 500 for i in range(8000)}
+    encoded = dlq.encode(_oversized(stack="frame\n", tags=tags))
+    assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
+    body = json.loads(encoded)
+    assert body["truncated"] is True
+    assert body["error"]["message"] == "boom"
+    assert 100 < len(body["tags"]) < 8000
+    assert all(v == "v" * 200 for v in body["tags"].values())
 
 
 def test_an_oversized_payload_reaches_the_broker(kafka_dlq):
@@ -246,6 +303,7 @@ def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka
         _message(schema="nova.jobs.dlq.v0"),
         _message(job="no_such_job"),
         json.dumps(["a", "list"]).encode(),
+        _message(asset_keys=["suggested_users"]),
         _message(run_id=good[1]),
     ]
     for payload in payloads:
@@ -264,9 +322,9 @@ def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka
     assert [r.asset_selection for r in requests] == [[dg.AssetKey("trending_posts_1h")]] * 2
     assert [r.run_key for r in requests] == [
         f"dlq:{kafka_dlq.topic}:0:0",
-        f"dlq:{kafka_dlq.topic}:0:6",
+        f"dlq:{kafka_dlq.topic}:0:7",
     ]
-    assert json.loads(result.cursor) == {"0": 7}
+    assert json.loads(result.cursor) == {"0": 8}
 
     # The same messages again launch nothing; a later message still replays.
     assert tick(result.cursor).run_requests == []
@@ -284,10 +342,11 @@ def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka
         (_message(asset_keys="trending_posts_1h"), "asset_keys"),
         (_message(schema="other"), "unknown schema"),
         (_message(job="nope"), "unknown job"),
+        (_message(asset_keys=["suggested_users"]), "not materialized by job 'trending_1h'"),
     ],
 )
 def test_each_malformed_kind_has_a_reason(payload, reason):
-    parsed = dlq.parse_message(payload, ["trending_1h"])
+    parsed = dlq.parse_message(payload, {"trending_1h": ["trending_posts_1h"]})
     assert isinstance(parsed, str)
     assert reason in parsed
 
