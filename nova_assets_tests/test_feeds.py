@@ -272,11 +272,13 @@ def test_unfollowed_followees_drop_out_and_refollows_come_back(ch, redis_cache):
             (1, 13, 0, t0),  # exact duplicate row
             (1, 14, 1, AS_OF + timedelta(days=1)),  # unfollowed after as_of: latest row decides
             (1, 14, 0, t0),
+            (1, 15, 0, t1),
+            (1, 15, 1, t1),  # followed and unfollowed at one instant: unfollowed
             (2, 10, 0, t0),  # another user still follows 10
         ],
     )
     created = ago(AS_OF, hours=1)
-    add_posts(ch, [row for a in range(10, 15) for row in post(a * 10, a, created)])
+    add_posts(ch, [row for a in range(10, 16) for row in post(a * 10, a, created)])
     insert_events(ch, active(1, 2))
 
     result = materialize(ch, redis_cache)
