@@ -8,6 +8,7 @@ from typing import ParamSpec, TypeVar
 
 import dagster as dg
 from clickhouse_connect.driver.exceptions import ClickHouseError
+from redis.exceptions import AuthenticationError, AuthorizationError
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "share": 3.0}
 """Weight of each known event type; any other type weighs nothing and is ignored."""
@@ -83,7 +84,8 @@ class DataContractError(ValueError):
     """Data that breaks the design's contract (a NaN score, say): retrying cannot help."""
 
 
-# ClickHouse error codes that no retry can fix: the schema or the query is wrong, not the network.
+# ClickHouse error codes that no retry can fix: the schema, the query or the credentials are
+# wrong, not the network.
 PERMANENT_CLICKHOUSE_CODES = {
     16: "NO_SUCH_COLUMN_IN_TABLE",
     43: "ILLEGAL_TYPE_OF_ARGUMENT",
@@ -92,6 +94,10 @@ PERMANENT_CLICKHOUSE_CODES = {
     60: "UNKNOWN_TABLE",
     62: "SYNTAX_ERROR",
     81: "UNKNOWN_DATABASE",
+    192: "UNKNOWN_USER",
+    193: "WRONG_PASSWORD",
+    497: "ACCESS_DENIED",
+    516: "AUTHENTICATION_FAILED",
 }
 _CLICKHOUSE_CODE = re.compile(r"Code: (\d+)\.")
 
@@ -106,7 +112,13 @@ def permanent_reason(exc: BaseException) -> str | None:
         match = _CLICKHOUSE_CODE.search(str(exc))
         if match and int(match.group(1)) in PERMANENT_CLICKHOUSE_CODES:
             name = PERMANENT_CLICKHOUSE_CODES[int(match.group(1))]
-            return f"ClickHouse rejected the query ({name}); fix the schema or the query"
+            return (
+                f"ClickHouse rejected the query ({name}); fix the schema, the query or the "
+                "credentials in CLICKHOUSE_URL"
+            )
+    # Subclasses of redis' ConnectionError, but a wrong password stays wrong however often tried.
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return "Redis refused the credentials; fix the user or password in REDIS_URL"
     return None
 
 
@@ -115,8 +127,9 @@ def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
 
     Transient (connection refused, timeouts, Redis out of memory, the embedded engine busy) are
     left to the step's RetryPolicy. Permanent (a missing table or column, a query ClickHouse
-    cannot run, data breaking the contract) become a `dg.Failure` that allows no retries. Bad
-    configuration never gets this far: it fails the code location's load or the run's config.
+    cannot run, credentials ClickHouse or Redis refuse, data breaking the contract) become a
+    `dg.Failure` that allows no retries. Bad configuration never gets this far: it fails the
+    code location's load or the run's config.
     """
 
     @functools.wraps(compute)

@@ -70,7 +70,8 @@ _ENGAGEMENT = " + ".join(
 # * `warmed`: raw event counts of the last 24 h (any type, duplicates included), the top N by
 #   count, ties to the lower user_id. The events table leads its key with the hour: a day is read.
 # * `edges`: their live follow edges (latest row by updated_at not deleted; on a tie the deleting
-#   row wins, as in suggestions), self-edges dropped, so no user sees their own posts. Follows are keyed by follower: only their rows are read.
+#   row wins, as in suggestions), self-edges dropped, so no user sees their own posts. Follows
+#   are keyed by follower: only their rows are read.
 # * `followed_posts`: ids of posts with some row by a followee, not deleted and created in
 #   (as_of - 72 h, as_of]. A candidate's latest row is such a row, so every candidate is here.
 # * `candidates`: every row of those posts resolved (argMax by updated_at), kept when the latest
