@@ -14,7 +14,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 # Variables that configure the Kafka client itself rather than librdkafka settings.
-_KAFKA_OWN_VARIABLES = frozenset({"KAFKA_BROKERS"})
+# The librdkafka settings KAFKA_* variables may carry: security only. Other KAFKA_* variables
+# are not ours (Kubernetes injects KAFKA_PORT, KAFKA_SERVICE_HOST, … for a service named kafka)
+# and would make librdkafka refuse to build the producer.
+_KAFKA_PASSTHROUGH_PREFIXES = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_", "KAFKA_SSL_")
 _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOST_PORT_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -134,21 +137,32 @@ class _Parser:
             return default
         return seconds
 
-    def _url(self, name: str, default: str, schemes: tuple[str, ...], example: str) -> str:
+    def _url(
+        self,
+        name: str,
+        default: str,
+        schemes: tuple[str, ...],
+        example: str,
+        *,
+        secret_path: bool = False,
+    ) -> str:
+        """A URL with one of `schemes`; `secret_path` for URLs whose path is a token (webhooks)."""
         raw = self._get(name, default)
         accepted = f"expected a URL with scheme {' or '.join(schemes)}, e.g. {example}"
+        shown = _scheme_and_host(raw) if secret_path else redact_url(raw)
         try:
             parts = urlsplit(raw)
             parts.port
         except ValueError:
-            self._fail(name, redact_url(raw), accepted)
+            self._fail(name, shown, accepted)
             return default
+        local = parts.scheme in ("chdb", "unix")  # a path on this machine, no host
         if parts.scheme not in schemes:
-            self._fail(name, redact_url(raw), accepted)
-        elif parts.scheme != "chdb" and not parts.hostname:
-            self._fail(name, redact_url(raw), f"the URL has no host; {accepted}")
-        elif parts.scheme == "chdb" and not (parts.path or parts.netloc):
-            self._fail(name, redact_url(raw), f"the URL has no path; {accepted}")
+            self._fail(name, shown, accepted)
+        elif not local and not parts.hostname:
+            self._fail(name, shown, f"the URL has no host; {accepted}")
+        elif local and not (parts.path or parts.netloc):
+            self._fail(name, shown, f"the URL has no path; {accepted}")
         return raw
 
     def parse(self) -> Settings:
@@ -183,9 +197,9 @@ class _Parser:
         if not _TOPIC_PATTERN.fullmatch(topic):
             self._fail("DLQ_TOPIC", topic, "expected 1-249 characters of letters, digits, . _ -")
 
-        prefix = self.env.get("REDIS_KEY_PREFIX", "nova:cache:")
-        if not prefix or any(c.isspace() for c in prefix):
-            self._fail("REDIS_KEY_PREFIX", prefix, "expected a non-empty prefix without spaces")
+        prefix = self._get("REDIS_KEY_PREFIX", "nova:cache:")
+        if any(c.isspace() for c in prefix):
+            self._fail("REDIS_KEY_PREFIX", prefix, "expected a prefix without spaces")
 
         settings = Settings(
             nova_home=home,
@@ -193,11 +207,7 @@ class _Parser:
             redis_url=redis_url,
             kafka_brokers=brokers,
             kafka_passthrough=tuple(
-                sorted(
-                    name
-                    for name in self.env
-                    if name.startswith("KAFKA_") and name not in _KAFKA_OWN_VARIABLES
-                )
+                sorted(name for name in self.env if name.startswith(_KAFKA_PASSTHROUGH_PREFIXES))
             ),
             dlq_topic=topic,
             pushgateway_url=pushgateway_url,
@@ -208,7 +218,13 @@ class _Parser:
             suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400),
             feed_ttl_sec=self._int("FEED_TTL_SEC", 120),
             alert_webhook_url=(
-                self._url("ALERT_WEBHOOK_URL", "", ("http", "https"), "https://hooks.slack.com/…")
+                self._url(
+                    "ALERT_WEBHOOK_URL",
+                    "",
+                    ("http", "https"),
+                    "https://hooks.slack.com/services/…",
+                    secret_path=True,
+                )
                 if self._get("ALERT_WEBHOOK_URL", "")
                 else None
             ),
@@ -229,6 +245,16 @@ class _Parser:
 def _valid_broker(broker: str) -> bool:
     match = _HOST_PORT_PATTERN.fullmatch(broker)
     return bool(match) and 0 < int(match.group(2)) < 65536
+
+
+def _scheme_and_host(url: str) -> str:
+    """`scheme://host/…`: all of a URL that is safe to show when its path is a secret."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "(unparseable URL, not shown)"
+    return f"{parts.scheme}://{host}/…" if parts.scheme else "(not shown)"
 
 
 def kafka_setting_name(variable: str) -> str:

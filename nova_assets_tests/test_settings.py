@@ -101,9 +101,38 @@ def test_redact_url_keeps_everything_but_the_password():
 
 def test_kafka_security_settings_pass_through_by_name():
     settings = Settings.from_env(
-        {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_PASSWORD": "pw", "KAFKA_BROKERS": "k:1"}
+        {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_PASSWORD": "pw",
+            "KAFKA_SSL_CA_LOCATION": "/etc/ssl/ca.pem",
+            "KAFKA_BROKERS": "k:1",
+            # What Kubernetes injects for a service named kafka: not librdkafka settings.
+            "KAFKA_PORT": "tcp://10.0.0.7:9092",
+            "KAFKA_SERVICE_HOST": "10.0.0.7",
+        }
     )
-    assert settings.kafka_passthrough == ("KAFKA_SASL_PASSWORD", "KAFKA_SECURITY_PROTOCOL")
+    assert settings.kafka_passthrough == (
+        "KAFKA_SASL_PASSWORD",
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SSL_CA_LOCATION",
+    )
+
+
+def test_a_unix_socket_redis_url_is_accepted():
+    settings = Settings.from_env({"REDIS_URL": "unix:///run/redis/redis.sock?db=0"})
+    assert settings.redis_url == "unix:///run/redis/redis.sock?db=0"
+
+
+def test_an_empty_key_prefix_takes_the_default():
+    assert Settings.from_env({"REDIS_KEY_PREFIX": ""}).redis_key_prefix == "nova:cache:"
+
+
+def test_a_bad_webhook_url_never_shows_its_token():
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"ALERT_WEBHOOK_URL": "ftp://hooks.example/T000/B000/s3cr3t-token"})
+    message = str(caught.value)
+    assert "ALERT_WEBHOOK_URL" in message and "hooks.example" in message
+    assert "s3cr3t" not in message
 
 
 def test_a_server_url_switches_off_embedded_mode():
