@@ -60,6 +60,24 @@ def test_every_step_touching_clickhouse_declares_the_pool_and_every_job_its_tag(
             assert job.tags[JOB_TAG] == job.name
 
 
+def test_the_production_instance_takes_its_run_limit_from_the_environment(tmp_path, monkeypatch):
+    config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
+    # Local storage in place of PostgreSQL, to load the rest of the file as it is.
+    config["storage"] = {"sqlite": {"base_dir": str(tmp_path / "storage")}}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("MAX_CONCURRENT_JOBS", "3")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue.max_concurrent_runs == 3
+        assert queue.tag_concurrency_limits == [
+            {"key": JOB_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+        ]
+        assert instance.run_retries_enabled and instance.run_monitoring_enabled
+    finally:
+        instance.dispose()
+
+
 def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
     completed = subprocess.run(
         [str(Path(sys.executable).parent / "nova-assets"), "instance", "--home", str(tmp_path)],
