@@ -254,8 +254,9 @@ def write_feeds(
 ) -> int:
     """Write feed values (each with its TTL in its SET) in pipelines, `writers` in flight at most.
 
-    Every key is written whole by one SET, so stopping between pipelines (a terminated run) leaves
-    each key either old or new. Returns the number of keys written.
+    Every key is written whole by one command, so stopping between pipelines (a terminated run)
+    leaves each key either old or new. An empty feed never replaces a non-empty one (DESIGN.md
+    §4). Returns the number of keys written; the others kept their previous feed.
     """
     redis_cache.client()  # connect once here, not racing in the workers
     entries = [(redis_cache.key("feed", v["user_id"]), v, ttl_sec) for v in values]
@@ -510,8 +511,12 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
 
         user_ids = [feed.user_id for feed in feeds]
         served, ttls = read_served(redis_cache, user_ids)
-        # Empty feeds have nothing to verify: sample among the users Redis serves posts to.
-        sampled = check_sample([u for u in user_ids if _items(served[u])], as_of)
+        # Verify what this run wrote and holds posts: empty feeds have nothing to verify, and a
+        # feed kept from an earlier run was judged as of its own instant.
+        sampled = check_sample(
+            [u for u in user_ids if _items(served[u]) and served[u].get("as_of") == iso_z(as_of)],
+            as_of,
+        )
         followees, posts = contract_facts(clickhouse, {u: served[u] for u in sampled})
         results = evaluate_checks(
             served,
@@ -531,6 +536,7 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
                 "empty_feeds": lengths.count(0),
                 "items_written": sum(lengths),
                 "keys_written": written,
+                "kept_previous": len(feeds) - written,
                 "feed_length_p50": _percentile(lengths, 50),
                 "feed_length_p95": _percentile(lengths, 95),
                 "query_ms": round(query_ms, 1),

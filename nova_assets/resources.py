@@ -196,16 +196,27 @@ class RedisCacheResource(dg.ConfigurableResource):
     def set_many_json(self, entries: Iterable[tuple[str, Mapping[str, Any], int]]) -> int:
         """Write many JSON values, each with its TTL, in one pipeline round trip.
 
-        Every value is absolute, so a pipeline resent after a reconnect rewrites the same data.
+        A value whose `items` list is empty goes through the atomic replace script in the same
+        pipeline, so it never replaces a non-empty value (DESIGN.md §4). Every value is absolute,
+        so a pipeline resent after a reconnect rewrites the same data.
+
+        Returns:
+            How many values were written; the others kept a previous non-empty value.
         """
-        pipe = self.client().pipeline(transaction=False)
+        client = self.client()
+        pipe = client.pipeline(transaction=False)
         count = 0
         for key, value, ttl_s in entries:
-            pipe.set(key, json_dumps(value), ex=_positive(ttl_s))
+            text, ttl = json_dumps(value), _positive(ttl_s)
+            if _is_empty_ranking(value):
+                self._replace(keys=[key], args=[text, ttl, "1"], client=pipe)
+            else:
+                pipe.set(key, text, ex=ttl)
             count += 1
-        if count:
-            pipe.execute()
-        return count
+        if not count:
+            return 0
+        # SET answers True; the script 1 when it wrote, 0 when it kept the previous value.
+        return sum(1 for reply in pipe.execute() if reply)
 
     def replace_ranking(self, key: str, value: Mapping[str, Any], ttl_s: int) -> bool:
         """Atomically replace a ranking; an empty `items` list never replaces a non-empty one.
@@ -214,7 +225,7 @@ class RedisCacheResource(dg.ConfigurableResource):
             True if the value was written, False if the previous non-empty value was kept.
         """
         self.client()
-        empty = "1" if not value.get("items") else "0"
+        empty = "1" if _is_empty_ranking(value) else "0"
         return bool(self._replace(keys=[key], args=[json_dumps(value), _positive(ttl_s), empty]))
 
     def get_json(self, key: str) -> dict[str, Any] | None:
@@ -224,6 +235,10 @@ class RedisCacheResource(dg.ConfigurableResource):
     def ttl(self, key: str) -> int:
         """Seconds left on `key`: -1 without a TTL, -2 when missing (Redis semantics)."""
         return int(self.client().ttl(key))
+
+
+def _is_empty_ranking(value: Mapping[str, Any]) -> bool:
+    return "items" in value and not value["items"]
 
 
 def _positive(ttl_s: int) -> int:

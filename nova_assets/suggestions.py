@@ -318,22 +318,16 @@ def write_batch(
     generated_at: datetime,
     ttl_sec: int,
 ) -> BatchResult:
-    """Write one batch: the non-empty lists in one pipeline, each key whole with its TTL.
+    """Write one batch in one pipeline, each key whole with its TTL.
 
-    An empty list never replaces a non-empty one (DESIGN.md §4): those few go one by one
-    through the resource's atomic replace, which keeps a previous non-empty value.
+    An empty list never replaces a non-empty one (DESIGN.md §4): the resource sends those
+    through its atomic replace, in the same pipeline.
     """
     key = redis_cache.key
-    full = [s for s in batch if s.items]
-    redis_cache.set_many_json(
-        (key(ASSET_NAME, s.user_id), cache_value(s, as_of, generated_at), ttl_sec) for s in full
+    written = redis_cache.set_many_json(
+        (key(ASSET_NAME, s.user_id), cache_value(s, as_of, generated_at), ttl_sec) for s in batch
     )
-    kept = 0
-    for s in batch:
-        if not s.items:
-            value = cache_value(s, as_of, generated_at)
-            kept += not redis_cache.replace_ranking(key(ASSET_NAME, s.user_id), value, ttl_sec)
-    return BatchResult(written=len(batch) - kept, kept_previous=kept)
+    return BatchResult(written=written, kept_previous=len(batch) - written)
 
 
 def write_chunk(

@@ -304,9 +304,15 @@ def test_a_users_own_posts_never_appear_even_when_they_follow_themselves(ch, red
 def test_users_who_follow_nobody_get_an_empty_list_with_its_ttl(ch, redis_cache, raw_redis):
     add_follows(ch, [(2, 10, 0, LONG_AGO), (2, 10, 1, ago(AS_OF, days=1))])
     add_posts(ch, post(1, 10, ago(AS_OF, hours=1)))
-    insert_events(ch, active(1, 2))
-    # A feed from an earlier run: replaced by the empty list, not kept.
-    raw_redis.set(redis_cache.key("feed", 1), json.dumps({"user_id": 1, "items": [{"x": 1}]}))
+    insert_events(ch, active(1, 2, 3))
+    # User 3 had a feed from an earlier run, still live: an empty list never replaces it (§4).
+    earlier = {
+        "user_id": 3,
+        "as_of": "2026-11-28T11:59:00.000Z",
+        "generated_at": "2026-11-28T11:59:01.000Z",
+        "items": [{"post_id": 1, "author_id": 10, "score": 1.5}],
+    }
+    raw_redis.set(redis_cache.key("feed", 3), json.dumps(earlier), ex=20)
 
     result = materialize(ch, redis_cache, feed_ttl_sec=30)
 
@@ -315,9 +321,12 @@ def test_users_who_follow_nobody_get_an_empty_list_with_its_ttl(ch, redis_cache,
         assert value["user_id"] == user_id
         assert value["items"] == []
     assert_ttls(redis_cache, [1, 2], ttl=30)
+    assert served(redis_cache, 3) == earlier
+    assert_ttls(redis_cache, [3], ttl=20)
     metadata = metadata_of(result)
-    assert metadata["empty_feeds"].value == 2
+    assert metadata["empty_feeds"].value == 3
     assert metadata["items_written"].value == 0
+    assert (metadata["keys_written"].value, metadata["kept_previous"].value) == (2, 1)
     assert all(checks_of(result).values())
 
 

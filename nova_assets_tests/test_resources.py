@@ -80,6 +80,25 @@ def test_set_many_json_writes_every_key_with_its_ttl(redis_cache, raw_redis):
     assert all(0 < t <= 86400 for t in ttls)
 
 
+def test_set_many_json_never_replaces_a_non_empty_list_with_an_empty_one(redis_cache, raw_redis):
+    key = redis_cache.key
+    previous = {"user_id": 1, "items": [{"post_id": 7}]}
+    raw_redis.set(key("feed", 1), json.dumps(previous), ex=50)
+    raw_redis.set(key("feed", 2), json.dumps({"user_id": 2, "items": []}), ex=50)
+    entries = [
+        (key("feed", 1), {"user_id": 1, "items": []}, 120),  # kept: the previous one has items
+        (key("feed", 2), {"user_id": 2, "items": []}, 120),  # written over an empty list
+        (key("feed", 3), {"user_id": 3, "items": []}, 120),  # written: nothing there
+        (key("feed", 4), {"user_id": 4, "items": [{"post_id": 8}]}, 120),
+    ]
+    assert redis_cache.set_many_json(entries) == 3
+    assert redis_cache.get_json(key("feed", 1)) == previous
+    assert 0 < redis_cache.ttl(key("feed", 1)) <= 50
+    for user_id in (2, 3, 4):
+        assert redis_cache.get_json(key("feed", user_id)) == entries[user_id - 1][1]
+        assert 50 < redis_cache.ttl(key("feed", user_id)) <= 120
+
+
 def test_empty_ranking_never_replaces_a_non_empty_one(redis_cache):
     key = redis_cache.key("trending", "1h")
     full = {"window": "1h", "items": [{"rank": 1, "post_id": 7, "author_id": 3, "score": 1.5}]}
