@@ -3,7 +3,7 @@
 nova-assets services up|down|status          Redis, Kafka (KRaft), Pushgateway on 127.0.0.1
 nova-assets seed [--if-empty] [...]          the ClickHouse schema and a deterministic dataset
 nova-assets instance --home DIR              the local Dagster instance config in DAGSTER_HOME
-nova-assets dlq list [--job J] [--limit N]   the dead-letter queue, newest failure first
+nova-assets dlq list [--job J] [--limit N] [--scan N]   the dead-letter queue, newest first
 """
 
 import argparse
@@ -118,10 +118,12 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         topic=settings.dlq_topic,
         passthrough_env=list(settings.kafka_passthrough),
     )
-    rows = dlq.list_messages(kafka, job=args.job, limit=args.limit)
+    rows, note = dlq.list_messages(kafka, job=args.job, limit=args.limit, scan=args.scan)
     print(dlq.format_table(rows))
     if not rows:
         print(f"(no messages on {settings.dlq_topic}" + (f" for {args.job})" if args.job else ")"))
+    if note:
+        print(f"({note})")
     return 0
 
 
@@ -170,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("action", choices=["list"])
     queue.add_argument("--job", help="only this job's messages")
     queue.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    queue.add_argument(
+        "--scan",
+        type=int,
+        default=dlq.LIST_SCAN,
+        help=f"messages read back from the end of each partition (default {dlq.LIST_SCAN})",
+    )
     return parser
 
 

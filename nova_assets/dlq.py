@@ -390,12 +390,30 @@ def build_dlq_replay_sensor(
 # -- the operator's view ----------------------------------------------------------------------
 
 
+LIST_SCAN = 10_000
+"""Messages `dlq list` reads back from the end of each partition."""
+
+
 def list_messages(
-    kafka_dlq: KafkaDLQResource, job: str | None = None, limit: int = 20
-) -> list[dict[str, Any]]:
-    """The DLQ's messages, newest failure first, optionally for one job."""
+    kafka_dlq: KafkaDLQResource, job: str | None = None, limit: int = 20, scan: int = LIST_SCAN
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The DLQ's messages, newest failure first, optionally for one job.
+
+    Reads the newest `scan` messages of each partition, so the newest are always seen however long
+    the topic. Returns the rows and, when not all of the topic was read, a note saying so.
+    """
+    bounds = kafka_dlq.bounds()
+    starts = {p: max(low, high - scan) for p, (low, high) in bounds.items()}
+    expected = sum(high - starts[p] for p, (_, high) in bounds.items())
+    records = kafka_dlq.read(starts)
+    notes = []
+    if len(records) < expected:
+        notes.append(f"read {len(records)} of the newest {expected} messages before the timeout")
+    skipped = sum(starts[p] - low for p, (low, _) in bounds.items())
+    if skipped:
+        notes.append(f"{skipped} older messages not read (raise --scan to look further back)")
     rows = []
-    for record in kafka_dlq.read():
+    for record in records:
         try:
             body = json.loads(record.value)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -404,7 +422,7 @@ def list_messages(
             continue
         rows.append(body | {"_offset": f"{record.partition}:{record.offset}"})
     rows.sort(key=lambda b: str(b.get("failed_at", "")), reverse=True)
-    return rows[:limit]
+    return rows[:limit], "; ".join(notes) or None
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

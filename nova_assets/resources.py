@@ -331,6 +331,28 @@ class KafkaDLQResource(dg.ConfigurableResource):
             producer.poll(0.1)
         return bool(outcome) and outcome[0] is None
 
+    def bounds(self, timeout_s: float = _KAFKA_METADATA_TIMEOUT_S) -> dict[int, tuple[int, int]]:
+        """Each partition's (low, high) watermark offsets: its oldest kept and next offset."""
+        consumer = Consumer({**self.client_config(), "group.id": "nova-assets-reader"})
+        try:
+            return {
+                partition: consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=timeout_s
+                )
+                for partition in sorted(self._partitions(consumer, timeout_s))
+            }
+        finally:
+            consumer.close()
+
+    def _partitions(self, consumer: Consumer, timeout_s: float) -> list[int]:
+        metadata = consumer.list_topics(self.topic, timeout=timeout_s)
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            raise KafkaException(
+                topic.error if topic else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+            )
+        return list(topic.partitions)
+
     def read(
         self,
         start_offsets: Mapping[int, int] | None = None,
@@ -363,15 +385,9 @@ class KafkaDLQResource(dg.ConfigurableResource):
         max_messages: int | None,
         timeout_s: float,
     ) -> list[KafkaRecord]:
-        metadata = consumer.list_topics(self.topic, timeout=timeout_s)
-        topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None:
-            raise KafkaException(
-                topic.error if topic else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-            )
         assignment = []
         ends: dict[int, int] = {}
-        for partition in sorted(topic.partitions):
+        for partition in sorted(self._partitions(consumer, timeout_s)):
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(self.topic, partition), timeout=timeout_s
             )

@@ -370,6 +370,13 @@ def test_dlq_list_shows_published_messages_newest_first(instance, kafka_dlq):
     ).stdout
     assert "no messages" in only
 
+    # Reading back only the newest message still shows the newest, and says what it left out.
+    newest = subprocess.run(
+        [*command, "--scan", "1"], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert newest[1].split()[2] == run_ids[-1]
+    assert newest[-1] == "(2 older messages not read (raise --scan to look further back))"
+
 
 class _Recorder(BaseHTTPRequestHandler):
     posts: typing.ClassVar[list[dict]] = []
