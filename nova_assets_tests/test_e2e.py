@@ -119,7 +119,8 @@ def dagster_dev(tmp_path, request):
         env["DAGSTER_POSTGRES_URL"] = postgres.postgres_url
         config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
         # This test still runs the embedded engine, which admits one process at a time.
-        config["concurrency"] = {"pools": {"default_limit": 1, "granularity": "op"}}
+        # (`concurrency: pools` would clash with the coordinator's limits; this key does not.)
+        config["concurrency"] = {"default_op_concurrency_limit": 1}
         env.setdefault("MAX_CONCURRENT_JOBS", "5")
         dagster_home.mkdir(parents=True)
         (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config))
