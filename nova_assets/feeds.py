@@ -74,8 +74,9 @@ _ENGAGEMENT = " + ".join(
 #   are keyed by follower: only their rows are read.
 # * `followed_posts`: ids of posts with some row by a followee, not deleted and created in
 #   (as_of - 72 h, as_of]. A candidate's latest row is such a row, so every candidate is here.
-# * `candidates`: every row of those posts resolved (argMax by updated_at), kept when the latest
-#   row is not deleted and its created_at is in the window: an older row never decides.
+# * `candidates`: every row of those posts resolved (argMax by updated_at, a deleting row winning
+#   a tie), kept when the latest row is not deleted and its created_at is in the window: an older
+#   row never decides.
 # * `engagement`: for those posts only, the events of (as_of - 72 h, as_of], deduplicated.
 # * `scored`: (1 + engagement) * 0.95 ^ age_h(created_at), as exp(ln 0.95 * age_h), once per post.
 # * `feeds`: per warmed user, the best 50 of its followees' posts by (score desc, post_id desc),
@@ -107,12 +108,13 @@ followed_posts AS (
 candidates AS (
     SELECT
         post_id,
-        argMax(author_id, updated_at) AS author_id,
-        argMax(created_at, updated_at) AS created
+        argMax(author_id, (updated_at, is_deleted)) AS author_id,
+        argMax(created_at, (updated_at, is_deleted)) AS created
     FROM {POSTS}
     WHERE post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
-    HAVING argMax(is_deleted, updated_at) = 0 AND created > {_FEED_START} AND created <= {_AS_OF}
+    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
+       AND created > {_FEED_START} AND created <= {_AS_OF}
 ),
 engagement AS (
     SELECT post_id, {_ENGAGEMENT} AS engagement
@@ -169,9 +171,9 @@ GROUP BY follower_id
 POST_STATES_SQL = f"""
 SELECT
     post_id,
-    argMax(author_id, updated_at),
-    toUnixTimestamp64Milli(argMax(created_at, updated_at)),
-    argMax(is_deleted, updated_at)
+    argMax(author_id, (updated_at, is_deleted)),
+    toUnixTimestamp64Milli(argMax(created_at, (updated_at, is_deleted))),
+    argMax(is_deleted, (updated_at, is_deleted))
 FROM {POSTS}
 WHERE post_id IN {{post_ids:Array(UInt64)}}
 GROUP BY post_id

@@ -83,7 +83,8 @@ _EVENT_COUNTS = f"count(), countIf({_WEIGHT} > 0)"
 #    counts the window's events for the metadata: grouping sets add one row of totals (the empty
 #    set, `grouping(post_id) = 1`), sorted first, rather than reading the window twice.
 # 2. For those posts only: events deduplicated per (post, user, type) at their latest time, decayed
-#    and summed; joined to the posts whose latest row is live and created by as_of; ordered,
+#    and summed; joined to the posts whose latest row (a deleting row winning a tie of
+#    updated_at) is live and created by as_of; ordered,
 #    capped per author and cut to the top.
 #
 # The result is exact when fewer posts than {candidates} had events, or when its last score beats
@@ -132,12 +133,13 @@ FROM (
     GROUP BY post_id
 ) AS s
 INNER JOIN (
-    SELECT post_id, argMax(author_id, updated_at) AS author_id
+    SELECT post_id, argMax(author_id, (updated_at, is_deleted)) AS author_id
     FROM nova.posts
     WHERE post_id IN (SELECT arrayJoin(candidates.1))
     GROUP BY post_id
-    HAVING argMax(is_deleted, updated_at) = 0
-       AND argMax(created_at, updated_at) <= fromUnixTimestamp64Milli({{as_of_ms:Int64}}, 'UTC')
+    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
+       AND argMax(created_at, (updated_at, is_deleted))
+           <= fromUnixTimestamp64Milli({{as_of_ms:Int64}}, 'UTC')
 ) AS e ON s.post_id = e.post_id
 ORDER BY score DESC, post_id ASC
 LIMIT {{per_author:UInt32}} BY author_id
@@ -153,7 +155,7 @@ SELECT post_id
 FROM nova.posts
 WHERE post_id IN {post_ids:Array(UInt64)}
 GROUP BY post_id
-HAVING argMax(is_deleted, updated_at) = 0
+HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
 """
 
 

@@ -222,7 +222,9 @@ def test_posts_deleted_after_creation_are_dropped(ch, redis_cache):
         # Deleted after as_of: the latest row decides, whatever its time.
         + post(4, 10, created, deleted_at=AS_OF + timedelta(hours=1))
         # Rows inserted newest first: the deletion at 5 h is still the latest.
-        + [(5, 10, created, 1, ago(AS_OF, hours=5)), (5, 10, created, 0, created)],
+        + [(5, 10, created, 1, ago(AS_OF, hours=5)), (5, 10, created, 0, created)]
+        # Deleted at the instant it was created: of two rows at one time, the deleting one wins.
+        + post(6, 10, created, deleted_at=created),
     )
     insert_events(ch, [*active(1), (ago(AS_OF, hours=3), 7, 2, "share")])
 

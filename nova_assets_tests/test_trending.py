@@ -146,10 +146,14 @@ def test_events_on_deleted_posts_are_excluded_even_when_deleted_after_them(ch):
         ch,
         post(1, 1, ago(AS_OF, days=1), deleted_at=ago(AS_OF, days=1) + timedelta(minutes=1))
         + post(2, 2, ago(AS_OF, days=1), deleted_at=ago(AS_OF, minutes=1))
-        + post(3, 3, ago(AS_OF, days=1)),
+        + post(3, 3, ago(AS_OF, days=1))
+        # Deleted at the instant it was created: of two rows at one time, the deleting one wins.
+        + post(4, 4, ago(AS_OF, days=1), deleted_at=ago(AS_OF, days=1)),
     )
     t = ago(AS_OF, minutes=20)
-    insert_events(ch, [(t, 5, 1, "share"), (t, 5, 2, "share"), (t, 5, 3, "view")])
+    insert_events(
+        ch, [(t, 5, 1, "share"), (t, 5, 2, "share"), (t, 5, 3, "view"), (t, 5, 4, "share")]
+    )
     assert ids(rank_1h(ch)) == [3]
 
 
