@@ -127,6 +127,12 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value!r}")
+    return int(value)
+
+
 def _utc(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     queue.add_argument(
         "--scan",
-        type=int,
+        type=_positive_int,
         default=dlq.LIST_SCAN,
         help=f"messages read back from the end of each partition (default {dlq.LIST_SCAN})",
     )

@@ -140,7 +140,13 @@ def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[st
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (text decoded with surrogateescape) cannot be UTF-8: written as its JSON
+    # escape instead, so no failed run's message is ever unencodable.
+    return _utf8(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode(errors="backslashreplace")
 
 
 _CUT_NOTE = "\n…[truncated]…\n"
@@ -148,7 +154,7 @@ _CUT_NOTE = "\n…[truncated]…\n"
 
 def _shorten(text: str, size: int) -> str:
     """`text` cut to about `size` UTF-8 bytes: its head and tail around a note."""
-    raw = text.encode()
+    raw = _utf8(text)
     if len(raw) <= size:
         return text
     half = max(0, size - len(_CUT_NOTE.encode())) // 2
@@ -186,7 +192,7 @@ def encode(message: Mapping[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
     for field in ("stack", "message"):
         # Escapes make a text longer in JSON than in UTF-8: shrink it in that proportion.
         while (overflow := len(_json(cut)) - limit) > 0 and error[field]:
-            text = error[field].encode()
+            text = _utf8(error[field])
             in_json = len(_json(error[field]))
             size = len(text) * (in_json - overflow) // in_json - 64
             error[field] = _shorten(error[field], size) if size > len(_CUT_NOTE) * 2 else ""

@@ -252,6 +252,13 @@ def test_a_non_ascii_stack_is_cut_to_the_room_left_not_dropped():
     assert len(stack.encode()) > dlq.MAX_MESSAGE_BYTES * 0.8
 
 
+def test_text_that_is_not_utf8_still_encodes():
+    stack = "File '/srv/caf\udce9.py', line 3\n"
+    body = json.loads(dlq.encode(_oversized(stack=stack)))
+    assert body["error"]["stack"] == stack
+    assert len(dlq.encode(_oversized(stack=stack * 100_000))) <= dlq.MAX_MESSAGE_BYTES
+
+
 def test_thousands_of_tags_still_fit():
     tags = {f"team/label-{i}": "v" * 500 for i in range(8000)}
     encoded = dlq.encode(_oversized(stack="frame\n", tags=tags))
