@@ -71,8 +71,6 @@ _WEIGHT = "transform(event_type, {types:Array(String)}, {weights:Array(Float64)}
 _DECAY = (
     "exp({ln_decay:Float64} * ({as_of_ms:Int64} - toUnixTimestamp64Milli(event_time)) / 3600000.)"
 )
-# Events in the window, and those of a known type (the metadata's scanned and weighted events).
-_EVENT_COUNTS = f"count(), countIf({_WEIGHT} > 0)"
 
 # One query ranks a window. Deduplicating every event of a 7-day window (one hash-table entry per
 # user, post and type) is the expensive part, so it runs only on candidate posts:
@@ -146,8 +144,9 @@ LIMIT {{per_author:UInt32}} BY author_id
 LIMIT {{top:UInt32}}
 """
 
+# The window's scanned and weighted events, for a ranking that came out empty.
 EVENTS_IN_WINDOW_SQL = f"""
-SELECT {_EVENT_COUNTS} FROM nova.engagement_events WHERE {_IN_WINDOW}
+SELECT count(), countIf({_WEIGHT} > 0) FROM nova.engagement_events WHERE {_IN_WINDOW}
 """
 
 LIVE_POSTS_SQL = """

@@ -5,6 +5,8 @@ runs; ClickHouse is the embedded chdb engine in a temporary directory. The embed
 one data directory per process, so every test shares the session's `clickhouse` resource.
 """
 
+import os
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from nova_assets.resources import ClickHouseResource, KafkaDLQResource, RedisCacheResource
+from nova_assets.stack import StackConfig, down, started_pid, up
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 KAFKA_BROKERS = "127.0.0.1:9092"
@@ -72,3 +75,29 @@ def kafka_dlq() -> KafkaDLQResource:
     topic = f"test-dlq-{uuid.uuid4().hex[:8]}"
     create_topic(topic)
     return KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
+
+
+@pytest.fixture
+def private_kafka(tmp_path: Path) -> Iterator[StackConfig]:
+    """A broker of the test's own, which the test may stop, pause and restart."""
+    _, port, controller, _ = free_ports(4)
+    config = StackConfig(
+        state_dir=tmp_path / ".nova",
+        kafka_port=port,
+        kafka_controller_port=controller,
+        jars_dir=JARS_DIR,
+        dlq_topic="jobs-dlq",
+    )
+    up(config, services=("kafka",))
+    yield config
+    pid = started_pid(config, "kafka")
+    if pid:
+        os.kill(pid, signal.SIGCONT)
+    down(config, services=("kafka",))
+
+
+def kafka_for(config: StackConfig) -> KafkaDLQResource:
+    """The DLQ resource on a private broker, with a short delivery timeout."""
+    return KafkaDLQResource(
+        brokers=f"127.0.0.1:{config.kafka_port}", topic=config.dlq_topic, delivery_timeout_s=3.0
+    )

@@ -25,8 +25,8 @@ import pytest
 from nova_assets import dlq
 from nova_assets.resources import AlertWebhookResource, KafkaDLQResource
 from nova_assets.schedules import JOB_TAG
-from nova_assets.stack import StackConfig, down, started_pid, up
-from nova_assets_tests.conftest import JARS_DIR, KAFKA_BROKERS, free_ports
+from nova_assets.stack import down, started_pid, up
+from nova_assets_tests.conftest import KAFKA_BROKERS, kafka_for
 
 FAST_RETRIES = dg.RetryPolicy(max_retries=2, delay=0.01, backoff=dg.Backoff.EXPONENTIAL)
 
@@ -69,31 +69,6 @@ def evaluate(instance, kafka, cursor=None, alerts=None):
 
 def messages(kafka: KafkaDLQResource) -> list[dict]:
     return [json.loads(r.value) for r in kafka.read()]
-
-
-@pytest.fixture
-def private_kafka(tmp_path):
-    """A broker of the test's own, which the test may stop, pause and restart."""
-    _, port, controller, _ = free_ports(4)
-    config = StackConfig(
-        state_dir=tmp_path / ".nova",
-        kafka_port=port,
-        kafka_controller_port=controller,
-        jars_dir=JARS_DIR,
-        dlq_topic="jobs-dlq",
-    )
-    up(config, services=("kafka",))
-    yield config
-    pid = started_pid(config, "kafka")
-    if pid:
-        os.kill(pid, signal.SIGCONT)
-    down(config, services=("kafka",))
-
-
-def kafka_for(config: StackConfig) -> KafkaDLQResource:
-    return KafkaDLQResource(
-        brokers=f"127.0.0.1:{config.kafka_port}", topic=config.dlq_topic, delivery_timeout_s=3.0
-    )
 
 
 def test_the_message_carries_the_design_payload(instance, kafka_dlq):
@@ -207,16 +182,22 @@ def test_many_delivered_runs_never_stall_the_walk(instance, kafka_dlq):
     assert evaluate(instance, kafka_dlq, cursor)[1:] == (0, 0)
 
 
-def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
-    message = {
+def _oversized(
+    stack: str = "", tags: dict[str, str] | None = None, message: str = "boom", run_id: str = "r2"
+) -> dict:
+    return {
         "schema": dlq.SCHEMA,
-        "job_name": "suggested_users",
-        "run_id": "r1",
-        "asset_keys": ["suggested_users"],
-        "error": {"type": "RuntimeError", "message": "m" * 50_000, "stack": "s" * 3_000_000},
-        "tags": {},
+        "job_name": "trending_1h",
+        "run_id": run_id,
+        "asset_keys": ["trending_posts_1h"],
+        "error": {"type": "RuntimeError", "message": message, "stack": stack},
+        "tags": tags or {},
         "truncated": False,
     }
+
+
+def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
+    message = _oversized(stack="s" * 3_000_000, message="m" * 50_000, run_id="r1")
     encoded = dlq.encode(message, limit=dlq.MAX_MESSAGE_BYTES)
     assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
     body = json.loads(encoded)
@@ -230,18 +211,6 @@ def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
         ]
         is False
     )
-
-
-def _oversized(stack: str = "", tags: dict[str, str] | None = None) -> dict:
-    return {
-        "schema": dlq.SCHEMA,
-        "job_name": "trending_1h",
-        "run_id": "r2",
-        "asset_keys": ["trending_posts_1h"],
-        "error": {"type": "RuntimeError", "message": "boom", "stack": stack},
-        "tags": tags or {},
-        "truncated": False,
-    }
 
 
 def test_a_non_ascii_stack_is_cut_to_the_room_left_not_dropped():
@@ -271,16 +240,7 @@ def test_thousands_of_tags_still_fit():
 
 
 def test_an_oversized_payload_reaches_the_broker(kafka_dlq):
-    message = {
-        "schema": dlq.SCHEMA,
-        "job_name": "trending_7d",
-        "run_id": "big",
-        "asset_keys": ["trending_posts_7d"],
-        "error": {"type": "RuntimeError", "message": "boom", "stack": "frame\n" * 900_000},
-        "tags": {},
-        "truncated": False,
-    }
-    assert kafka_dlq.publish("trending_7d", dlq.encode(message))
+    assert kafka_dlq.publish("trending_7d", dlq.encode(_oversized(stack="frame\n" * 900_000)))
     [body] = messages(kafka_dlq)
     assert body["truncated"] is True
 

@@ -16,8 +16,8 @@ import pytest
 
 from nova_assets import seed
 from nova_assets.resources import JobMetricsResource, KafkaDLQResource
-from nova_assets.stack import StackConfig, down, up
-from nova_assets_tests.conftest import JARS_DIR, PUSHGATEWAY_URL, free_ports
+from nova_assets.stack import down
+from nova_assets_tests.conftest import PUSHGATEWAY_URL, kafka_for
 
 INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]
 
@@ -191,26 +191,13 @@ def test_publishing_to_a_dead_broker_says_not_delivered_in_bounded_time():
     assert time.monotonic() - started < 2.0 + 2.0
 
 
-def test_publishing_while_the_broker_is_stopped_says_not_delivered(tmp_path):
-    _, kafka_port, controller_port, _ = free_ports(4)
-    config = StackConfig(
-        state_dir=tmp_path / ".nova",
-        kafka_port=kafka_port,
-        kafka_controller_port=controller_port,
-        jars_dir=JARS_DIR,
-    )
-    up(config, services=("kafka",))
-    try:
-        dlq = KafkaDLQResource(
-            brokers=f"127.0.0.1:{kafka_port}", topic=config.dlq_topic, delivery_timeout_s=3.0
-        )
-        assert dlq.publish("trending_1h", b"delivered")
-        down(config, services=("kafka",))
-        started = time.monotonic()
-        assert dlq.publish("trending_1h", b"not delivered") is False
-        assert time.monotonic() - started < 3.0 + 2.0
-    finally:
-        down(config, services=("kafka",))
+def test_publishing_while_the_broker_is_stopped_says_not_delivered(private_kafka):
+    dlq = kafka_for(private_kafka)
+    assert dlq.publish("trending_1h", b"delivered")
+    down(private_kafka, services=("kafka",))
+    started = time.monotonic()
+    assert dlq.publish("trending_1h", b"not delivered") is False
+    assert time.monotonic() - started < 3.0 + 2.0
 
 
 def _gateway_metrics() -> str:
