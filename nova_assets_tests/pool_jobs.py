@@ -13,8 +13,10 @@ from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource
 
 @dg.asset(pool=CLICKHOUSE_POOL)
 def holds_the_engine(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    # No waiting for the engine's lock: only the pool may keep two steps apart.
-    clickhouse = ClickHouseResource(url=os.environ["NOVA_TEST_CLICKHOUSE_URL"], engine_wait_s=0)
+    # `started` is taken before the engine opens: without the pool both steps start at once and
+    # their spans overlap. With it, the second step may still wait a moment here, for chdb
+    # releases the data directory a little after the first process closes it.
+    clickhouse = ClickHouseResource(url=os.environ["NOVA_TEST_CLICKHOUSE_URL"], engine_wait_s=10)
     try:
         started = time.time()
         clickhouse.query_rows("SELECT count() FROM system.one")
