@@ -1,5 +1,6 @@
 """The code location loads with every resource bound, and its instance config is the design's."""
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,21 @@ def test_every_asset_fails_freshness_after_three_missed_intervals():
         policy = specs[name].freshness_policy
         assert policy.fail_window.to_timedelta().total_seconds() == 3 * seconds, name
         assert policy.warn_window.to_timedelta().total_seconds() == 2 * seconds, name
+
+
+def test_the_code_location_matches_its_snapshot():
+    """Asset keys, checks, op names, jobs, crons and sensors change only on purpose."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "nova_assets_tests.snapshot"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    stored = json.loads((ROOT / "nova_assets_tests" / "code_location.json").read_text())
+    assert json.loads(completed.stdout) == stored, (
+        "the code location changed; if on purpose, regenerate the snapshot with "
+        "`python -m nova_assets_tests.snapshot > nova_assets_tests/code_location.json`"
+    )
