@@ -77,7 +77,7 @@ def snapshot(defs: dg.Definitions) -> dict[str, Any]:
 
 
 def main() -> None:
-    from nova_assets.definitions import defs  # noqa: PLC0415 - only when run as a script
+    from nova_assets.definitions import defs
 
     json.dump(snapshot(defs), sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
