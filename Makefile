@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export NOVA_HOME ?= $(CURDIR)/.nova
 export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
 
-.PHONY: dev test install instance services services-down seed lint alerts browser screenshots bench clean
+.PHONY: dev test test-fast install instance services services-down seed lint alerts browser screenshots bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# The Dagster instance lives under .nova/ so run history survives restarts; its config is ours.
+# The Dagster instance lives under .nova/ so run history survives restarts; its config is
+# nova_assets/local/dagster.yaml with the run limit of MAX_CONCURRENT_JOBS.
 instance: install
 	$(BIN)/nova-assets instance --home $(DAGSTER_HOME)
 
@@ -51,7 +52,12 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: services lint alerts browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
+
+# The fast lane: every test that needs no service (the embedded engine is in-process), with no
+# root and no network; markers come from the fixtures a test uses (see nova_assets_tests/conftest.py).
+test-fast: install lint
+	$(BIN)/pytest -m "not services" --durations=10
 
 # Refresh the README's screenshots from a real browser run against `dagster dev`.
 screenshots: services browser

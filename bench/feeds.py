@@ -29,9 +29,9 @@ from pathlib import Path
 import dagster as dg
 from common import timed
 
-from nova_assets import seed
-from nova_assets.contract import epoch_ms, iso_z
-from nova_assets.feeds import (
+from nova_assets.core.contract import epoch_ms, iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource, json_dumps
+from nova_assets.defs.feeds.assets import (
     ASSET_NAME,
     FEED_TTL_SEC,
     WARMED_USERS,
@@ -42,7 +42,7 @@ from nova_assets.feeds import (
     rank_feeds,
     write_feeds,
 )
-from nova_assets.resources import ClickHouseResource, RedisCacheResource, json_dumps
+from nova_assets.local import seed
 
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from nova_assets import seed
-from nova_assets.contract import iso_z
-from nova_assets.resources import ClickHouseResource, RedisCacheResource
-from nova_assets.suggestions import (
+from nova_assets.core.contract import iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.defs.suggestions.assets import (
     CHUNK_USERS,
     OP_NAME,
     active_users,
@@ -35,6 +34,7 @@ from nova_assets.suggestions import (
     rank_users,
     suggestion_graph,
 )
+from nova_assets.local import seed
 
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -22,10 +22,16 @@ import dagster as dg
 import numpy as np
 from common import timed
 
-from nova_assets import seed
-from nova_assets.contract import EVENT_WEIGHTS, epoch_ms, iso_z
-from nova_assets.resources import ClickHouseResource, RedisCacheResource
-from nova_assets.trending import POSTS_PER_AUTHOR, TOP_POSTS, build_trending_asset, rank, windows
+from nova_assets.core.contract import EVENT_WEIGHTS, epoch_ms, iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.defs.trending.assets import (
+    POSTS_PER_AUTHOR,
+    TOP_POSTS,
+    build_trending_asset,
+    rank,
+    windows,
+)
+from nova_assets.local import seed
 
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 REDIS_URL = "redis://127.0.0.1:6379/15"

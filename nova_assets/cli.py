@@ -12,11 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import yaml
+import nova_assets
+from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource
+from nova_assets.core.settings import Settings, SettingsError
+from nova_assets.defs.dlq import messages as dlq
+from nova_assets.local import seed, stack
+from nova_assets.local.instance import write_instance
 
-from nova_assets import dlq, seed, stack
-from nova_assets.resources import ClickHouseResource, KafkaDLQResource
-from nova_assets.settings import Settings, SettingsError
+ALERT_RULES = Path(nova_assets.__file__).resolve().parents[1] / "ops" / "prometheus" / "alerts.yml"
+"""The shipped alert rules, found from the package (a checkout), whatever the working directory."""
 
 
 def _local_port(url: str, default: int) -> int:
@@ -35,7 +39,7 @@ def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackCo
         dlq_topic=settings.dlq_topic,
         prometheus_port=args.prometheus_port or 9090,
         postgres_port=args.postgres_port or 5432,
-        prometheus_rules=Path("ops/prometheus/alerts.yml").resolve(),
+        prometheus_rules=ALERT_RULES,
     )
 
 
@@ -99,15 +103,8 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _instance(settings: Settings, args: argparse.Namespace) -> int:
-    """Write DAGSTER_HOME/dagster.yaml from the project's dagster.yaml and MAX_CONCURRENT_JOBS."""
-    config = yaml.safe_load(args.template.read_text())
-    config["concurrency"]["runs"]["max_concurrent_runs"] = settings.max_concurrent_jobs
-    args.home.mkdir(parents=True, exist_ok=True)
-    target = args.home / "dagster.yaml"
-    target.write_text(
-        "# Written by `nova-assets instance` from the project's dagster.yaml; edit that one.\n"
-        + yaml.safe_dump(config, sort_keys=False)
-    )
+    """Write DAGSTER_HOME/dagster.yaml from the packaged template and MAX_CONCURRENT_JOBS."""
+    target = write_instance(args.home, settings.max_concurrent_jobs, args.template)
     print(f"Dagster instance config written to {target}")
     return 0
 
@@ -173,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--replace", action="store_true", help="empty the tables, then seed")
     instance = commands.add_parser("instance", help="write the local Dagster instance config")
     instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
-    instance.add_argument("--template", type=Path, default=Path("dagster.yaml"))
+    instance.add_argument(
+        "--template", type=Path, default=None, help="default: nova_assets/local/dagster.yaml"
+    )
     queue = commands.add_parser("dlq", help="inspect the dead-letter queue")
     queue.add_argument("action", choices=["list"])
     queue.add_argument("--job", help="only this job's messages")

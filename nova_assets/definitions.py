@@ -1,23 +1,27 @@
-"""The nova_assets code location: one `Definitions`, its resources chosen once per deployment."""
+"""The nova_assets code location: everything under `defs/`, with resources chosen once here.
+
+`defs/` holds one folder per system (trending, suggestions, feeds, the DLQ) and the jobs,
+schedules and metrics around them; Dagster's defs-folder loader collects them, as `dg` does for
+this project. Resources are bound here, once per deployment, from the validated settings; the
+local demo traffic joins only when ClickHouse is the embedded engine.
+"""
 
 import os
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
-from nova_assets import feeds, seed, suggestions
-from nova_assets.dlq import build_dlq_replay_sensor, dlq_publisher
-from nova_assets.metrics import build_job_metrics_sensor
-from nova_assets.resources import (
+import nova_assets.defs
+from nova_assets.core.resources import (
     AlertWebhookResource,
     ClickHouseResource,
     JobMetricsResource,
     KafkaDLQResource,
     RedisCacheResource,
 )
-from nova_assets.schedules import JobSpec, build_jobs_and_schedules, build_schedule
-from nova_assets.settings import Settings, interval_to_cron
-from nova_assets.trending import build_trending_assets, windows
+from nova_assets.core.settings import Settings, load_settings
+from nova_assets.local.demo import demo_definitions
 
 
 def _secret_or(variable: str, value: str) -> str | dg.EnvVar:
@@ -51,50 +55,22 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     }
 
 
-def job_specs(settings: Settings) -> list[JobSpec]:
-    """One job per cache family and its cadence (DESIGN.md §5)."""
-    trending = [
-        JobSpec(w.job_name, w.asset_name, interval_to_cron(w.refresh_sec))
-        for w in windows(settings.trending_interval_sec)
-    ]
-    return [
-        *trending,
-        JobSpec(suggestions.JOB_NAME, suggestions.ASSET_NAME, settings.suggestion_cron),
-        JobSpec(feeds.JOB_NAME, feeds.ASSET_NAME, interval_to_cron(feeds.REFRESH_SEC)),
-    ]
-
-
-settings = Settings.from_env()
-specs = job_specs(settings)
-jobs, schedules = build_jobs_and_schedules(specs)
-# Live demo traffic only runs against the local embedded engine, never against a real server.
-demo_jobs, demo_schedules = (
-    (
-        [seed.demo_traffic],
-        [
-            build_schedule(
-                JobSpec(seed.DEMO_TRAFFIC_JOB, "demo events", "* * * * *"), seed.demo_traffic
-            )
-        ],
+def build_definitions(settings: Settings) -> dg.Definitions:
+    # The package itself is the project root: no pyproject.toml is needed at run time, so an
+    # installed image loads the same folder as a checkout.
+    tree = dg.ComponentTree.from_module(
+        defs_module=nova_assets.defs, project_root=Path(nova_assets.defs.__file__).parents[2]
     )
-    if settings.embedded_clickhouse
-    else ([], [])
-)
+    with warnings.catch_warnings():
+        # Modules of plain helpers (no definitions) go through a loader Dagster marks preview.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        folder = tree.build_defs()
+    return dg.Definitions.merge(
+        folder,
+        # Live demo traffic only runs against the local embedded engine, never a real server.
+        demo_definitions() if settings.embedded_clickhouse else dg.Definitions(),
+        dg.Definitions(resources=build_resources(settings)),
+    )
 
-defs = dg.Definitions(
-    assets=[
-        *build_trending_assets(settings.trending_interval_sec),
-        suggestions.build_suggested_users_asset(
-            settings.suggestion_ttl_sec, refresh_sec=settings.suggestion_interval_sec
-        ),
-        feeds.build_warmed_feeds_asset(settings.feed_ttl_sec),
-    ],
-    jobs=[*jobs, *demo_jobs],
-    schedules=[*schedules, *demo_schedules],
-    sensors=[
-        dlq_publisher,
-        build_dlq_replay_sensor(jobs, {spec.name: [spec.asset] for spec in specs}),
-        build_job_metrics_sensor([job.name for job in jobs]),
-    ],
-    resources=build_resources(settings),
-)
+
+defs = build_definitions(load_settings())

@@ -3,6 +3,10 @@
 `make test` starts Redis, Kafka and the Pushgateway on their default local ports before pytest
 runs; ClickHouse is the embedded chdb engine in a temporary directory. The embedded engine admits
 one data directory per process, so every test shares the session's `clickhouse` resource.
+
+Markers follow the fixtures: a test that takes a fixture of `SERVICE_FIXTURES` is marked
+`services` (and `e2e` for `dagster_dev`), so `make test-fast` (`-m "not services"`) runs exactly
+the tests that need no service and nobody has to remember a marker.
 """
 
 import os
@@ -16,14 +20,57 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from nova_assets.resources import ClickHouseResource, KafkaDLQResource, RedisCacheResource
-from nova_assets.stack import StackConfig, down, started_pid, up
+from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource, RedisCacheResource
+from nova_assets.local.stack import StackConfig, down, started_pid, up
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 KAFKA_BROKERS = "127.0.0.1:9092"
 PUSHGATEWAY_URL = "http://127.0.0.1:9091"
 JARS_DIR = Path(__file__).parents[1] / ".nova" / "kafka-libs"
 """The project's Kafka jar cache, shared by private test stacks so Maven downloads once."""
+
+
+SERVICE_FIXTURES = {
+    "redis_cache",
+    "raw_redis",
+    "kafka_dlq",
+    "private_kafka",
+    "pushgateway",
+    "redis_url",
+    "service_binaries",
+    "dagster_dev",
+}
+"""Fixtures that need a running service, or the binaries the stack installs (root, network)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.services)
+        if "dagster_dev" in used:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The local Redis's URL (`make test` started it), database 15 for tests."""
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def pushgateway() -> str:
+    """The local Pushgateway's URL (`make test` started it)."""
+    return PUSHGATEWAY_URL
+
+
+@pytest.fixture(scope="session")
+def service_binaries() -> None:
+    """For tests that start services of their own: the stack's binaries are installed.
+
+    `make test` installs them (apt, Maven) before pytest runs; this fixture marks the tests that
+    rely on that, so the fast lane leaves them out.
+    """
 
 
 def free_ports(count: int) -> list[int]:
@@ -78,7 +125,7 @@ def kafka_dlq() -> KafkaDLQResource:
 
 
 @pytest.fixture
-def private_kafka(tmp_path: Path) -> Iterator[StackConfig]:
+def private_kafka(tmp_path: Path, service_binaries: None) -> Iterator[StackConfig]:
     """A broker of the test's own, which the test may stop, pause and restart."""
     _, port, controller, _ = free_ports(4)
     config = StackConfig(

@@ -3,9 +3,9 @@
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from nova_assets import seed
-from nova_assets.contract import epoch_ms
-from nova_assets.resources import ClickHouseResource
+from nova_assets.core.contract import epoch_ms
+from nova_assets.core.resources import ClickHouseResource
+from nova_assets.local import seed
 
 EVENT_COLUMNS = ["event_time", "user_id", "post_id", "event_type"]
 POST_COLUMNS = ["post_id", "author_id", "created_at", "is_deleted", "updated_at"]

@@ -8,7 +8,7 @@ import time
 
 import dagster as dg
 
-from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
 
 
 @dg.asset(pool=CLICKHOUSE_POOL)

@@ -14,17 +14,19 @@ import dagster as dg
 import pytest
 import redis
 
-from nova_assets import definitions, dlq
-from nova_assets.contract import (
+from nova_assets import definitions
+from nova_assets.core.contract import (
     STEP_RETRY_POLICY,
     ConfigurationError,
     DataContractError,
     fail_fast_on_permanent_faults,
     parse_utc,
 )
-from nova_assets.resources import RedisCacheResource
-from nova_assets.stack import StackConfig, down, up
-from nova_assets.trending import build_trending_asset, windows
+from nova_assets.core.resources import RedisCacheResource
+from nova_assets.defs.dlq import messages as dlq
+from nova_assets.defs.dlq import sensors
+from nova_assets.defs.trending.assets import build_trending_asset, windows
+from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset
 from nova_assets_tests.test_trending import AS_OF
 
@@ -129,10 +131,9 @@ def test_data_breaking_the_contract_fails_at_once(redis_cache):
         redis_cache.set_json("k", {"score": float("inf")}, 60)
 
 
-def test_credentials_redis_refuses_fail_at_once(ch):
-    wrong = RedisCacheResource(
-        url="redis://nobody:not-the-password@127.0.0.1:6379/0", key_prefix="t:"
-    )
+def test_credentials_redis_refuses_fail_at_once(ch, redis_url):
+    wrong_url = redis_url.replace("redis://", "redis://nobody:not-the-password@")
+    wrong = RedisCacheResource(url=wrong_url, key_prefix="t:")
     insert_posts(ch, post(1, 1, ago(AS_OF, days=1)))
     insert_events(ch, [(ago(AS_OF, minutes=5), 1, 1, "like")])
     result = materialize(build_trending_asset(TRENDING_1H), ch, wrong)
@@ -161,7 +162,7 @@ FAST = dg.RetryPolicy(max_retries=2, delay=0.05, backoff=dg.Backoff.EXPONENTIAL)
 
 
 @pytest.fixture
-def private_redis(tmp_path):
+def private_redis(tmp_path, service_binaries):
     from nova_assets_tests.conftest import free_ports
 
     [port] = free_ports(1)
@@ -252,9 +253,9 @@ def test_redis_down_beyond_the_budget_fails_the_run_and_reaches_the_dlq(
             raise_on_error=False,
         )
         assert not result.success
-        _, delivered, _ = dlq.publish_failed_runs(
+        _, delivered, _ = sensors.publish_failed_runs(
             instance,
-            dlq.PublisherCursor(),
+            sensors.PublisherCursor(),
             kafka_dlq,
             definitions.defs.resources["alerts"],
             dg.get_dagster_logger(),

@@ -10,8 +10,8 @@ import dagster as dg
 import yaml
 
 from nova_assets import definitions
-from nova_assets.resources import CLICKHOUSE_POOL
-from nova_assets.schedules import JOB_TAG
+from nova_assets.core.resources import CLICKHOUSE_POOL
+from nova_assets.defs.schedules import JOB_TAG
 
 ROOT = Path(__file__).parents[1]
 
@@ -85,7 +85,8 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
         capture_output=True,
         text=True,
         check=False,
-        cwd=ROOT,
+        # Any working directory: the template is found from the package.
+        cwd="/",
         env={"PATH": "/usr/bin:/bin", "MAX_CONCURRENT_JOBS": "3"},
     )
     assert completed.returncode == 0, completed.stderr
@@ -99,6 +100,8 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
     assert config["telemetry"]["enabled"] is False
     assert config["run_monitoring"]["enabled"] is True
     assert config["freshness"]["enabled"] is True
+    # The UI's first-visit dialog would cover the buttons an operator reaches for.
+    assert config["nux"]["enabled"] is False
 
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     try:
@@ -185,3 +188,51 @@ def test_the_code_location_matches_its_snapshot():
         "the code location changed; if on purpose, regenerate the snapshot with "
         "`python -m nova_assets_tests.snapshot > nova_assets_tests/code_location.json`"
     )
+
+
+def _dg(*args: str) -> subprocess.CompletedProcess:
+    venv = Path(sys.executable).parents[1]
+    return subprocess.run(
+        [str(venv / "bin" / "dg"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "VIRTUAL_ENV": str(venv)},
+    )
+
+
+def test_dg_checks_and_lists_the_definitions():
+    checked = _dg("check", "defs")
+    assert checked.returncode == 0, checked.stderr
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+
+    listed = _dg("list", "defs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)
+    stored = json.loads((ROOT / "nova_assets_tests" / "code_location.json").read_text())
+    assert {a["asset_key"] for a in found["assets"]} == set(stored["assets"])
+    assert {j["name"] for j in found["jobs"]} >= set(stored["jobs"])
+    assert {s["name"]: s["cron_schedule"] for s in found["schedules"]} == {
+        name: s["cron"] for name, s in stored["schedules"].items()
+    }
+    assert {s["name"] for s in found["sensors"]} == set(stored["sensors"])
+
+
+def test_the_layers_lint_rule_stops_core_and_defs_importing_local_tooling():
+    """Ruff's banned-import rule (TID251) is what keeps the dev tooling out of the code location."""
+    ruff = Path(sys.executable).parent / "ruff"
+    for path, banned in [
+        ("nova_assets/defs/probe.py", True),
+        ("nova_assets/core/probe.py", True),
+        ("nova_assets/definitions.py", False),
+    ]:
+        completed = subprocess.run(
+            [str(ruff), "check", "--select", "TID251", "--stdin-filename", path, "-"],
+            input="from nova_assets.local import seed\n",
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        )
+        assert ("TID251" in completed.stdout) is banned, (path, completed.stdout)

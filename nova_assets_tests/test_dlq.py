@@ -22,10 +22,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from nova_assets import dlq
-from nova_assets.resources import AlertWebhookResource, KafkaDLQResource
-from nova_assets.schedules import JOB_TAG
-from nova_assets.stack import down, started_pid, up
+from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
+from nova_assets.defs.dlq import messages as dlq
+from nova_assets.defs.dlq import sensors
+from nova_assets.defs.schedules import JOB_TAG
+from nova_assets.local.stack import down, started_pid, up
 from nova_assets_tests.conftest import KAFKA_BROKERS, kafka_for
 
 FAST_RETRIES = dg.RetryPolicy(max_retries=2, delay=0.01, backoff=dg.Backoff.EXPONENTIAL)
@@ -60,8 +61,8 @@ def fail_runs(instance: dg.DagsterInstance, count: int = 1, **tags: str) -> list
 
 def evaluate(instance, kafka, cursor=None, alerts=None):
     """One publisher evaluation: (new cursor, delivered, pending)."""
-    state = dlq.PublisherCursor.parse(cursor)
-    new, delivered, pending = dlq.publish_failed_runs(
+    state = sensors.PublisherCursor.parse(cursor)
+    new, delivered, pending = sensors.publish_failed_runs(
         instance, state, kafka, alerts or AlertWebhookResource(), dg.get_dagster_logger()
     )
     return new.serialize(), delivered, pending
@@ -159,7 +160,7 @@ def test_twelve_failures_drain_within_three_evaluations(instance, kafka_dlq):
 
 def test_a_run_stamped_before_the_watermark_is_still_delivered(instance, kafka_dlq):
     # The last run handled came from a host whose clock ran a minute ahead; this one fails now.
-    ahead = dlq.PublisherCursor(datetime.now(UTC).timestamp() + 60).serialize()
+    ahead = sensors.PublisherCursor(datetime.now(UTC).timestamp() + 60).serialize()
     [run_id] = fail_runs(instance)
     _, delivered, pending = evaluate(instance, kafka_dlq, ahead)
     assert (delivered, pending) == (1, 0)

@@ -26,7 +26,7 @@ import redis
 import yaml
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from nova_assets.stack import StackConfig, down, up
+from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
 
 ROOT = Path(__file__).parents[1]
@@ -267,7 +267,7 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
     # What the operator sees in the UI: the run marked failed, with the root error.
     with _browser() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"http://127.0.0.1:{port}/runs/{failed['runId']}", wait_until="networkidle")
+        page.goto(f"http://127.0.0.1:{port}/runs/{failed['runId']}")
         expect(page.get_by_text("Failure", exact=True).first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("ConnectionError").first).to_be_visible(timeout=60_000)
 
@@ -301,6 +301,13 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
 
 
 ARTIFACTS = ROOT / "test-artifacts"
+ASSETS = (
+    "trending_posts_1h",
+    "trending_posts_24h",
+    "trending_posts_7d",
+    "suggested_users",
+    "warmed_feeds",
+)
 
 
 def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
@@ -310,25 +317,23 @@ def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
     clicked_at = datetime.now(UTC)
     with _browser() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{ui}/assets", wait_until="networkidle")
-        catalog = page.inner_text("body")
-        for asset in (
-            "trending_posts_1h",
-            "trending_posts_24h",
-            "trending_posts_7d",
-            "suggested_users",
-            "warmed_feeds",
-        ):
-            assert asset in catalog
-        page.goto(f"{ui}/asset-groups", wait_until="networkidle")
+        # Every wait is for a state the page must reach (auto-waiting locators), never for
+        # the network to fall quiet or a guessed delay.
+        page.goto(f"{ui}/assets")
+        for asset in ASSETS:
+            expect(page.get_by_role("link", name=asset, exact=True).first).to_be_visible(
+                timeout=60_000
+            )
+        page.goto(f"{ui}/asset-groups")
+        for asset in ASSETS:
+            expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=60_000)
         page.screenshot(path=ARTIFACTS / "asset-graph.png")
 
-        page.goto(f"{ui}/assets/trending_posts_24h", wait_until="networkidle")
-        # The instance turns the UI's first-visit dialog off; it would open after a second.
-        page.wait_for_timeout(1_500)
-        expect(page.get_by_role("dialog")).to_have_count(0)
+        page.goto(f"{ui}/assets/trending_posts_24h")
+        materialize = page.get_by_role("button", name="Materialize", exact=True).first
+        expect(materialize).to_be_enabled(timeout=60_000)
         clicked_at = datetime.now(UTC)
-        page.locator("button", has_text="Materialize").first.click()
+        materialize.click()
         toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
         expect(toast).to_be_visible(timeout=30_000)
         short_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
@@ -336,8 +341,11 @@ def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
         run_id = next(
             r["runId"] for r in recent["runsOrError"]["results"] if r["runId"].startswith(short_id)
         )
-        page.goto(f"{ui}/runs/{run_id}", wait_until="networkidle")
+        page.goto(f"{ui}/runs/{run_id}")
         expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=180_000)
+        # Long past the second after which the UI's first-visit dialog would open: the
+        # instance turns it off, so nothing covers the run.
+        expect(page.get_by_role("dialog")).to_have_count(0)
         page.screenshot(path=ARTIFACTS / "finished-run.png")
 
     value = json.loads(redis.Redis.from_url(REDIS_URL).get(f"{prefix}trending:24h"))

@@ -1,4 +1,4 @@
-"""Warmed feeds: the most active users' feeds rank as DESIGN.md §3 says and serve §4's value.
+"""Warmed feeds: the most active users' feeds rank as docs/design.md §3 says and serve §4's value.
 
 Against the real embedded ClickHouse and the real local Redis: a hand-built dataset whose feeds are
 worked out here from the formula; one test per kind of dirty input (deleted posts, posts outside
@@ -20,8 +20,9 @@ import dagster as dg
 import pytest
 from pydantic import PrivateAttr
 
-from nova_assets.contract import epoch_ms, iso_z
-from nova_assets.feeds import (
+from nova_assets.core.contract import epoch_ms, iso_z
+from nova_assets.core.resources import RedisCacheResource
+from nova_assets.defs.feeds.assets import (
     ASSET_NAME,
     FEED_LENGTH,
     JOB_NAME,
@@ -33,7 +34,6 @@ from nova_assets.feeds import (
     read_served,
     write_feeds,
 )
-from nova_assets.resources import RedisCacheResource
 from nova_assets_tests.conftest import REDIS_URL
 from nova_assets_tests.factories import (
     ago,
@@ -383,7 +383,7 @@ def test_ties_in_activity_at_rank_1000_go_to_the_lower_user_id(ch, redis_cache):
 
 
 def reference_feeds(events, posts, follow_rows, as_of, users=1000):
-    """DESIGN.md §3 warmed feeds, written plainly in Python: {user_id: [(post, author, score)]}."""
+    """docs/design.md §3 warmed feeds, plainly in Python: {user_id: [(post, author, score)]}."""
     activity = Counter(u for t, u, _, _ in events if as_of - timedelta(hours=24) < t <= as_of)
     warmed = sorted(activity, key=lambda u: (-activity[u], u))[:users]
 

@@ -12,10 +12,10 @@ import uuid
 import dagster as dg
 import pytest
 
-from nova_assets import dlq
-from nova_assets.metrics import build_job_metrics_sensor, compute_job_metrics, push_job_metrics
-from nova_assets.resources import AlertWebhookResource, JobMetricsResource
-from nova_assets.stack import StackConfig, down, up
+from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource
+from nova_assets.defs.dlq import sensors
+from nova_assets.defs.metrics import build_job_metrics_sensor, compute_job_metrics, push_job_metrics
+from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, free_ports
 
 JOB = "trending_1h"
@@ -63,7 +63,7 @@ def scrape(url: str = PUSHGATEWAY_URL) -> str:
 
 
 @pytest.fixture
-def grouping():
+def grouping(pushgateway: str):
     name = f"nova_assets_test_{uuid.uuid4().hex[:8]}"
     yield name
     request = urllib.request.Request(f"{PUSHGATEWAY_URL}/metrics/job/{name}", method="DELETE")
@@ -125,9 +125,9 @@ def test_dlq_messages_are_counted_from_delivered_runs(grouping, kafka_dlq):
         run(job, instance)
         run(job, instance)
         assert compute_job_metrics(instance, JOB).dlq_messages == 0
-        dlq.publish_failed_runs(
+        sensors.publish_failed_runs(
             instance,
-            dlq.PublisherCursor(),
+            sensors.PublisherCursor(),
             kafka_dlq,
             AlertWebhookResource(),
             dg.get_dagster_logger(),

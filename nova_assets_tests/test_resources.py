@@ -14,9 +14,9 @@ import urllib.request
 import prometheus_client
 import pytest
 
-from nova_assets import seed
-from nova_assets.resources import JobMetricsResource, KafkaDLQResource
-from nova_assets.stack import down
+from nova_assets.core.resources import JobMetricsResource, KafkaDLQResource
+from nova_assets.local import seed
+from nova_assets.local.stack import down
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, kafka_for
 
 INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]

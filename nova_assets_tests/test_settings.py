@@ -2,7 +2,7 @@
 
 import pytest
 
-from nova_assets.settings import Settings, SettingsError, interval_to_cron, redact_url
+from nova_assets.core.settings import Settings, SettingsError, interval_to_cron, redact_url
 
 
 def test_defaults_match_the_design():

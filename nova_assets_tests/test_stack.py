@@ -19,7 +19,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from nova_assets.stack import (
+from nova_assets.local.stack import (
     OPTIONAL_SERVICES,
     SERVICES,
     StackConfig,
@@ -33,7 +33,7 @@ from nova_assets_tests.conftest import JARS_DIR, free_ports
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Iterator[StackConfig]:
+def config(tmp_path: Path, service_binaries: None) -> Iterator[StackConfig]:
     redis_port, kafka_port, controller_port, pushgateway_port = free_ports(4)
     config = StackConfig(
         state_dir=tmp_path / ".nova",

@@ -1,4 +1,4 @@
-"""Suggested users: every active user gets DESIGN.md §3's list, served as §4's value.
+"""Suggested users: every active user gets docs/design.md §3's list, served as §4's value.
 
 Hand-built graphs whose lists are worked out here, one test per kind of dirty input (self-follows,
 unfollows and re-follows, blocks either way and unblocks, users who follow nobody, neighbourhoods
@@ -25,9 +25,9 @@ import pytest
 import redis
 from pydantic import Field
 
-from nova_assets.contract import iso_z
-from nova_assets.resources import RedisCacheResource
-from nova_assets.suggestions import (
+from nova_assets.core.contract import iso_z
+from nova_assets.core.resources import RedisCacheResource
+from nova_assets.defs.suggestions.assets import (
     ASSET_NAME,
     JOB_NAME,
     OP_NAME,
@@ -333,7 +333,7 @@ def test_an_empty_list_keeps_the_previous_value(ch, redis_cache):
 
 
 def reference_live(rows, *, deletion_wins_ties):
-    """Pairs whose latest row is live, self-pairs dropped (DESIGN.md §3, tie rule of the module)."""
+    """Pairs whose latest row is live, self-pairs dropped (docs/design.md §3, sources' ties)."""
     latest = {}
     for a, b, deleted, t in rows:
         rank = (t, deleted if deletion_wins_ties else 1 - deleted)
@@ -343,7 +343,7 @@ def reference_live(rows, *, deletion_wins_ties):
 
 
 def reference_suggestions(follow_rows, block_rows, events, as_of):
-    """DESIGN.md §3 suggestions, written plainly in Python: user → [(id, mutuals, followers)]."""
+    """docs/design.md §3 suggestions, plainly in Python: user → [(id, mutuals, followers)]."""
     followees = defaultdict(set)
     followers = Counter()
     for a, b in reference_live(follow_rows, deletion_wins_ties=True):
@@ -583,8 +583,8 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
     Every active user starts with an "old" value; returns the finished run, the instance's home,
     and how many users hold a new value, after checking every key is whole and has its TTL.
     """
-    from nova_assets import seed
-    from nova_assets.suggestions import active_users
+    from nova_assets.defs.suggestions.assets import active_users
+    from nova_assets.local import seed
 
     seed.generate(
         ch,
@@ -657,7 +657,7 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
 
 
 def test_a_terminated_run_stops_at_a_batch_boundary_and_ends_canceled(ch, redis_cache, tmp_path):
-    from nova_assets.suggestions import BATCH_USERS
+    from nova_assets.defs.suggestions.assets import BATCH_USERS
 
     run, written = _interrupt_a_real_run(
         ch, redis_cache, tmp_path, request_termination=True, sig=signal.SIGINT
@@ -670,17 +670,17 @@ def test_a_terminated_run_stops_at_a_batch_boundary_and_ends_canceled(ch, redis_
 def test_a_worker_killed_without_a_request_ends_failed_and_reaches_the_dlq(
     ch, redis_cache, tmp_path, kafka_dlq
 ):
-    from nova_assets import dlq
-    from nova_assets.resources import AlertWebhookResource
+    from nova_assets.core.resources import AlertWebhookResource
+    from nova_assets.defs.dlq import sensors
 
     run, _ = _interrupt_a_real_run(
         ch, redis_cache, tmp_path, request_termination=False, sig=signal.SIGTERM
     )
     assert run.status == dg.DagsterRunStatus.FAILURE
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
-        _, delivered, _ = dlq.publish_failed_runs(
+        _, delivered, _ = sensors.publish_failed_runs(
             instance,
-            dlq.PublisherCursor(),
+            sensors.PublisherCursor(),
             kafka_dlq,
             AlertWebhookResource(),
             dg.get_dagster_logger(),

@@ -1,4 +1,4 @@
-"""Trending posts: the three windows rank exactly as DESIGN.md §3 says and serve §4's value.
+"""Trending posts: the three windows rank exactly as docs/design.md §3 says and serve §4's value.
 
 Hand-built datasets whose rankings are worked out here from the formula, every kind of dirty
 input excluded as the contract says, a randomized dataset compared item by item with an
@@ -20,8 +20,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from nova_assets.contract import iso_z
-from nova_assets.trending import (
+from nova_assets.core.contract import iso_z
+from nova_assets.defs.trending.assets import (
     build_trending_asset,
     evaluate_checks,
     live_posts,
@@ -226,7 +226,7 @@ def test_only_the_top_fifty_are_kept(ch):
 
 
 def reference_ranking(events, posts, as_of, length, decay):
-    """DESIGN.md §3 trending, written plainly in Python."""
+    """docs/design.md §3 trending, written plainly in Python."""
     latest = {}
     for t, user, post_id, kind in events:
         if kind in WEIGHTS and as_of - length < t <= as_of:

@@ -1,11 +1,10 @@
-"""Trending posts over 1h, 24h and 7d: how they are ranked, written and checked (DESIGN.md §3-4).
+"""Trending posts over 1h, 24h and 7d: ranked, written and checked (docs/design.md §3-4).
 
 One factory builds the three assets. Each computes its ranking in one ClickHouse query and
 replaces `{prefix}trending:{window}` atomically; the checks then judge the value Redis serves.
 """
 
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,16 +13,19 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.contract import (
-    EVENT_WEIGHTS,
-    STEP_RETRY_POLICY,
-    AsOfConfig,
-    epoch_ms,
-    fail_fast_on_permanent_faults,
-    freshness_policy,
-    iso_z,
+from nova_assets.core.cache_asset import Stopwatch, cache_asset, cache_result
+from nova_assets.core.contract import STEP_RETRY_POLICY, AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.settings import load_settings
+from nova_assets.core.sources import (
+    ENGAGEMENT_EVENTS,
+    EVENT_WEIGHT,
+    POSTS,
+    age_hours,
+    in_window,
+    instant,
+    weight_parameters,
 )
-from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 
 TOP_POSTS = 50
 POSTS_PER_AUTHOR = 3
@@ -32,7 +34,7 @@ TTL_REFRESH_MULTIPLE = 10
 
 @dataclass(frozen=True)
 class Window:
-    """One trending window of DESIGN.md §3."""
+    """One trending window of docs/design.md §3."""
 
     name: str
     length: timedelta
@@ -62,15 +64,10 @@ def windows(trending_interval_sec: int = 60) -> tuple[Window, ...]:
 
 
 # Per-event terms of the score, shared by both passes below (constants, never input).
-_IN_WINDOW = """
-        event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
-        AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')"""
-# Unknown types weigh 0. transform() works on the LowCardinality dictionary, not on every row.
-_WEIGHT = "transform(event_type, {types:Array(String)}, {weights:Array(Float64)}, 0.)"
+_IN_WINDOW = in_window("event_time")
+_WEIGHT = EVENT_WEIGHT
 # decay ^ age_h, written as exp(ln(decay) * age_h): the same value, a cheaper function.
-_DECAY = (
-    "exp({ln_decay:Float64} * ({as_of_ms:Int64} - toUnixTimestamp64Milli(event_time)) / 3600000.)"
-)
+_DECAY = f"exp({{ln_decay:Float64}} * {age_hours('event_time')})"
 
 # One query ranks a window. Deduplicating every event of a 7-day window (one hash-table entry per
 # user, post and type) is the expensive part, so it runs only on candidate posts:
@@ -102,7 +99,7 @@ WITH (
             sum({_WEIGHT} * {_DECAY}) AS bound,
             count() AS events,
             countIf({_WEIGHT} > 0) AS weighted
-        FROM nova.engagement_events
+        FROM {ENGAGEMENT_EVENTS}
         WHERE {_IN_WINDOW}
         GROUP BY GROUPING SETS ((post_id), ())
         HAVING bound > 0 OR totals
@@ -122,7 +119,7 @@ FROM (
     SELECT post_id, sum(weight * latest_decay) AS score
     FROM (
         SELECT post_id, any({_WEIGHT}) AS weight, max({_DECAY}) AS latest_decay
-        FROM nova.engagement_events
+        FROM {ENGAGEMENT_EVENTS}
         WHERE {_IN_WINDOW}
           AND post_id IN (SELECT arrayJoin(candidates.1))
           AND {_WEIGHT} > 0
@@ -131,13 +128,11 @@ FROM (
     GROUP BY post_id
 ) AS s
 INNER JOIN (
-    SELECT post_id, argMax(author_id, (updated_at, is_deleted)) AS author_id
-    FROM nova.posts
+    SELECT post_id, {POSTS.latest("author_id")} AS author_id
+    FROM {POSTS}
     WHERE post_id IN (SELECT arrayJoin(candidates.1))
     GROUP BY post_id
-    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
-       AND argMax(created_at, (updated_at, is_deleted))
-           <= fromUnixTimestamp64Milli({{as_of_ms:Int64}}, 'UTC')
+    HAVING {POSTS.live} AND {POSTS.latest("created_at")} <= {instant("as_of_ms")}
 ) AS e ON s.post_id = e.post_id
 ORDER BY score DESC, post_id ASC
 LIMIT {{per_author:UInt32}} BY author_id
@@ -146,15 +141,15 @@ LIMIT {{top:UInt32}}
 
 # The window's scanned and weighted events, for a ranking that came out empty.
 EVENTS_IN_WINDOW_SQL = f"""
-SELECT count(), countIf({_WEIGHT} > 0) FROM nova.engagement_events WHERE {_IN_WINDOW}
+SELECT count(), countIf({_WEIGHT} > 0) FROM {ENGAGEMENT_EVENTS} WHERE {_IN_WINDOW}
 """
 
-LIVE_POSTS_SQL = """
+LIVE_POSTS_SQL = f"""
 SELECT post_id
-FROM nova.posts
-WHERE post_id IN {post_ids:Array(UInt64)}
+FROM {POSTS}
+WHERE post_id IN {{post_ids:Array(UInt64)}}
 GROUP BY post_id
-HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
+HAVING {POSTS.live}
 """
 
 
@@ -178,8 +173,7 @@ def ranking_parameters(window: Window, as_of: datetime) -> dict[str, Any]:
     return {
         "start_ms": epoch_ms(as_of - window.length),
         "as_of_ms": epoch_ms(as_of),
-        "types": list(EVENT_WEIGHTS),
-        "weights": list(EVENT_WEIGHTS.values()),
+        **weight_parameters(),
         "ln_decay": math.log(window.decay_per_hour),
         "per_author": POSTS_PER_AUTHOR,
         "top": TOP_POSTS,
@@ -218,18 +212,14 @@ def rank(
     return Ranking(items, int(scanned), int(weighted), widened)
 
 
-def check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    def spec(name: str, description: str) -> dg.AssetCheckSpec:
-        return dg.AssetCheckSpec(name, asset=asset_key, description=description)
-
-    return [
-        spec("scores_non_increasing", "Items are ordered by score, highest first."),
-        spec("no_duplicate_posts", "No post appears twice."),
-        spec("at_most_3_per_author", "No author has more than three posts in the list."),
-        spec("posts_live", "Every post exists in ClickHouse and its latest row is not deleted."),
-        spec("non_empty", "The ranking is not empty when the window had weighted events (WARN)."),
-        spec("key_has_ttl", "The cache key exists and carries a positive TTL."),
-    ]
+CHECKS = {
+    "scores_non_increasing": "Items are ordered by score, highest first.",
+    "no_duplicate_posts": "No post appears twice.",
+    "at_most_3_per_author": "No author has more than three posts in the list.",
+    "posts_live": "Every post exists in ClickHouse and its latest row is not deleted.",
+    "non_empty": "The ranking is not empty when the window had weighted events (WARN).",
+    "key_has_ttl": "The cache key exists and carries a positive TTL.",
+}
 
 
 def evaluate_checks(
@@ -280,21 +270,17 @@ def build_trending_asset(
     window: Window, retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY
 ) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}trending:{window}` fresh."""
-    asset_key = dg.AssetKey(window.asset_name)
 
-    @dg.asset(
+    @cache_asset(
         name=window.asset_name,
-        group_name="trending",
-        kinds={"clickhouse", "redis"},
+        group="trending",
         description=f"Top {TOP_POSTS} trending posts of the last {window.name}, decayed "
         f"{window.decay_per_hour} per hour, at most {POSTS_PER_AUTHOR} per author.",
-        pool=CLICKHOUSE_POOL,
-        retry_policy=retry_policy,
-        freshness_policy=freshness_policy(window.refresh_sec),
-        check_specs=check_specs(asset_key),
+        refresh_sec=window.refresh_sec,
+        checks=CHECKS,
         metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
+        retry_policy=retry_policy,
     )
-    @fail_fast_on_permanent_faults
     def _trending(
         context: dg.AssetExecutionContext,
         config: AsOfConfig,
@@ -302,64 +288,52 @@ def build_trending_asset(
         redis_cache: RedisCacheResource,
     ) -> dg.MaterializeResult:
         as_of = config.resolve(context)
-        started = time.perf_counter()
-        ranking = rank(clickhouse, window, as_of)
-        items = ranking.items
-        query_ms = (time.perf_counter() - started) * 1000
-
+        watch = Stopwatch()
+        with watch.phase("query"):
+            ranking = rank(clickhouse, window, as_of)
         key = redis_cache.key("trending", window.name)
         value = {
             "window": window.name,
             "as_of": iso_z(as_of),
             "generated_at": iso_z(datetime.now(as_of.tzinfo)),
-            "items": items,
+            "items": ranking.items,
         }
-        started = time.perf_counter()
-        written = redis_cache.replace_ranking(key, value, window.ttl_sec)
-        write_ms = (time.perf_counter() - started) * 1000
+        with watch.phase("write"):
+            written = redis_cache.replace_ranking(key, value, window.ttl_sec)
         if not written:
             context.log.warning(
                 f"The {window.name} ranking came out empty as of {iso_z(as_of)}; "
                 f"kept the previous non-empty value of {key}."
             )
 
-        served = redis_cache.get_json(key) or {"items": []}
-        served_items = served["items"]
-        results = evaluate_checks(
+        served_items = (redis_cache.get_json(key) or {"items": []})["items"]
+        verdicts = evaluate_checks(
             served_items,
             live_post_ids=live_posts(clickhouse, [i["post_id"] for i in served_items]),
             ttl=redis_cache.ttl(key),
-            computed_empty=not items,
+            computed_empty=not ranking.items,
             weighted_events=ranking.weighted_events,
         )
-        return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": len(items),
-                "as_of": iso_z(as_of),
-                "cache_key": key,
-                "top_10": dg.MetadataValue.md(_top_table(items[:10])),
-                "events_scanned": ranking.events_scanned,
-                "weighted_events": ranking.weighted_events,
-                "widened_to_all_posts": ranking.widened,
-                "query_ms": round(query_ms, 1),
-                "write_ms": round(write_ms, 1),
-                "kept_previous": not written,
-            },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=name,
-                    passed=passed,
-                    metadata=meta,
-                    severity=dg.AssetCheckSeverity.WARN
-                    if name == "non_empty"
-                    else dg.AssetCheckSeverity.ERROR,
-                )
-                for name, (passed, meta) in results.items()
-            ],
-        )
+        metadata = {
+            "dagster/row_count": len(ranking.items),
+            "as_of": iso_z(as_of),
+            "cache_key": key,
+            "top_10": dg.MetadataValue.md(_top_table(ranking.items[:10])),
+            "events_scanned": ranking.events_scanned,
+            "weighted_events": ranking.weighted_events,
+            "widened_to_all_posts": ranking.widened,
+            **watch.ms,
+            "kept_previous": not written,
+        }
+        return cache_result(metadata, verdicts, warn={"non_empty"})
 
     return _trending
 
 
 def build_trending_assets(trending_interval_sec: int = 60) -> list[dg.AssetsDefinition]:
     return [build_trending_asset(w) for w in windows(trending_interval_sec)]
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(assets=build_trending_assets(load_settings().trending_interval_sec))

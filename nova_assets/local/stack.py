@@ -400,7 +400,7 @@ def _install_missing(binaries: list[str], config: StackConfig, log: Callable[[st
 def _kafka_jars(config: StackConfig, log: Callable[[str], None]) -> Path:
     """Resolves Kafka's runtime jars from Maven Central once, and again only if the POM changes."""
     jars = config.kafka_jars
-    pom = resources.files("nova_assets").joinpath("kafka_pom.xml").read_text()
+    pom = resources.files(__package__).joinpath("kafka_pom.xml").read_text()
     stamp = hashlib.sha256(pom.encode()).hexdigest()
     marker = jars / ".resolved"
     if marker.is_file() and marker.read_text() == stamp:

@@ -1,4 +1,4 @@
-"""Warmed feeds of the most active users: how they are ranked, written and checked (DESIGN.md §3-4).
+"""Warmed feeds of the most active users: ranked, written and checked (docs/design.md §3-4).
 
 One ClickHouse query picks the warmed users and ranks every one of their feeds at once; the values
 go to `{prefix}feed:{user_id}` in pipelines, at most 20 in flight, each key with its TTL in the
@@ -9,7 +9,6 @@ import json
 import math
 import random
 import statistics
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -19,22 +18,24 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.contract import (
+from nova_assets.core.cache_asset import Stopwatch, cache_asset, cache_result
+from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.settings import load_settings
+from nova_assets.core.sources import (
+    ENGAGEMENT_EVENTS,
     EVENT_WEIGHTS,
-    STEP_RETRY_POLICY,
-    AsOfConfig,
-    epoch_ms,
-    fail_fast_on_permanent_faults,
-    freshness_policy,
-    iso_z,
+    FOLLOWS,
+    POSTS,
+    age_hours,
+    in_window,
+    weight_parameters,
 )
-from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
-from nova_assets.seed import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
 
 ASSET_NAME = "warmed_feeds"
 JOB_NAME = "cache_warmer"
 REFRESH_SEC = 60
-"""The cache_warmer schedule's interval (DESIGN.md §5)."""
+"""The cache_warmer schedule's interval (docs/design.md §5)."""
 FEED_TTL_SEC = 120
 """Default TTL of a feed key: two refreshes, so a healthy schedule rewrites it before it expires."""
 
@@ -46,16 +47,14 @@ FEED_WINDOW = timedelta(hours=72)
 DECAY_PER_HOUR = 0.95
 
 WRITERS = 20
-"""Pipelines in flight at once (DESIGN.md §3: at most 20 writers)."""
+"""Pipelines in flight at once (docs/design.md §3: at most 20 writers)."""
 WRITE_BATCH = 50
 """Feeds per pipeline: 1000 users make 20 pipelines, one per writer."""
 CHECK_SAMPLE = 50
 """Users whose served feeds are verified against ClickHouse on every run."""
 
-_MS = "fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
-_AS_OF = _MS.format(name="as_of_ms")
-_DAY_START = _MS.format(name="day_start_ms")
-_FEED_START = _MS.format(name="feed_start_ms")
+_LAST_DAY = "day_start_ms", "as_of_ms"
+_FEED_WINDOW = "feed_start_ms", "as_of_ms"
 # Σ weight(type) over a post's events deduplicated per (user, type): per known type, the weight
 # times the number of distinct users. A fixed sum of integer counts, so a post's engagement is the
 # same on every run, whatever order the events are read in. Unknown types are filtered out before.
@@ -87,7 +86,7 @@ WITH
 warmed AS (
     SELECT user_id, count() AS events
     FROM {ENGAGEMENT_EVENTS}
-    WHERE event_time > {_DAY_START} AND event_time <= {_AS_OF}
+    WHERE {in_window("event_time", *_LAST_DAY)}
     GROUP BY user_id
     ORDER BY events DESC, user_id ASC
     LIMIT {{users:UInt32}}
@@ -97,29 +96,28 @@ edges AS (
     FROM {FOLLOWS}
     WHERE follower_id IN (SELECT user_id FROM warmed) AND follower_id != followee_id
     GROUP BY follower_id, followee_id
-    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
+    HAVING {FOLLOWS.live}
 ),
 followed_posts AS (
     SELECT post_id
     FROM {POSTS}
-    WHERE is_deleted = 0 AND created_at > {_FEED_START} AND created_at <= {_AS_OF}
+    WHERE is_deleted = 0 AND {in_window("created_at", *_FEED_WINDOW)}
       AND author_id IN (SELECT followee_id FROM edges)
 ),
 candidates AS (
     SELECT
         post_id,
-        argMax(author_id, (updated_at, is_deleted)) AS author_id,
-        argMax(created_at, (updated_at, is_deleted)) AS created
+        {POSTS.latest("author_id")} AS author_id,
+        {POSTS.latest("created_at")} AS created
     FROM {POSTS}
     WHERE post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
-    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
-       AND created > {_FEED_START} AND created <= {_AS_OF}
+    HAVING {POSTS.live} AND {in_window("created", *_FEED_WINDOW)}
 ),
 engagement AS (
     SELECT post_id, {_ENGAGEMENT} AS engagement
     FROM {ENGAGEMENT_EVENTS}
-    WHERE event_time > {_FEED_START} AND event_time <= {_AS_OF}
+    WHERE {in_window("event_time", *_FEED_WINDOW)}
       AND event_type IN {{types:Array(String)}}
       AND post_id IN (SELECT post_id FROM followed_posts)
     GROUP BY post_id
@@ -128,9 +126,7 @@ scored AS (
     SELECT
         c.post_id AS post_id,
         c.author_id AS author_id,
-        (1 + g.engagement)
-            * exp({{ln_decay:Float64}}
-                * ({{as_of_ms:Int64}} - toUnixTimestamp64Milli(c.created)) / 3600000.) AS score
+        (1 + g.engagement) * exp({{ln_decay:Float64}} * {age_hours("c.created")}) AS score
     FROM candidates AS c
     LEFT JOIN engagement AS g ON g.post_id = c.post_id
 ),
@@ -163,7 +159,7 @@ FROM (
     FROM {FOLLOWS}
     WHERE follower_id IN {{user_ids:Array(UInt64)}} AND follower_id != followee_id
     GROUP BY follower_id, followee_id
-    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0
+    HAVING {FOLLOWS.live}
 )
 GROUP BY follower_id
 """
@@ -171,9 +167,9 @@ GROUP BY follower_id
 POST_STATES_SQL = f"""
 SELECT
     post_id,
-    argMax(author_id, (updated_at, is_deleted)),
-    toUnixTimestamp64Milli(argMax(created_at, (updated_at, is_deleted))),
-    argMax(is_deleted, (updated_at, is_deleted))
+    {POSTS.latest("author_id")},
+    toUnixTimestamp64Milli({POSTS.latest("created_at")}),
+    {POSTS.latest("is_deleted")}
 FROM {POSTS}
 WHERE post_id IN {{post_ids:Array(UInt64)}}
 GROUP BY post_id
@@ -204,9 +200,7 @@ def feeds_parameters(as_of: datetime, users: int = WARMED_USERS) -> dict[str, An
         "as_of_ms": epoch_ms(as_of),
         "day_start_ms": epoch_ms(as_of - ACTIVITY_WINDOW),
         "feed_start_ms": epoch_ms(as_of - FEED_WINDOW),
-        "types": list(EVENT_WEIGHTS),
-        **{f"type_{i}": t for i, t in enumerate(EVENT_WEIGHTS)},
-        **{f"weight_{i}": w for i, w in enumerate(EVENT_WEIGHTS.values())},
+        **weight_parameters(),
         "ln_decay": math.log(DECAY_PER_HOUR),
         "users": users,
         "top": FEED_LENGTH,
@@ -232,7 +226,7 @@ def rank_feeds(
 
 
 def feed_value(feed: Feed, as_of: datetime, generated_at: datetime) -> dict[str, Any]:
-    """The cache value of DESIGN.md §4."""
+    """The cache value of docs/design.md §4."""
     return {
         "user_id": feed.user_id,
         "as_of": iso_z(as_of),
@@ -257,7 +251,7 @@ def write_feeds(
     """Write feed values (each with its TTL in its SET) in pipelines, `writers` in flight at most.
 
     Every key is written whole by one command, so stopping between pipelines (a terminated run)
-    leaves each key either old or new. An empty feed never replaces a non-empty one (DESIGN.md
+    leaves each key either old or new. An empty feed never replaces a non-empty one (docs/design.md
     §4). Returns the number of keys written; the others kept their previous feed.
     """
     redis_cache.client()  # connect once here, not racing in the workers
@@ -325,27 +319,16 @@ def contract_facts(
     return followees, posts
 
 
-def check_specs(asset_key: dg.AssetKey, feed_ttl_sec: int) -> list[dg.AssetCheckSpec]:
-    def spec(name: str, description: str) -> dg.AssetCheckSpec:
-        return dg.AssetCheckSpec(name, asset=asset_key, description=description)
-
-    return [
-        spec(
-            "keys_have_ttl",
-            f"Every warmed user's key exists, holds that user's feed and expires within "
-            f"(0, {feed_ttl_sec}] s.",
-        ),
-        spec(
-            "posts_from_live_followees",
-            f"On a sample of {CHECK_SAMPLE} users, checked against ClickHouse: every post is by a "
-            "live followee (not the user), not deleted, and created in (as_of - 72 h, as_of].",
-        ),
-        spec(
-            "ordered_and_capped",
-            f"Every feed is ordered by score desc, post_id desc, holds no post twice and at most "
-            f"{FEED_LENGTH} items.",
-        ),
-    ]
+def checks(feed_ttl_sec: int) -> dict[str, str]:
+    return {
+        "keys_have_ttl": f"Every warmed user's key exists, holds that user's feed and expires "
+        f"within (0, {feed_ttl_sec}] s.",
+        "posts_from_live_followees": f"On a sample of {CHECK_SAMPLE} users, checked against "
+        "ClickHouse: every post is by a live followee (not the user), not deleted, and created in "
+        "(as_of - 72 h, as_of].",
+        "ordered_and_capped": "Every feed is ordered by score desc, post_id desc, holds no post "
+        f"twice and at most {FEED_LENGTH} items.",
+    }
 
 
 def _items(value: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -470,25 +453,20 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
     """The asset that keeps `{prefix}feed:{user_id}` warm for the most active users."""
     if feed_ttl_sec <= 0:
         raise ValueError(f"feed_ttl_sec must be positive, got {feed_ttl_sec}")
-    asset_key = dg.AssetKey(ASSET_NAME)
     freshness = (
         f"Refreshed every {REFRESH_SEC} s by {JOB_NAME} with a {feed_ttl_sec} s TTL, so an "
         "active user's key never expires while the job is healthy."
     )
 
-    @dg.asset(
+    @cache_asset(
         name=ASSET_NAME,
-        group_name="feeds",
-        kinds={"clickhouse", "redis"},
+        group="feeds",
         description=f"Feeds ({FEED_LENGTH} posts from followees, 72 h) of the {WARMED_USERS} "
         f"most active users of the last 24 h. {freshness}",
-        pool=CLICKHOUSE_POOL,
-        retry_policy=STEP_RETRY_POLICY,
-        freshness_policy=freshness_policy(REFRESH_SEC),
-        check_specs=check_specs(asset_key, feed_ttl_sec),
+        refresh_sec=REFRESH_SEC,
+        checks=checks(feed_ttl_sec),
         metadata={"cache_key_suffix": "feed:{user_id}", "ttl_seconds": feed_ttl_sec},
     )
-    @fail_fast_on_permanent_faults
     def _warmed_feeds(
         context: dg.AssetExecutionContext,
         config: AsOfConfig,
@@ -496,15 +474,13 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
         redis_cache: RedisCacheResource,
     ) -> dg.MaterializeResult:
         as_of = config.resolve(context)
-        started = time.perf_counter()
-        feeds = rank_feeds(clickhouse, as_of)
-        query_ms = (time.perf_counter() - started) * 1000
-
+        watch = Stopwatch()
+        with watch.phase("query"):
+            feeds = rank_feeds(clickhouse, as_of)
         generated_at = datetime.now(as_of.tzinfo)
         values = [feed_value(feed, as_of, generated_at) for feed in feeds]
-        started = time.perf_counter()
-        written = write_feeds(redis_cache, values, feed_ttl_sec)
-        write_ms = (time.perf_counter() - started) * 1000
+        with watch.phase("write"):
+            written = write_feeds(redis_cache, values, feed_ttl_sec)
         if not feeds:
             context.log.warning(
                 f"No user had events in the 24 h before {iso_z(as_of)}: no feed was written, "
@@ -520,7 +496,7 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
             as_of,
         )
         followees, posts = contract_facts(clickhouse, {u: served[u] for u in sampled})
-        results = evaluate_checks(
+        verdicts = evaluate_checks(
             served,
             ttls,
             feed_ttl_sec=feed_ttl_sec,
@@ -531,8 +507,8 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
 
         lengths = [len(feed.items) for feed in feeds]
         shown = next((feed for feed in feeds if feed.items), feeds[0] if feeds else None)
-        return dg.MaterializeResult(
-            metadata={
+        return cache_result(
+            {
                 "dagster/row_count": len(feeds),
                 "users_warmed": len(feeds),
                 "empty_feeds": lengths.count(0),
@@ -541,17 +517,18 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
                 "kept_previous": len(feeds) - written,
                 "feed_length_p50": _percentile(lengths, 50),
                 "feed_length_p95": _percentile(lengths, 95),
-                "query_ms": round(query_ms, 1),
-                "write_ms": round(write_ms, 1),
+                **watch.ms,
                 "as_of": iso_z(as_of),
                 "ttl_seconds": feed_ttl_sec,
                 "freshness": freshness,
                 "preview": dg.MetadataValue.md(_preview(shown) if shown else "No user warmed."),
             },
-            check_results=[
-                dg.AssetCheckResult(check_name=name, passed=passed, metadata=meta)
-                for name, (passed, meta) in results.items()
-            ],
+            verdicts,
         )
 
     return _warmed_feeds
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(assets=[build_warmed_feeds_asset(load_settings().feed_ttl_sec)])

@@ -1,10 +1,16 @@
-"""Jobs and their schedules (DESIGN.md §5): one job per cache family, one run per job at a time."""
+"""Jobs and their schedules (docs/design.md §5): one job per cache family, one run at a time."""
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+
+from nova_assets.core.settings import Settings, interval_to_cron, load_settings
+from nova_assets.defs.feeds import assets as feeds
+from nova_assets.defs.suggestions import assets as suggestions
+from nova_assets.defs.trending.assets import windows
 
 JOB_TAG = "nova/job"
 """Every run carries nova/job=<job_name>; the instance allows one run per value of it."""
@@ -66,8 +72,30 @@ def build_schedule(spec: JobSpec, job: Any) -> dg.ScheduleDefinition:
     return _schedule
 
 
-def build_jobs_and_schedules(
-    specs: Sequence[JobSpec],
-) -> tuple[list[Any], list[dg.ScheduleDefinition]]:
-    jobs = [build_job(spec) for spec in specs]
-    return jobs, [build_schedule(spec, job) for spec, job in zip(specs, jobs, strict=True)]
+def job_specs(settings: Settings) -> list[JobSpec]:
+    """One job per cache family and its cadence (docs/design.md §5)."""
+    trending = [
+        JobSpec(w.job_name, w.asset_name, interval_to_cron(w.refresh_sec))
+        for w in windows(settings.trending_interval_sec)
+    ]
+    return [
+        *trending,
+        JobSpec(suggestions.JOB_NAME, suggestions.ASSET_NAME, settings.suggestion_cron),
+        JobSpec(feeds.JOB_NAME, feeds.ASSET_NAME, interval_to_cron(feeds.REFRESH_SEC)),
+    ]
+
+
+@functools.cache
+def cache_jobs() -> tuple[Any, ...]:
+    """The deployment's cache jobs, built once: schedules and sensors target these objects."""
+    return tuple(build_job(spec) for spec in job_specs(load_settings()))
+
+
+def build_schedules(specs: Sequence[JobSpec], jobs: Sequence[Any]) -> list[dg.ScheduleDefinition]:
+    return [build_schedule(spec, job) for spec, job in zip(specs, jobs, strict=True)]
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    jobs = cache_jobs()
+    return dg.Definitions(jobs=jobs, schedules=build_schedules(job_specs(load_settings()), jobs))

@@ -1,4 +1,4 @@
-"""The seven job metrics of DESIGN.md §7, computed from durable state and pushed to the gateway.
+"""The job metrics of docs/design.md §7, computed from durable state and pushed to the gateway.
 
 Every value is derived afresh from the Dagster instance: run history for counts, durations,
 successes and failure streaks; the latest materialization's `dagster/row_count` for items; the
@@ -14,8 +14,10 @@ import dagster as dg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nova_assets.dlq import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.resources import JobMetricsResource
+from nova_assets.core.resources import JobMetricsResource
+from nova_assets.core.settings import load_settings
+from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
+from nova_assets.defs.schedules import job_specs
 
 PUSH_JOB = "nova_assets"
 """The Pushgateway grouping (`job` label) all metrics are pushed under."""
@@ -164,3 +166,10 @@ def build_job_metrics_sensor(job_names: Sequence[str]) -> dg.SensorDefinition:
         return dg.SkipReason(f"Metrics of {len(job_names)} jobs {state}.")
 
     return job_metrics
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(
+        sensors=[build_job_metrics_sensor([spec.name for spec in job_specs(load_settings())])]
+    )

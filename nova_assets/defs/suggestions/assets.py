@@ -1,4 +1,4 @@
-"""Suggested users: whom each active user might follow, ranked, written, checked (DESIGN.md §3-4).
+"""Suggested users: whom each active user might follow, and how (docs/design.md §3-4).
 
 Every user with an event in the 7 days up to `as_of` gets up to 20 suggestions: the followees of
 their followees, ranked by mutuals (how many of their followees follow the candidate), then by
@@ -19,10 +19,9 @@ How the work is split:
    its new value; a retried step rewrites every key from scratch.
 
 Edges are the latest row of each pair, as of now (like posts in trending, see the README): the
-graph has no history to rewind to `as_of`. On an exact tie of `updated_at` between a live and a
-deleted row, the deleted row wins for follows and the live row wins for blocks: when in doubt,
-claim no follow and suggest no one across a block. (A background merge of tied rows keeps the
-last inserted one instead; the rule decides only while both rows are still there.)
+graph has no history to rewind to `as_of`. Ties of `updated_at` follow `core.sources`: when in
+doubt, claim no follow and suggest no one across a block. (A background merge of tied rows keeps
+the last inserted one instead; the rule decides only while both rows are still there.)
 """
 
 import time
@@ -36,15 +35,11 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.contract import (
-    STEP_RETRY_POLICY,
-    AsOfConfig,
-    epoch_ms,
-    fail_fast_on_permanent_faults,
-    freshness_policy,
-    iso_z,
-)
-from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
+from nova_assets.core.cache_asset import cache_asset, cache_result
+from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.settings import load_settings
+from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
 
 ASSET_NAME = "suggested_users"
 JOB_NAME = "suggested_users"
@@ -70,20 +65,20 @@ _BLOCKED = "suggested_users_blocked"
 _MOST_FOLLOWED = "suggested_users_most_followed"
 _TEMPORARY_TABLES = (_LIVE_FOLLOWS, _LIVE_BLOCKS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
 
-# The live edges of a pair: its latest row is not deleted. On a tie the deleting follow row and
-# the blocking block row win (module docstring). Self-edges are dropped.
-_LIVE_FOLLOW_EDGES = """
+# The live edges: each pair's latest row is not deleted (`core.sources` breaks ties). Self-edges
+# are dropped. `{filter}` narrows the pairs read; the graph loads them all.
+_LIVE_FOLLOW_EDGES = f"""
     SELECT follower_id, followee_id
-    FROM nova.follows
-    WHERE follower_id != followee_id{filter}
+    FROM {FOLLOWS}
+    WHERE follower_id != followee_id{{filter}}
     GROUP BY follower_id, followee_id
-    HAVING argMax(is_deleted, (updated_at, is_deleted)) = 0"""
-_LIVE_BLOCK_EDGES = """
+    HAVING {FOLLOWS.live}"""
+_LIVE_BLOCK_EDGES = f"""
     SELECT blocker_id, blocked_id
-    FROM nova.blocks
-    WHERE blocker_id != blocked_id{filter}
+    FROM {BLOCKS}
+    WHERE blocker_id != blocked_id{{filter}}
     GROUP BY blocker_id, blocked_id
-    HAVING argMax(is_deleted, (updated_at, 1 - is_deleted)) = 0"""
+    HAVING {BLOCKS.live}"""
 
 _GRAPH_STATEMENTS = (
     f"CREATE TEMPORARY TABLE {_LIVE_FOLLOWS} ENGINE = Memory AS "
@@ -147,11 +142,10 @@ FROM (
 )
 """
 
-ACTIVE_USERS_SQL = """
+ACTIVE_USERS_SQL = f"""
 SELECT DISTINCT user_id
-FROM nova.engagement_events
-WHERE event_time > fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')
-  AND event_time <= fromUnixTimestamp64Milli({as_of_ms:Int64}, 'UTC')
+FROM {ENGAGEMENT_EVENTS}
+WHERE {in_window("event_time")}
 ORDER BY user_id
 """
 
@@ -320,7 +314,7 @@ def write_batch(
 ) -> BatchResult:
     """Write one batch in one pipeline, each key whole with its TTL.
 
-    An empty list never replaces a non-empty one (DESIGN.md §4): the resource sends those
+    An empty list never replaces a non-empty one (docs/design.md §4): the resource sends those
     through its atomic replace, in the same pipeline.
     """
     key = redis_cache.key
@@ -402,25 +396,15 @@ def live_exclusions(clickhouse: ClickHouseResource, user_ids: Sequence[int]) -> 
     return Exclusions(followed, blocked)
 
 
-def check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    def spec(name: str, description: str) -> dg.AssetCheckSpec:
-        return dg.AssetCheckSpec(name, asset=asset_key, description=description)
-
-    return [
-        spec(
-            "no_excluded_suggestions",
-            f"On a sample of {CHECK_SAMPLE_USERS} served users: nobody is suggested themselves, "
-            "someone they follow, or anyone they blocked or who blocked them (live edges read "
-            "from ClickHouse).",
-        ),
-        spec("at_most_20_per_user", f"No sampled user has more than {TOP_SUGGESTIONS} items."),
-        spec(
-            "ordered_by_contract",
-            "Items are ordered by mutuals desc, followers desc, user_id asc, each user once, so "
-            "the fill (mutuals 0) comes after the ranked items.",
-        ),
-        spec("keys_have_ttl", "Every sampled user's key exists and carries a positive TTL."),
-    ]
+CHECKS = {
+    "no_excluded_suggestions": f"On a sample of {CHECK_SAMPLE_USERS} served users: nobody is "
+    "suggested themselves, someone they follow, or anyone they blocked or who blocked them (live "
+    "edges read from ClickHouse).",
+    "at_most_20_per_user": f"No sampled user has more than {TOP_SUGGESTIONS} items.",
+    "ordered_by_contract": "Items are ordered by mutuals desc, followers desc, user_id asc, each "
+    "user once, so the fill (mutuals 0) comes after the ranked items.",
+    "keys_have_ttl": "Every sampled user's key exists and carries a positive TTL.",
+}
 
 
 def _sort_key(item: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -543,31 +527,19 @@ def build_suggested_users_asset(
             f"suggested_users needs a positive TTL and chunk size, got ttl_sec={ttl_sec}, "
             f"chunk_users={chunk_users} (SUGGESTION_TTL_SEC sets the TTL)"
         )
-    asset_key = dg.AssetKey(ASSET_NAME)
 
-    # A multi_asset only to name the op apart from the asset: the job is called suggested_users
-    # too (DESIGN.md §5), and Dagster wants op and job names distinct within a code location.
-    @dg.multi_asset(
-        name=OP_NAME,
-        specs=[
-            dg.AssetSpec(
-                asset_key,
-                group_name="suggestions",
-                kinds={"clickhouse", "redis"},
-                description=f"Up to {TOP_SUGGESTIONS} users to follow for everyone active in the "
-                "last 7 days: followees of their followees by mutuals, then the most followed.",
-                metadata={
-                    "cache_key_pattern": f"{ASSET_NAME}:{{user_id}}",
-                    "ttl_seconds": ttl_sec,
-                },
-                freshness_policy=freshness_policy(refresh_sec),
-            )
-        ],
-        pool=CLICKHOUSE_POOL,
-        retry_policy=STEP_RETRY_POLICY,
-        check_specs=check_specs(asset_key),
+    # The op is named apart from the asset: the job is called suggested_users too (docs/design.md
+    # §5), and Dagster wants op and job names distinct within a code location.
+    @cache_asset(
+        name=ASSET_NAME,
+        op_name=OP_NAME,
+        group="suggestions",
+        description=f"Up to {TOP_SUGGESTIONS} users to follow for everyone active in the last 7 "
+        "days: followees of their followees by mutuals, then the most followed.",
+        refresh_sec=refresh_sec,
+        checks=CHECKS,
+        metadata={"cache_key_pattern": f"{ASSET_NAME}:{{user_id}}", "ttl_seconds": ttl_sec},
     )
-    @fail_fast_on_permanent_faults
     def _suggested_users(
         context: dg.AssetExecutionContext,
         config: AsOfConfig,
@@ -608,13 +580,13 @@ def build_suggested_users_asset(
 
         sample = check_sample(users)
         served = {u: redis_cache.get_json(redis_cache.key(ASSET_NAME, u)) for u in sample}
-        results = evaluate_checks(
+        verdicts = evaluate_checks(
             served,
             exclusions=live_exclusions(clickhouse, sample),
             ttls={u: redis_cache.ttl(redis_cache.key(ASSET_NAME, u)) for u in sample},
         )
-        return dg.MaterializeResult(
-            metadata={
+        return cache_result(
+            {
                 "dagster/row_count": progress.users,
                 "users_served": progress.users,
                 "suggestions_written": progress.suggestions,
@@ -630,10 +602,19 @@ def build_suggested_users_asset(
                 "live_block_edges": graph.live_blocks,
                 "sample": dg.MetadataValue.md(_sample_table(served)),
             },
-            check_results=[
-                dg.AssetCheckResult(check_name=name, passed=passed, metadata=meta)
-                for name, (passed, meta) in results.items()
-            ],
+            verdicts,
         )
 
     return _suggested_users
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    settings = load_settings()
+    return dg.Definitions(
+        assets=[
+            build_suggested_users_asset(
+                settings.suggestion_ttl_sec, refresh_sec=settings.suggestion_interval_sec
+            )
+        ]
+    )

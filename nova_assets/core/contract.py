@@ -1,4 +1,4 @@
-"""What every cache family shares from DESIGN.md: event weights, `as_of`, times, step policies."""
+"""What every cache family shares (docs/design.md §3, §5): `as_of`, times, step policies, faults."""
 
 import functools
 import re
@@ -9,9 +9,6 @@ from typing import ParamSpec, TypeVar
 import dagster as dg
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from redis.exceptions import AuthenticationError, AuthorizationError
-
-EVENT_WEIGHTS: dict[str, float] = {"view": 0.1, "like": 1.0, "comment": 2.0, "share": 3.0}
-"""Weight of each known event type; any other type weighs nothing and is ignored."""
 
 STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL)
 """Transient faults retry after 1, 3, 7, 15, 31 s (Dagster's exponential backoff)."""

@@ -1,4 +1,4 @@
-"""Demo data: Nova's source schema (DESIGN.md §2) and a deterministic, realistic, dirty data set.
+"""Demo data: the source schema (docs/design.md §2) and a deterministic, realistic, dirty data set.
 
 The Nova app owns these tables in production; this module creates them only for local use and
 tests. Every row is generated inside ClickHouse by `INSERT … SELECT … FROM numbers(…)`: each value
@@ -32,16 +32,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import dagster as dg
-
-from nova_assets.resources import CLICKHOUSE_POOL, ClickHouseResource
-
-DATABASE = "nova"
-POSTS = f"{DATABASE}.posts"
-ENGAGEMENT_EVENTS = f"{DATABASE}.engagement_events"
-FOLLOWS = f"{DATABASE}.follows"
-BLOCKS = f"{DATABASE}.blocks"
-TABLES = (POSTS, ENGAGEMENT_EVENTS, FOLLOWS, BLOCKS)
+from nova_assets.core.resources import ClickHouseResource
+from nova_assets.core.sources import (
+    BLOCKS,
+    DATABASE,
+    ENGAGEMENT_EVENTS,
+    FOLLOWS,
+    POSTS,
+    TABLES,
+)
 
 CREATE_DATABASE = f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
 
@@ -500,7 +499,7 @@ def create_schema(clickhouse: ClickHouseResource) -> None:
 
 def is_empty(clickhouse: ClickHouseResource) -> bool:
     """Whether the four tables hold no rows (tables that do not exist count as empty)."""
-    names = [table.split(".", 1)[1] for table in TABLES]
+    names = [table.name for table in TABLES]
     rows = clickhouse.query_rows(
         "SELECT count() FROM system.tables "
         "WHERE database = {database:String} AND name IN {names:Array(String)} "
@@ -622,84 +621,3 @@ def _permutation(n: int, seed: int, salt: str) -> tuple[int, int]:
     while math.gcd(mul, n) != 1:
         mul += 1
     return mul, (digest >> 20) % n
-
-
-# -- live demo traffic ---------------------------------------------------------------------------
-
-DEMO_TRAFFIC_JOB = "demo_traffic"
-DEMO_EVENTS_PER_MINUTE = 300
-"""About the demo data set's own rate (2 M events over 7 days), so the rankings keep moving."""
-
-# A minute of new events: users drawn among those in the follow graph, posts among the 5,000
-# newest created in the last two days with a strong bias to the newest, the usual type mix.
-_APPEND_TRAFFIC = f"""
-INSERT INTO {ENGAGEMENT_EVENTS} (event_time, user_id, post_id, event_type)
-WITH
-    (SELECT max(follower_id) FROM {FOLLOWS}) AS max_user,
-    (
-        SELECT groupArray(post_id) FROM (
-            SELECT DISTINCT post_id FROM {POSTS}
-            WHERE created_at > fromUnixTimestamp64Milli({{end_ms:Int64}}, 'UTC') - INTERVAL 2 DAY
-              AND created_at <= fromUnixTimestamp64Milli({{end_ms:Int64}}, 'UTC')
-            ORDER BY post_id DESC
-            LIMIT 5000
-        )
-    ) AS recent
-SELECT
-    fromUnixTimestamp64Milli(
-        {{end_ms:Int64}} - toInt64(cityHash64({{seed:UInt64}}, number, 1) % {{span_ms:UInt64}}),
-        'UTC'
-    ),
-    1 + cityHash64({{seed:UInt64}}, number, 2) % greatest(max_user, 1),
-    recent[1 + toUInt64(floor(length(recent)
-        * pow((cityHash64({{seed:UInt64}}, number, 3) % 1000000) / 1000000.0, 3)))],
-    multiIf(roll < 800, 'view', roll < 920, 'like', roll < 970, 'comment', 'share')
-FROM (
-    SELECT number, cityHash64({{seed:UInt64}}, number, 4) % 1000 AS roll
-    FROM numbers({{events:UInt64}})
-)
-WHERE length(recent) > 0
-"""
-
-
-def append_traffic(
-    clickhouse: ClickHouseResource, end: datetime, *, events: int, span: timedelta
-) -> int:
-    """Append `events` new events in (end - span, end]; returns how many were written."""
-    end_ms = round(end.timestamp() * 1000)
-    before = clickhouse.query_rows(f"SELECT count() FROM {ENGAGEMENT_EVENTS}")[0][0]
-    clickhouse.command(
-        _APPEND_TRAFFIC,
-        {
-            "end_ms": end_ms,
-            "span_ms": int(span.total_seconds() * 1000),
-            "events": events,
-            "seed": end_ms,
-        },
-    )
-    return clickhouse.query_rows(f"SELECT count() FROM {ENGAGEMENT_EVENTS}")[0][0] - before
-
-
-class DemoTrafficConfig(dg.Config):
-    events_per_minute: int = DEMO_EVENTS_PER_MINUTE
-
-
-@dg.op(pool=CLICKHOUSE_POOL, description="Appends the last minute of demo engagement events.")
-def append_demo_traffic(
-    context: dg.OpExecutionContext, config: DemoTrafficConfig, clickhouse: ClickHouseResource
-) -> None:
-    scheduled = context.run.tags.get("dagster/scheduled_execution_time")
-    end = datetime.fromisoformat(scheduled) if scheduled else datetime.now(UTC)
-    written = append_traffic(
-        clickhouse, end, events=config.events_per_minute, span=timedelta(minutes=1)
-    )
-    context.log.info(f"Appended {written} demo events up to {end.isoformat()}.")
-
-
-@dg.job(
-    name=DEMO_TRAFFIC_JOB,
-    description="Local demo only: a minute of new engagement events, so trending moves.",
-    tags={"nova/job": DEMO_TRAFFIC_JOB},
-)
-def demo_traffic() -> None:
-    append_demo_traffic()

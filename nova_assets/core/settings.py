@@ -1,11 +1,12 @@
 """Configuration: read the environment once, validate it, and say exactly what is wrong.
 
-Every variable of DESIGN.md §8 is parsed here into a frozen `Settings`. A bad value raises
+Every variable of docs/design.md §8 is parsed here into a frozen `Settings`. A bad value raises
 `SettingsError`, whose message names each offending variable, the value as given (with any URL
 password replaced by `***`) and the accepted form; the code location then fails to load with that
 message instead of failing later inside a run.
 """
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -64,7 +65,7 @@ def interval_to_cron(seconds: int) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated configuration of one deployment (DESIGN.md §8)."""
+    """Validated configuration of one deployment (docs/design.md §8)."""
 
     nova_home: Path
     clickhouse_url: str
@@ -99,6 +100,12 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         """Parse and validate `environ` (default: the process environment), all at once."""
         return _Parser(os.environ if environ is None else environ).parse()
+
+
+@functools.cache
+def load_settings() -> Settings:
+    """The process environment's settings, read and validated once per process."""
+    return Settings.from_env()
 
 
 class _Parser:

@@ -1,0 +1,22 @@
+"""Resources: the only code that builds clients for ClickHouse, Redis, Kafka and the Pushgateway.
+
+Each resource owns its client's lifecycle (created on first use, closed at teardown), takes its
+network timeouts from `base` and exposes small domain methods, so assets and sensors never touch
+a client library directly.
+"""
+
+from nova_assets.core.resources.clickhouse import CLICKHOUSE_POOL, ClickHouseResource
+from nova_assets.core.resources.kafka import KafkaDLQResource, KafkaRecord
+from nova_assets.core.resources.observability import AlertWebhookResource, JobMetricsResource
+from nova_assets.core.resources.redis_cache import RedisCacheResource, json_dumps
+
+__all__ = [
+    "CLICKHOUSE_POOL",
+    "AlertWebhookResource",
+    "ClickHouseResource",
+    "JobMetricsResource",
+    "KafkaDLQResource",
+    "KafkaRecord",
+    "RedisCacheResource",
+    "json_dumps",
+]

@@ -1,0 +1,140 @@
+"""The Redis that serves Nova's read caches: JSON values, always written with their TTL."""
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+import redis
+from pydantic import Field, PrivateAttr
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from nova_assets.core.contract import DataContractError
+from nova_assets.core.resources.base import REDIS_SOCKET_TIMEOUT_S, ClientResource
+
+
+def json_dumps(value: Mapping[str, Any]) -> bytes:
+    """Serialise a cache value: compact UTF-8 JSON, floats at full precision (never rounded).
+
+    orjson writes the shortest text that reads back as the same float, several times faster than
+    the standard library; but it writes NaN and infinity as null, so any null hands the value to
+    the strict standard encoder, which refuses them.
+    """
+    text = orjson.dumps(value)
+    if b"null" not in text:
+        return text
+    try:
+        strict = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # NaN or infinity: JSON has no such number
+        raise DataContractError(f"a cache value cannot be written as JSON: {exc}") from exc
+    return strict.encode()
+
+
+# Replace a cache value atomically, unless the new ranking is empty and the current one is not.
+# One script, so a reader never sees the key missing, partial or without its TTL; and resending it
+# after a reconnect (redis-py retries a command whose reply was lost) gives the same result.
+_REPLACE_SCRIPT = """
+if ARGV[3] == '1' then
+  local current = redis.call('GET', KEYS[1])
+  if current then
+    local ok, decoded = pcall(cjson.decode, current)
+    if ok and type(decoded) == 'table' and type(decoded['items']) == 'table'
+        and #decoded['items'] > 0 then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
+class RedisCacheResource(ClientResource):
+    """The Redis that serves Nova's read caches: JSON values, always written with their TTL."""
+
+    url: str = Field(description="redis://[:password@]host:port/db")
+    key_prefix: str = Field(default="nova:cache:", description="Prefix of every cache key.")
+    retries: int = Field(default=3, description="Retries of a command on connection errors.")
+    socket_timeout_s: float = Field(
+        default=REDIS_SOCKET_TIMEOUT_S, description="Connect and read timeout of every command."
+    )
+
+    _replace: Any = PrivateAttr(default=None)
+
+    def client(self) -> redis.Redis:
+        """The resource's client: timeouts and a jittered exponential retry on connection errors."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout_s,
+                socket_connect_timeout=self.socket_timeout_s,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                health_check_interval=30,
+                client_name="nova_assets",
+            )
+            self._replace = self._client.register_script(_REPLACE_SCRIPT)
+        return self._client
+
+    def key(self, *parts: object) -> str:
+        """A cache key under the configured prefix, e.g. nova:cache:feed:42 for ("feed", 42)."""
+        return self.key_prefix + ":".join(str(p) for p in parts)
+
+    def set_json(self, key: str, value: Mapping[str, Any], ttl_s: int) -> None:
+        """Write one JSON value with its TTL in the same command."""
+        self.client().set(key, json_dumps(value), ex=_positive(ttl_s))
+
+    def set_many_json(self, entries: Iterable[tuple[str, Mapping[str, Any], int]]) -> int:
+        """Write many JSON values, each with its TTL, in one pipeline round trip.
+
+        A value whose `items` list is empty goes through the atomic replace script in the same
+        pipeline, so it never replaces a non-empty value (docs/design.md §4). Every value is
+        absolute,
+        so a pipeline resent after a reconnect rewrites the same data.
+
+        Returns:
+            How many values were written; the others kept a previous non-empty value.
+        """
+        client = self.client()
+        pipe = client.pipeline(transaction=False)
+        count = 0
+        for key, value, ttl_s in entries:
+            text, ttl = json_dumps(value), _positive(ttl_s)
+            if _is_empty_ranking(value):
+                self._replace(keys=[key], args=[text, ttl, "1"], client=pipe)
+            else:
+                pipe.set(key, text, ex=ttl)
+            count += 1
+        if not count:
+            return 0
+        # SET answers True; the script 1 when it wrote, 0 when it kept the previous value.
+        return sum(1 for reply in pipe.execute() if reply)
+
+    def replace_ranking(self, key: str, value: Mapping[str, Any], ttl_s: int) -> bool:
+        """Atomically replace a ranking; an empty `items` list never replaces a non-empty one.
+
+        Returns:
+            True if the value was written, False if the previous non-empty value was kept.
+        """
+        self.client()
+        empty = "1" if _is_empty_ranking(value) else "0"
+        return bool(self._replace(keys=[key], args=[json_dumps(value), _positive(ttl_s), empty]))
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        raw = self.client().get(key)
+        return None if raw is None else json.loads(raw)
+
+    def ttl(self, key: str) -> int:
+        """Seconds left on `key`: -1 without a TTL, -2 when missing (Redis semantics)."""
+        return int(self.client().ttl(key))
+
+
+def _is_empty_ranking(value: Mapping[str, Any]) -> bool:
+    return "items" in value and not value["items"]
+
+
+def _positive(ttl_s: int) -> int:
+    if ttl_s <= 0:
+        raise ValueError(f"a cache TTL must be positive, got {ttl_s}")
+    return int(ttl_s)

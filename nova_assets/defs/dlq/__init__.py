@@ -1,0 +1,1 @@
+"""The dead-letter queue: its message, its publisher and its replay."""

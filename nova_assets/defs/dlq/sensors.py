@@ -1,0 +1,197 @@
+"""The DLQ's two sensors: `dlq_publisher` sends failed runs to Kafka, `dlq_replay` runs them again.
+
+Dagster's `run_failure_sensor` moves its cursor even when its evaluation raises, so publishing from
+it would lose the message whenever Kafka is down. `dlq_publisher` instead walks the instance's
+failed runs itself and marks a run only once the broker acknowledged its message: the tag
+`nova/dlq_delivered` on the run is the durable record (the metrics count it), and the cursor
+only moves past runs that carry it. A run that could not be delivered is tried again at the next
+evaluation, so Kafka being down delays messages and loses none.
+"""
+
+import json
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
+from nova_assets.core.settings import load_settings
+from nova_assets.defs.dlq.messages import (
+    DELIVERED_TAG,
+    DELIVERED_VALUE,
+    LOOKBACK,
+    PUBLISH_BUDGET_S,
+    REPLAY_TAG,
+    RUNS_PER_PAGE,
+    build_message,
+    encode,
+    parse_message,
+)
+from nova_assets.defs.schedules import cache_jobs, job_specs
+
+# -- the publisher ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublisherCursor:
+    """Every failed run updated before `watermark - LOOKBACK` has been handled."""
+
+    watermark: float = 0.0
+
+    @classmethod
+    def parse(cls, raw: str | None) -> "PublisherCursor":
+        if not raw:
+            return cls()
+        return cls(float(json.loads(raw)["watermark"]))
+
+    def serialize(self) -> str:
+        return json.dumps({"watermark": self.watermark})
+
+    def handled(self, record: dg.RunRecord) -> "PublisherCursor":
+        return PublisherCursor(max(self.watermark, record.update_timestamp.timestamp()))
+
+
+def publish_failed_runs(
+    instance: dg.DagsterInstance,
+    cursor: PublisherCursor,
+    kafka_dlq: KafkaDLQResource,
+    alerts: AlertWebhookResource,
+    log: Any,
+) -> tuple[PublisherCursor, int, int]:
+    """Publish the failed runs not yet delivered, oldest failure first.
+
+    Every evaluation looks again at the failed runs updated since `watermark - LOOKBACK`, page by
+    page, and skips those tagged delivered: a run stamped earlier than one already handled (a
+    failure stored late, or by a host whose clock runs behind) is still found, and any number of
+    delivered runs in that span never stalls the walk.
+
+    Returns:
+        The new cursor, how many messages were delivered, and how many runs of the page at hand
+        still wait (more may follow it).
+    """
+    since = datetime.fromtimestamp(cursor.watermark, UTC) - LOOKBACK
+    deadline = time.monotonic() + PUBLISH_BUDGET_S
+    delivered = 0
+    seen: set[str] = set()
+    while True:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=since),
+            order_by="update_timestamp",
+            ascending=True,
+            limit=RUNS_PER_PAGE,
+        )
+        new_runs = 0
+        for position, record in enumerate(records):
+            run = record.dagster_run
+            if run.run_id in seen:
+                continue
+            seen.add(run.run_id)
+            new_runs += 1
+            if DELIVERED_TAG in run.tags:
+                cursor = cursor.handled(record)
+                continue
+            if time.monotonic() >= deadline:
+                return cursor, delivered, len(records) - position
+            message = build_message(instance, record)
+            if not kafka_dlq.publish(run.job_name, encode(message)):
+                log.warning(
+                    f"Kafka did not acknowledge the DLQ message of run {run.run_id} "
+                    f"({run.job_name}); it stays pending and is sent again at the next evaluation."
+                )
+                return cursor, delivered, len(records) - position
+            instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
+            alerts.notify_failure(message)
+            delivered += 1
+            cursor = cursor.handled(record)
+        if len(records) < RUNS_PER_PAGE:
+            return cursor, delivered, 0
+        # The next page starts just before the last run of this one (`updated_after` is strict),
+        # so runs sharing its instant are not skipped; those read twice are in `seen`. A page of
+        # nothing new (a hundred runs of one microsecond) moves past that instant.
+        last = records[-1].update_timestamp
+        since = last - timedelta(microseconds=1) if new_runs else last
+
+
+@dg.sensor(
+    name="dlq_publisher",
+    description="Publishes every finally failed run to the Kafka dead-letter topic, at least once.",
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def dlq_publisher(
+    context: dg.SensorEvaluationContext,
+    kafka_dlq: KafkaDLQResource,
+    alerts: AlertWebhookResource,
+) -> dg.SkipReason:
+    cursor = PublisherCursor.parse(context.cursor)
+    cursor, delivered, pending = publish_failed_runs(
+        context.instance, cursor, kafka_dlq, alerts, context.log
+    )
+    context.update_cursor(cursor.serialize())
+    if pending:
+        return dg.SkipReason(f"Delivered {delivered} DLQ message(s); {pending} failed run(s) wait.")
+    return dg.SkipReason(f"Delivered {delivered} DLQ message(s); nothing pending.")
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def build_dlq_replay_sensor(
+    jobs: Sequence[Any], job_assets: Mapping[str, Collection[str]]
+) -> dg.SensorDefinition:
+    """`dlq_replay`: launches one new run per good DLQ message, tagged with the run it replays.
+
+    Args:
+        jobs: The jobs it may launch.
+        job_assets: The asset keys each of those jobs materializes, by job name.
+    """
+
+    @dg.sensor(
+        name="dlq_replay",
+        description="Replays the dead-letter queue: one new run per message, never twice. "
+        "Stopped by default; turn it on to drain the queue.",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        jobs=list(jobs),
+    )
+    def dlq_replay(context: dg.SensorEvaluationContext, kafka_dlq: KafkaDLQResource):
+        offsets = {int(p): o for p, o in json.loads(context.cursor or "{}").items()}
+        records = kafka_dlq.read(offsets, max_messages=RUNS_PER_PAGE)
+        requests = []
+        for record in records:
+            offsets[record.partition] = record.offset + 1
+            parsed = parse_message(record.value, job_assets)
+            where = f"{kafka_dlq.topic}:{record.partition}:{record.offset}"
+            if isinstance(parsed, str):
+                context.log.warning(f"Skipping DLQ message {where}: {parsed}.")
+                continue
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"dlq:{where}",
+                    job_name=parsed.job_name,
+                    # No keys recorded: the job's whole selection.
+                    asset_selection=[dg.AssetKey.from_user_string(k) for k in parsed.asset_keys]
+                    or None,
+                    tags={REPLAY_TAG: parsed.run_id},
+                )
+            )
+        context.update_cursor(json.dumps({str(p): o for p, o in offsets.items()}))
+        if not requests:
+            return dg.SkipReason(f"No DLQ message to replay ({len(records)} read).")
+        return requests
+
+    return dlq_replay
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    specs = job_specs(load_settings())
+    return dg.Definitions(
+        sensors=[
+            dlq_publisher,
+            build_dlq_replay_sensor(cache_jobs(), {spec.name: [spec.asset] for spec in specs}),
+        ]
+    )

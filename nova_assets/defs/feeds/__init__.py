@@ -1,0 +1,1 @@
+"""Warmed feeds of the most active users."""

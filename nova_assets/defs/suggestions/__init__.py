@@ -1,0 +1,1 @@
+"""Suggested users to follow."""

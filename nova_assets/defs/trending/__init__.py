@@ -1,0 +1,1 @@
+"""Trending posts over 1h, 24h and 7d."""

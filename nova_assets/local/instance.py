@@ -1,0 +1,26 @@
+"""The local Dagster instance config: the packaged template, with the run limit of the settings."""
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+TEMPLATE = "dagster.yaml"
+"""The template beside this module, shipped in the package so any working directory finds it."""
+
+
+def template_text() -> str:
+    return resources.files(__package__).joinpath(TEMPLATE).read_text()
+
+
+def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None = None) -> Path:
+    """Write `home/dagster.yaml` from the template, allowing `max_concurrent_jobs` runs at once."""
+    config = yaml.safe_load(template.read_text() if template else template_text())
+    config["concurrency"]["runs"]["max_concurrent_runs"] = max_concurrent_jobs
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    target.write_text(
+        "# Written by `nova-assets instance` from nova_assets/local/dagster.yaml; edit that one.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    return target
