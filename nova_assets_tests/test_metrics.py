@@ -137,7 +137,7 @@ def test_dlq_messages_are_counted_from_delivered_runs(grouping, kafka_dlq):
     assert sample(scrape(), grouping, "job_dlq_messages_total", job_name=JOB) == 2
 
 
-def test_restarting_the_gateway_and_every_process_loses_no_count(tmp_path):
+def test_restarting_the_gateway_and_every_process_loses_no_count(tmp_path, service_binaries):
     [port] = free_ports(1)
     config = StackConfig(state_dir=tmp_path / ".nova", pushgateway_port=port)
     url = f"http://127.0.0.1:{port}"

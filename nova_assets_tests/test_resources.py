@@ -17,7 +17,7 @@ import pytest
 from nova_assets.core.resources import JobMetricsResource, KafkaDLQResource
 from nova_assets.local import seed
 from nova_assets.local.stack import down
-from nova_assets_tests.conftest import PUSHGATEWAY_URL, kafka_for
+from nova_assets_tests.conftest import kafka_for
 
 INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]
 
@@ -200,13 +200,13 @@ def test_publishing_while_the_broker_is_stopped_says_not_delivered(private_kafka
     assert time.monotonic() - started < 3.0 + 2.0
 
 
-def _gateway_metrics() -> str:
-    with urllib.request.urlopen(f"{PUSHGATEWAY_URL}/metrics", timeout=5) as response:
+def _gateway_metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
         return response.read().decode()
 
 
-def test_a_push_can_be_read_back_from_the_gateway():
-    metrics = JobMetricsResource(gateway=PUSHGATEWAY_URL)
+def test_a_push_can_be_read_back_from_the_gateway(pushgateway):
+    metrics = JobMetricsResource(gateway=pushgateway)
     metrics.setup_for_execution(None)
     gauge = prometheus_client.Gauge(
         "nova_resource_test_value", "test gauge", ["job_name"], registry=metrics.registry
@@ -215,12 +215,10 @@ def test_a_push_can_be_read_back_from_the_gateway():
     assert metrics.push(job="nova_resource_test")
     assert (
         'nova_resource_test_value{instance="",job="nova_resource_test",job_name="trending_1h"} 42.5'
-        in (_gateway_metrics())
+        in (_gateway_metrics(pushgateway))
     )
     urllib.request.urlopen(
-        urllib.request.Request(
-            f"{PUSHGATEWAY_URL}/metrics/job/nova_resource_test", method="DELETE"
-        ),
+        urllib.request.Request(f"{pushgateway}/metrics/job/nova_resource_test", method="DELETE"),
         timeout=5,
     )
 
