@@ -491,6 +491,8 @@ class _Progress:
 
     total: int
     started: float
+    graph_s: float = 0.0
+    ranking_s: float = 0.0
     users: int = 0
     suggestions: int = 0
     needing_fill: int = 0
@@ -513,6 +515,42 @@ class _Progress:
             f"({self.users / max(self.total, 1):.0%}), {rate:,.0f} users/s, "
             f"about {left:,.0f} s left"
         )
+
+
+def suggest_all(
+    log: Any,
+    clickhouse: ClickHouseResource,
+    redis_cache: RedisCacheResource,
+    users: Sequence[int],
+    as_of: datetime,
+    *,
+    ttl_sec: int,
+    chunk_users: int,
+) -> tuple[Graph, _Progress]:
+    """Rank and write every user's suggestions, chunk by chunk; log progress after each."""
+    started = time.perf_counter()
+    # Connect once here, so the writer threads share one client and its connection pool.
+    redis_cache.client()
+    with (
+        suggestion_graph(clickhouse) as graph,
+        ThreadPoolExecutor(WRITERS_IN_FLIGHT) as writers,
+    ):
+        graph_s = time.perf_counter() - started
+        log.info(
+            f"{ASSET_NAME}: {len(users):,} active users as of {iso_z(as_of)}; live graph of "
+            f"{graph.live_follows:,} follows and {graph.live_blocks:,} blocks loaded in "
+            f"{graph_s:.1f} s"
+        )
+        progress = _Progress(total=len(users), started=time.perf_counter(), graph_s=graph_s)
+        # A chunk is ranked, then written completely, before the next one is ranked: the
+        # boundary where a run can stop (or fail) with every key whole, old or new.
+        for start in range(0, len(users), chunk_users):
+            ranked_at = time.perf_counter()
+            chunk = rank_users(clickhouse, users[start : start + chunk_users])
+            progress.ranking_s += time.perf_counter() - ranked_at
+            progress.add(chunk, write_chunk(redis_cache, writers, chunk, as_of, ttl_sec))
+            log.info(progress.describe())
+    return graph, progress
 
 
 def build_suggested_users_asset(
@@ -549,28 +587,15 @@ def build_suggested_users_asset(
         as_of = config.resolve(context)
         started = time.perf_counter()
         users = active_users(clickhouse, as_of)
-        # Connect once here, so the writer threads share one client and its connection pool.
-        redis_cache.client()
-        ranking_s = 0.0
-        with (
-            suggestion_graph(clickhouse) as graph,
-            ThreadPoolExecutor(WRITERS_IN_FLIGHT) as writers,
-        ):
-            graph_s = time.perf_counter() - started
-            context.log.info(
-                f"{ASSET_NAME}: {len(users):,} active users as of {iso_z(as_of)}; live graph of "
-                f"{graph.live_follows:,} follows and {graph.live_blocks:,} blocks loaded in "
-                f"{graph_s:.1f} s"
-            )
-            progress = _Progress(total=len(users), started=time.perf_counter())
-            # A chunk is ranked, then written completely, before the next one is ranked: the
-            # boundary where a run can stop (or fail) with every key whole, old or new.
-            for start in range(0, len(users), chunk_users):
-                ranked_at = time.perf_counter()
-                chunk = rank_users(clickhouse, users[start : start + chunk_users])
-                ranking_s += time.perf_counter() - ranked_at
-                progress.add(chunk, write_chunk(redis_cache, writers, chunk, as_of, ttl_sec))
-                context.log.info(progress.describe())
+        graph, progress = suggest_all(
+            context.log,
+            clickhouse,
+            redis_cache,
+            users,
+            as_of,
+            ttl_sec=ttl_sec,
+            chunk_users=chunk_users,
+        )
         seconds = time.perf_counter() - started
         if progress.kept_previous:
             context.log.warning(
@@ -594,8 +619,8 @@ def build_suggested_users_asset(
                 "users_kept_previous": progress.kept_previous,
                 "batches": progress.batches,
                 "seconds": round(seconds, 2),
-                "graph_load_seconds": round(graph_s, 2),
-                "ranking_seconds": round(ranking_s, 2),
+                "graph_load_seconds": round(progress.graph_s, 2),
+                "ranking_seconds": round(progress.ranking_s, 2),
                 "users_per_second": round(progress.users / seconds, 1) if seconds else 0.0,
                 "as_of": iso_z(as_of),
                 "live_follow_edges": graph.live_follows,
