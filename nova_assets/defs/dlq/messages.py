@@ -1,11 +1,8 @@
 """The dead-letter message (docs/design.md §6): built from a failed run, encoded, parsed, listed.
 
-Dagster's `run_failure_sensor` moves its cursor even when its evaluation raises, so publishing from
-it would lose the message whenever Kafka is down. `dlq_publisher` instead walks the instance's
-failed runs itself and marks a run only once the broker acknowledged its message: the tag
-`nova/dlq_delivered` on the run is the durable record (the metrics count it), and the cursor
-only moves past runs that carry it. A run that could not be delivered is tried again at the next
-evaluation, so Kafka being down delays messages and loses none.
+The message is untrusted input once it is on the topic: `parse_message` validates it before a
+replay, and `list_messages` reads it for `nova-assets dlq list`. `sensors.py` moves it between
+Dagster and Kafka.
 """
 
 import json
