@@ -4,10 +4,15 @@ nova-assets services up|down|status          Redis, Kafka (KRaft), Pushgateway o
 nova-assets seed [--if-empty] [...]          the ClickHouse schema and a deterministic dataset
 nova-assets instance --home DIR              the local Dagster instance config in DAGSTER_HOME
 nova-assets dlq list [--job J] [--limit N] [--scan N]   the dead-letter queue, newest first
+nova-assets dlq replay RUN_ID                 run a failed run's assets again, with its run config
 """
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +21,8 @@ import nova_assets
 from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource
 from nova_assets.core.settings import Settings, SettingsError
 from nova_assets.defs.dlq import messages as dlq
+from nova_assets.defs.dlq.sensors import plan_replays
+from nova_assets.defs.schedules import job_specs, jobs_of_run
 from nova_assets.local import seed, stack
 from nova_assets.local.instance import write_instance
 
@@ -109,7 +116,65 @@ def _instance(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+LOCATION_NAME = "nova_assets"
+"""The code location's name, as workspace.yaml gives it to `dagster dev`."""
+
+
+def _replay(settings: Settings, run_id: str) -> int:
+    """Launch the replay of one failed run through the instance (DAGSTER_HOME), as the sensor does.
+
+    `dagster job launch` submits each run to the instance's run coordinator, so the replay waits
+    its turn under the same limits as any run.
+    """
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        failed = instance.get_run_by_id(run_id)
+        if failed is None:
+            print(f"error: the instance has no run {run_id!r}", file=sys.stderr)
+            return 1
+        specs = job_specs(settings)
+        owners = set(jobs_of_run(instance, failed, specs))
+        assets = [spec.asset for spec in specs if spec.name in owners]
+        replays = plan_replays(instance, specs, run_id, assets, failed.job_name)
+    if not replays:
+        print(f"error: run {run_id} materializes no asset of {LOCATION_NAME}", file=sys.stderr)
+        return 1
+    dagster = str(Path(sys.executable).parent / "dagster")
+    with tempfile.TemporaryDirectory() as scratch:
+        workspace = Path(scratch) / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - python_module:\n      module_name: nova_assets.definitions\n"
+            f"      location_name: {LOCATION_NAME}\n"
+        )
+        for replay in replays:
+            new_run = str(uuid.uuid4())
+            launched = subprocess.run(
+                [
+                    *(dagster, "job", "launch", "-w", str(workspace), "-j", replay.job_name),
+                    *("--run-id", new_run, "--tags", json.dumps(replay.tags)),
+                    *("--config-json", json.dumps(replay.run_config)),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if launched.returncode != 0:
+                print(
+                    f"error: launching {replay.job_name} failed:\n{launched.stderr}",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"Launched run {new_run} of {replay.job_name}, replaying run {run_id}.")
+    return 0
+
+
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "replay":
+        if not args.run_id:
+            print("error: dlq replay needs the failed run's id: dlq replay RUN_ID", file=sys.stderr)
+            return 2
+        return _replay(settings, args.run_id)
     kafka = KafkaDLQResource(
         brokers=",".join(settings.kafka_brokers),
         topic=settings.dlq_topic,
@@ -174,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--template", type=Path, default=None, help="default: nova_assets/local/dagster.yaml"
     )
     queue = commands.add_parser("dlq", help="inspect the dead-letter queue")
-    queue.add_argument("action", choices=["list"])
+    queue.add_argument("action", choices=["list", "replay"])
+    queue.add_argument("run_id", nargs="?", help="replay: the failed run to run again")
     queue.add_argument("--job", help="only this job's messages")
     queue.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     queue.add_argument(

@@ -23,9 +23,10 @@ import dagster as dg
 import pytest
 
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
+from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
-from nova_assets.defs.schedules import JOB_TAG
+from nova_assets.defs.schedules import JOB_TAG, job_specs
 from nova_assets.local.stack import down, started_pid, up
 from nova_assets_tests.conftest import KAFKA_BROKERS, kafka_for
 
@@ -259,45 +260,89 @@ def _message(job="trending_1h", run_id=None, **extra):
     return json.dumps(body | extra).encode()
 
 
-def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka_dlq, instance):
+def _replay_tick(instance, kafka_dlq, cursor=None):
     from nova_assets import definitions
 
     replay = definitions.defs.resolve_sensor_def("dlq_replay")
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"kafka_dlq": kafka_dlq}
+    ) as context:
+        return replay.evaluate_tick(context)
+
+
+def test_replay_runs_each_failed_run_once_by_its_assets_and_skips_bad_messages(kafka_dlq, instance):
     good = [uuid.uuid4().hex for _ in range(2)]
     payloads = [
         _message(run_id=good[0]),
         b"not json at all",
         json.dumps({"schema": dlq.SCHEMA, "job_name": "trending_1h"}).encode(),
         _message(schema="nova.jobs.dlq.v0"),
-        _message(job="no_such_job"),
+        _message(job="no_such_job", asset_keys=[]),
         json.dumps(["a", "list"]).encode(),
-        _message(asset_keys=["suggested_users"]),
-        _message(run_id=good[1]),
+        _message(asset_keys=["no_such_asset"]),
+        # The at-least-once duplicate of the first failure: replayed once.
+        _message(run_id=good[0]),
+        # A UI run (Dagster's implicit asset job) of two assets: each replayed by its own job.
+        _message(
+            job="__ASSET_JOB", run_id=good[1], asset_keys=["trending_posts_1h", "suggested_users"]
+        ),
+        # A failed replay: left to an operator, never replayed automatically.
+        _message(run_id=uuid.uuid4().hex, replay_of=good[0]),
     ]
     for payload in payloads:
         assert kafka_dlq.publish("trending_1h", payload)
 
-    def tick(cursor=None):
-        with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources={"kafka_dlq": kafka_dlq}
-        ) as context:
-            return replay.evaluate_tick(context)
-
-    result = tick()
+    result = _replay_tick(instance, kafka_dlq)
     requests = result.run_requests
-    assert [r.tags[dlq.REPLAY_TAG] for r in requests] == good
-    assert all(r.job_name == "trending_1h" for r in requests) and len(requests) == 2
-    assert [r.asset_selection for r in requests] == [[dg.AssetKey("trending_posts_1h")]] * 2
-    assert [r.run_key for r in requests] == [
-        f"dlq:{kafka_dlq.topic}:0:0",
-        f"dlq:{kafka_dlq.topic}:0:7",
+    assert [(r.tags[dlq.REPLAY_TAG], r.job_name) for r in requests] == [
+        (good[0], "trending_1h"),
+        (good[1], "trending_1h"),
+        (good[1], "suggested_users"),
     ]
-    assert json.loads(result.cursor) == {"0": 8}
+    assert [r.run_key for r in requests] == [
+        f"replay:{good[0]}:trending_1h",
+        f"replay:{good[1]}:trending_1h",
+        f"replay:{good[1]}:suggested_users",
+    ]
+    assert [r.asset_selection for r in requests] == [
+        [dg.AssetKey("trending_posts_1h")],
+        [dg.AssetKey("trending_posts_1h")],
+        [dg.AssetKey("suggested_users")],
+    ]
+    assert json.loads(result.cursor) == {"0": len(payloads)}
 
     # The same messages again launch nothing; a later message still replays.
-    assert tick(result.cursor).run_requests == []
+    assert _replay_tick(instance, kafka_dlq, result.cursor).run_requests == []
     assert kafka_dlq.publish("trending_1h", _message(run_id="later"))
-    assert [r.tags[dlq.REPLAY_TAG] for r in tick(result.cursor).run_requests] == ["later"]
+    later = _replay_tick(instance, kafka_dlq, result.cursor).run_requests
+    assert [r.tags[dlq.REPLAY_TAG] for r in later] == ["later"]
+
+
+def test_a_replay_carries_the_failed_runs_config_for_its_own_op(kafka_dlq, instance):
+    as_of = {"config": {"as_of": "2026-11-28T12:00:00Z"}}
+    failed = dg.DagsterRun(
+        job_name="__ASSET_JOB",
+        run_id=uuid.uuid4().hex,
+        status=dg.DagsterRunStatus.FAILURE,
+        run_config={"ops": {"trending_posts_1h": as_of, "compute_suggested_users": as_of}},
+    )
+    instance.add_run(failed)
+    assert kafka_dlq.publish(
+        "trending_1h",
+        _message(run_id=failed.run_id, asset_keys=["trending_posts_1h", "suggested_users"]),
+    )
+    requests = {r.job_name: r for r in _replay_tick(instance, kafka_dlq).run_requests}
+    assert requests["trending_1h"].run_config == {"ops": {"trending_posts_1h": as_of}}
+    assert requests["suggested_users"].run_config == {"ops": {"compute_suggested_users": as_of}}
+
+
+def test_stored_offsets_past_the_end_are_reset_and_read_again(kafka_dlq, instance, capsys):
+    """A topic recreated (or moved) under the sensor: its offsets start again from zero."""
+    assert kafka_dlq.publish("trending_1h", _message(run_id="after-recreate"))
+    result = _replay_tick(instance, kafka_dlq, cursor=json.dumps({"0": 500}))
+    assert [r.tags[dlq.REPLAY_TAG] for r in result.run_requests] == ["after-recreate"]
+    assert json.loads(result.cursor) == {"0": 1}
+    assert "past the partition's end" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -309,12 +354,13 @@ def test_replay_launches_one_run_per_good_message_and_skips_malformed_ones(kafka
         (json.dumps({"schema": dlq.SCHEMA}).encode(), "job_name"),
         (_message(asset_keys="trending_posts_1h"), "asset_keys"),
         (_message(schema="other"), "unknown schema"),
-        (_message(job="nope"), "unknown job"),
-        (_message(asset_keys=["suggested_users"]), "not materialized by job 'trending_1h'"),
+        (_message(job="nope", asset_keys=[]), "unknown job"),
+        (_message(asset_keys=["elsewhere"]), "not materialized by this code location"),
+        (_message(replay_of=7), "replay_of"),
     ],
 )
 def test_each_malformed_kind_has_a_reason(payload, reason):
-    parsed = dlq.parse_message(payload, {"trending_1h": ["trending_posts_1h"]})
+    parsed = dlq.parse_message(payload, {"trending_posts_1h": "trending_1h"})
     assert isinstance(parsed, str)
     assert reason in parsed
 
@@ -392,3 +438,32 @@ def test_the_replay_sensor_is_stopped_and_the_publisher_running_by_default():
     assert definitions.defs.resolve_sensor_def("dlq_publisher").default_status == (
         dg.DefaultSensorStatus.RUNNING
     )
+
+
+@dg.asset(name="trending_posts_1h", retry_policy=FAST_RETRIES)
+def failing_trending() -> None:
+    raise ConnectionError("Redis at 127.0.0.1:6379 refused the connection")
+
+
+def test_a_failed_run_of_another_job_is_published_under_the_job_owning_its_asset(
+    instance, kafka_dlq
+):
+    """A UI launch runs Dagster's implicit asset job; its message names the job of its asset."""
+    failed = dg.materialize([failing_trending], instance=instance, raise_on_error=False)
+    specs = job_specs(Settings.from_env({}))
+    sensors.publish_failed_runs(
+        instance,
+        sensors.PublisherCursor(),
+        kafka_dlq,
+        AlertWebhookResource(),
+        dg.get_dagster_logger(),
+        specs,
+    )
+    [record] = kafka_dlq.read()
+    body = json.loads(record.value)
+    assert record.key == "trending_1h"
+    assert (body["job_name"], body["run_id"]) == ("trending_1h", failed.run_id)
+    assert body["asset_keys"] == ["trending_posts_1h"]
+    # ... and the replay sensor replays it as that job.
+    [request] = _replay_tick(instance, kafka_dlq).run_requests
+    assert (request.job_name, request.tags[dlq.REPLAY_TAG]) == ("trending_1h", failed.run_id)

@@ -13,8 +13,10 @@ import dagster as dg
 import pytest
 
 from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource
+from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import sensors
 from nova_assets.defs.metrics import build_job_metrics_sensor, compute_job_metrics, push_job_metrics
+from nova_assets.defs.schedules import JobSpec, job_specs
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, free_ports
 
@@ -180,7 +182,7 @@ def test_restarting_the_gateway_and_every_process_loses_no_count(tmp_path, servi
 
 def test_a_dead_gateway_costs_a_warning_never_a_run(caplog):
     job = _job([True])
-    sensor = build_job_metrics_sensor([JOB])
+    sensor = build_job_metrics_sensor([JobSpec(JOB, "trending_posts_1h", "* * * * *")])
     with dg.instance_for_test() as instance:
         assert run(job, instance).dagster_run.status == dg.DagsterRunStatus.SUCCESS
         dead = JobMetricsResource(gateway="http://127.0.0.1:1", timeout=1)
@@ -188,3 +190,49 @@ def test_a_dead_gateway_costs_a_warning_never_a_run(caplog):
             result = sensor.evaluate_tick(ctx)
     assert "not pushed" in result.skip_message
     assert "Could not push metrics" in caplog.text
+
+
+def test_runs_of_other_jobs_count_for_the_jobs_owning_their_assets(grouping):
+    """A UI launch (Dagster's implicit asset job) counts in the job that owns each asset."""
+
+    @dg.asset(name="trending_posts_1h")
+    def trending() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"dagster/row_count": 50})
+
+    @dg.asset(name="warmed_feeds", deps=[trending])
+    def feeds() -> None:
+        raise ConnectionError("Redis refused the connection")
+
+    specs = job_specs(Settings.from_env({}))
+    sensor = build_job_metrics_sensor(specs)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([trending], instance=instance).success
+        both = dg.materialize([trending, feeds], instance=instance, raise_on_error=False)
+        assert not both.success
+        with dg.build_sensor_context(
+            instance=instance, resources={"job_metrics": gateway()}
+        ) as context:
+            sensor.evaluate_tick(context)
+            cursor = context.cursor
+        ui_run = instance.get_run_by_id(both.run_id)
+        # Evaluated again from its cursor: nothing is counted twice.
+        with dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"job_metrics": gateway()}
+        ) as context:
+            sensor.evaluate_tick(context)
+        trending_1h = compute_job_metrics(instance, "trending_1h")
+        cache_warmer = compute_job_metrics(instance, "cache_warmer")
+        assert push_job_metrics(instance, ["trending_1h", "cache_warmer"], gateway(), grouping)
+
+    assert ui_run.tags["nova/counts_for"] == "trending_1h,cache_warmer"
+    # The two-asset run failed: it counts as a failure of both jobs it materialized for.
+    assert (trending_1h.successes, trending_1h.failures) == (1, 1)
+    assert (cache_warmer.successes, cache_warmer.failures) == (0, 1)
+    assert trending_1h.items_processed == 50
+    text = scrape()
+    for job, status, value in [
+        ("trending_1h", "success", 1),
+        ("trending_1h", "failure", 1),
+        ("cache_warmer", "failure", 1),
+    ]:
+        assert sample(text, grouping, "job_runs_total", job_name=job, status=status) == value

@@ -91,3 +91,31 @@ def test_every_job_has_its_schedule_at_the_configured_cadence():
         assert schedules[job_name].cron_schedule == cron
         assert schedules[job_name].default_status == dg.DefaultScheduleStatus.RUNNING
     assert settings.trending_cron == "* * * * *"
+
+
+def test_a_tick_is_skipped_while_a_run_of_another_job_materializes_its_asset():
+    """The UI's Materialize button launches Dagster's implicit asset job: still skipped."""
+    started, release = threading.Event(), threading.Event()
+
+    @dg.asset(name="trending_posts_1h")
+    def slow() -> None:
+        started.set()
+        release.wait(timeout=30)
+
+    job = _slow_job("trending_1h", threading.Event(), threading.Event())
+    schedule = build_schedule(JobSpec("trending_1h", "trending_posts_1h", "* * * * *"), job)
+    other = build_schedule(JobSpec("cache_warmer", "warmed_feeds", "* * * * *"), job)
+    with dg.instance_for_test() as instance:
+        runner = threading.Thread(target=lambda: dg.materialize([slow], instance=instance))
+        runner.start()
+        assert started.wait(timeout=30)
+        [record] = instance.get_run_records()
+        skipped = _tick(schedule, instance)
+        not_held = _tick(other, instance)
+        release.set()
+        runner.join()
+
+    assert record.dagster_run.job_name != "trending_1h"
+    assert skipped.run_requests == []
+    assert record.dagster_run.run_id in skipped.skip_message
+    assert len(not_held.run_requests) == 1

@@ -22,6 +22,18 @@ from nova_assets.core.resources import CLICKHOUSE_POOL
 
 CACHE_KINDS = {"clickhouse", "redis"}
 
+
+def asset_pool(asset_name: str, *, embedded: bool) -> str:
+    """The Dagster pool an asset's step takes a slot of (docs/design.md §5).
+
+    The embedded engine admits one process at a time, so there every step shares the one-slot
+    `clickhouse` pool. A server admits many: each asset then has a pool of its own, which the
+    instance limits to one slot, so two runs never materialize one asset at once, however they
+    were launched (a schedule, the UI's Materialize button, the CLI, a replay).
+    """
+    return CLICKHOUSE_POOL if embedded else f"{CLICKHOUSE_POOL}/{asset_name}"
+
+
 Verdicts = Mapping[str, tuple[bool, Mapping[str, Any]]]
 """Each check's outcome by name: (passed, metadata shown with it)."""
 
@@ -36,6 +48,7 @@ def cache_asset(
     metadata: Mapping[str, Any],
     op_name: str | None = None,
     retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY,
+    pool: str = CLICKHOUSE_POOL,
 ) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
     """Declare a cache asset around its compute function.
 
@@ -48,6 +61,7 @@ def cache_asset(
         metadata: Definition metadata (cache key pattern, TTL).
         op_name: The op's name where it must differ from the asset's (run config goes under it).
         retry_policy: The step's retry policy (tests shorten it).
+        pool: The step's pool (`asset_pool`).
     """
     key = dg.AssetKey(name)
     spec = dg.AssetSpec(
@@ -63,7 +77,7 @@ def cache_asset(
         return dg.multi_asset(
             name=op_name or name,
             specs=[spec],
-            pool=CLICKHOUSE_POOL,
+            pool=pool,
             retry_policy=retry_policy,
             check_specs=[
                 dg.AssetCheckSpec(check, asset=key, description=text)

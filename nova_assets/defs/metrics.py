@@ -5,10 +5,16 @@ successes and failure streaks; the latest materialization's `dagster/row_count` 
 runs tagged as delivered to the dead-letter topic for DLQ counts. Nothing lives in one process's
 memory, so restarting every process — or the Pushgateway, which keeps nothing on disk — loses no
 count: the next push restores the full state.
+
+A job's runs are its own runs and every other run that materialized its asset (the UI's
+Materialize button launches Dagster's `__ASSET_JOB`): before computing, the sensor tags each such
+run, once it finished, with `nova/counts_for.<job>` for each job it counts for (docs/design.md §5).
 """
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,7 +23,7 @@ from prometheus_client.registry import Collector
 from nova_assets.core.resources import JobMetricsResource
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.defs.schedules import job_specs
+from nova_assets.defs.schedules import JobSpec, counts_for_tag, job_specs, jobs_of_run
 
 PUSH_JOB = "nova_assets"
 """The Pushgateway grouping (`job` label) all metrics are pushed under."""
@@ -25,6 +31,47 @@ PUSH_JOB = "nova_assets"
 UNHEALTHY_AFTER_FAILURES = 3
 
 _FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
+ATTRIBUTED_TAG = "nova/counts_for"
+"""On a run of another job, the jobs it was found to count for (comma-separated, "-" for none)."""
+ATTRIBUTION_LOOKBACK = timedelta(minutes=10)
+"""Runs updated this long before the cursor are looked at again (a late or skewed update time)."""
+_PAGE = 100
+
+
+def attribute_runs(
+    instance: dg.DagsterInstance, specs: Sequence[JobSpec], watermark: float
+) -> float:
+    """Tag finished runs of other jobs with the jobs they count for; returns the new watermark.
+
+    Pages through the runs updated since `watermark - ATTRIBUTION_LOOKBACK`, so each evaluation
+    reads only recent history; runs already tagged are passed over.
+    """
+    names = {spec.name for spec in specs}
+    since = datetime.fromtimestamp(watermark, UTC) - ATTRIBUTION_LOOKBACK
+    seen: set[str] = set()
+    while True:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(statuses=_FINISHED, updated_after=since),
+            order_by="update_timestamp",
+            ascending=True,
+            limit=_PAGE,
+        )
+        fresh = [r for r in records if r.dagster_run.run_id not in seen]
+        for record in fresh:
+            run = record.dagster_run
+            seen.add(run.run_id)
+            watermark = max(watermark, record.update_timestamp.timestamp())
+            if run.job_name in names or ATTRIBUTED_TAG in run.tags:
+                continue
+            jobs = jobs_of_run(instance, run, specs)
+            tags = {counts_for_tag(job): "true" for job in jobs}
+            instance.add_run_tags(run.run_id, {**tags, ATTRIBUTED_TAG: ",".join(jobs) or "-"})
+        if len(records) < _PAGE:
+            return watermark
+        # `updated_after` is strict: start just before this page's last instant; a page of
+        # nothing new moves past it.
+        last = records[-1].update_timestamp
+        since = last - timedelta(microseconds=1) if fresh else last
 
 
 @dataclass(frozen=True)
@@ -59,25 +106,32 @@ def _items_of_run(instance: dg.DagsterInstance, run_id: str) -> float | None:
 
 
 def compute_job_metrics(instance: dg.DagsterInstance, job_name: str) -> JobMetrics:
-    """Derive one job's metrics from the instance's records."""
+    """Derive one job's metrics from the instance's records: its own runs and those it counts."""
+    counted = {counts_for_tag(job_name): "true"}
 
-    def count(**filters: object) -> int:
-        return instance.get_runs_count(dg.RunsFilter(job_name=job_name, **filters))
+    def count(tags: dict[str, str] | None = None, **filters: object) -> int:
+        own = dg.RunsFilter(job_name=job_name, tags=tags or {}, **filters)
+        other = dg.RunsFilter(tags={**counted, **(tags or {})}, **filters)
+        return instance.get_runs_count(own) + instance.get_runs_count(other)
 
-    last = instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=_FINISHED), limit=1)
-    last_success = instance.get_run_records(
-        dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1
-    )
-    success = last_success[0] if last_success else None
-    # One run per job at a time, so creation order is finishing order; failures created after
-    # the last success are the current streak.
+    def newest(statuses: list[dg.DagsterRunStatus]) -> dg.RunRecord | None:
+        records = [
+            *instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=statuses), limit=1),
+            *instance.get_run_records(dg.RunsFilter(tags=counted, statuses=statuses), limit=1),
+        ]
+        return max(records, key=lambda r: r.create_timestamp, default=None)
+
+    last = newest(_FINISHED)
+    success = newest([dg.DagsterRunStatus.SUCCESS])
+    # Runs of one asset never overlap, so creation order is finishing order; failures created
+    # after the last success are the current streak.
     streak = count(
         statuses=[dg.DagsterRunStatus.FAILURE],
         **({"created_after": success.create_timestamp} if success else {}),
     )
     duration = None
-    if last and last[0].start_time and last[0].end_time:
-        duration = last[0].end_time - last[0].start_time
+    if last and last.start_time and last.end_time:
+        duration = last.end_time - last.start_time
     return JobMetrics(
         job_name=job_name,
         successes=count(statuses=[dg.DagsterRunStatus.SUCCESS]),
@@ -86,7 +140,7 @@ def compute_job_metrics(instance: dg.DagsterInstance, job_name: str) -> JobMetri
         last_success_timestamp=success.end_time if success else None,
         consecutive_failures=streak,
         items_processed=_items_of_run(instance, success.dagster_run.run_id) if success else None,
-        dlq_messages=count(tags={DELIVERED_TAG: DELIVERED_VALUE}),
+        dlq_messages=count({DELIVERED_TAG: DELIVERED_VALUE}),
     )
 
 
@@ -149,8 +203,9 @@ def push_job_metrics(
         metrics.registry.unregister(collector)
 
 
-def build_job_metrics_sensor(job_names: Sequence[str]) -> dg.SensorDefinition:
-    """`job_metrics`: recomputes and pushes the metrics every 15 seconds."""
+def build_job_metrics_sensor(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
+    """`job_metrics`: attributes new runs, then recomputes and pushes the metrics every 15 s."""
+    job_names = [spec.name for spec in specs]
 
     @dg.sensor(
         name="job_metrics",
@@ -161,6 +216,11 @@ def build_job_metrics_sensor(job_names: Sequence[str]) -> dg.SensorDefinition:
     def job_metrics(
         context: dg.SensorEvaluationContext, job_metrics: JobMetricsResource
     ) -> dg.SkipReason:
+        # A first evaluation looks back a day, not over the whole history.
+        first = (datetime.now(UTC) - timedelta(days=1)).timestamp()
+        watermark = float(json.loads(context.cursor or "{}").get("attributed_until", first))
+        watermark = attribute_runs(context.instance, specs, watermark)
+        context.update_cursor(json.dumps({"attributed_until": watermark}))
         pushed = push_job_metrics(context.instance, job_names, job_metrics)
         state = "pushed" if pushed else "not pushed (the Pushgateway did not answer)"
         return dg.SkipReason(f"Metrics of {len(job_names)} jobs {state}.")
@@ -170,6 +230,4 @@ def build_job_metrics_sensor(job_names: Sequence[str]) -> dg.SensorDefinition:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(
-        sensors=[build_job_metrics_sensor([spec.name for spec in job_specs(load_settings())])]
-    )
+    return dg.Definitions(sensors=[build_job_metrics_sensor(job_specs(load_settings()))])

@@ -14,6 +14,8 @@ from nova_assets.defs.trending.assets import windows
 
 JOB_TAG = "nova/job"
 """Every run carries nova/job=<job_name>; the instance allows one run per value of it."""
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+"""Run monitoring terminates (and fails) a run that is still going after this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -21,14 +23,31 @@ class JobSpec:
     name: str
     asset: str
     cron: str
+    op: str | None = None
+    """The asset's op (its step key), when it is not named like the asset."""
+    interval_sec: int = 0
+    """The schedule's interval; 0 for a job with no cache asset."""
+
+    @property
+    def step(self) -> str:
+        return self.op or self.asset
+
+    @property
+    def max_runtime_sec(self) -> int:
+        """Five intervals, between 10 minutes and an hour.
+
+        Far above a healthy run with all its retries, and short enough that a hung run holds its
+        job for a few ticks at most.
+        """
+        return min(max(5 * self.interval_sec, 600), 3600)
 
 
 def build_job(spec: JobSpec) -> Any:
+    tags = {JOB_TAG: spec.name}
+    if spec.interval_sec:
+        tags[MAX_RUNTIME_TAG] = str(spec.max_runtime_sec)
     return dg.define_asset_job(
-        spec.name,
-        selection=[spec.asset],
-        tags={JOB_TAG: spec.name},
-        description=f"Materializes {spec.asset}.",
+        spec.name, selection=[spec.asset], tags=tags, description=f"Materializes {spec.asset}."
     )
 
 
@@ -39,14 +58,51 @@ ACTIVE_STATUSES = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
+ACTIVE_SCAN = 500
+"""Runs in flight read at once: far more than MAX_CONCURRENT_JOBS plus a queue ever holds."""
 
 
-def active_run(instance: dg.DagsterInstance, job_name: str) -> dg.RunRecord | None:
-    """The job's queued or running run, if any."""
+def active_run(instance: dg.DagsterInstance, spec: "JobSpec") -> dg.RunRecord | None:
+    """A queued or running run that will materialize the job's asset, whatever launched it.
+
+    The job's own runs, and any other run whose steps include the asset's: the UI's Materialize
+    button (Dagster's `__ASSET_JOB`), a run launched from the command line, a replay.
+    """
     records = instance.get_run_records(
-        filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_STATUSES), limit=1
+        filters=dg.RunsFilter(statuses=ACTIVE_STATUSES), limit=ACTIVE_SCAN
     )
-    return records[0] if records else None
+    for record in records:
+        run = record.dagster_run
+        if run.job_name == spec.name or spec.step in planned_steps(instance, run):
+            return record
+    return None
+
+
+def planned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> frozenset[str]:
+    """The step keys a run executes (for an asset job, its assets' op names)."""
+    if run.execution_plan_snapshot_id is None:
+        return frozenset()
+    snapshot = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    return frozenset(snapshot.step_keys_to_execute) if snapshot else frozenset()
+
+
+COUNTS_FOR_PREFIX = "nova/counts_for."
+"""A run that is not one of the jobs' own carries `nova/counts_for.<job>=true` for each job whose
+asset it materialized, so the metrics count it with that job (docs/design.md §5, §7)."""
+
+
+def counts_for_tag(job_name: str) -> str:
+    return f"{COUNTS_FOR_PREFIX}{job_name}"
+
+
+def jobs_of_run(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, specs: Sequence[JobSpec]
+) -> list[str]:
+    """The jobs a run counts for: its own job, else every job whose asset step it executes."""
+    if run.job_name in {spec.name for spec in specs}:
+        return [run.job_name]
+    steps = planned_steps(instance, run)
+    return [spec.name for spec in specs if spec.step in steps]
 
 
 def build_schedule(spec: JobSpec, job: Any) -> dg.ScheduleDefinition:
@@ -61,11 +117,12 @@ def build_schedule(spec: JobSpec, job: Any) -> dg.ScheduleDefinition:
         description=f"Materializes {spec.asset} on `{spec.cron}` (UTC).",
     )
     def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-        active = active_run(context.instance, spec.name)
+        active = active_run(context.instance, spec)
         if active is not None:
+            run = active.dagster_run
             return dg.SkipReason(
-                f"{spec.name} still has run {active.dagster_run.run_id} "
-                f"{active.dagster_run.status.value.lower()}; this tick is skipped, not queued."
+                f"{spec.name} still has run {run.run_id} ({run.job_name}) "
+                f"{run.status.value.lower()}; this tick is skipped, not queued."
             )
         return dg.RunRequest()
 
@@ -74,14 +131,22 @@ def build_schedule(spec: JobSpec, job: Any) -> dg.ScheduleDefinition:
 
 def job_specs(settings: Settings) -> list[JobSpec]:
     """One job per cache family and its cadence (docs/design.md §5)."""
-    trending = [
-        JobSpec(w.job_name, w.asset_name, interval_to_cron(w.refresh_sec))
-        for w in windows(settings.trending_interval_sec)
-    ]
+
+    def spec(name: str, asset: str, interval: int, op: str | None = None) -> JobSpec:
+        return JobSpec(name, asset, interval_to_cron(interval), op=op, interval_sec=interval)
+
     return [
-        *trending,
-        JobSpec(suggestions.JOB_NAME, suggestions.ASSET_NAME, settings.suggestion_cron),
-        JobSpec(feeds.JOB_NAME, feeds.ASSET_NAME, interval_to_cron(feeds.REFRESH_SEC)),
+        *(
+            spec(w.job_name, w.asset_name, w.refresh_sec)
+            for w in windows(settings.trending_interval_sec)
+        ),
+        spec(
+            suggestions.JOB_NAME,
+            suggestions.ASSET_NAME,
+            settings.suggestion_interval_sec,
+            op=suggestions.OP_NAME,
+        ),
+        spec(feeds.JOB_NAME, feeds.ASSET_NAME, feeds.REFRESH_SEC),
     ]
 
 

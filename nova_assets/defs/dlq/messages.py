@@ -6,7 +6,7 @@ Dagster and Kafka.
 """
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +15,7 @@ import dagster as dg
 
 from nova_assets.core.contract import STEP_RETRY_POLICY, iso_z
 from nova_assets.core.resources import KafkaDLQResource
+from nova_assets.defs.schedules import JobSpec, jobs_of_run
 
 SCHEMA = "nova.jobs.dlq.v1"
 DELIVERED_TAG = "nova/dlq_delivered"
@@ -100,9 +101,16 @@ def _asset_keys(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
     )
 
 
-def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[str, Any]:
-    """The §6 payload of one failed run, read from the instance's records of it."""
+def build_message(
+    instance: dg.DagsterInstance, record: dg.RunRecord, specs: Sequence[JobSpec] = ()
+) -> dict[str, Any]:
+    """The §6 payload of one failed run, read from the instance's records of it.
+
+    `job_name` is the job the run counts for (docs/design.md §5): its own, or for a run of
+    another job (the UI's `__ASSET_JOB`) the job owning the first asset it materialized.
+    """
     run = record.dagster_run
+    jobs = jobs_of_run(instance, run, specs)
     error, failed_steps = _error_of(instance, run.run_id)
     retries = instance.get_records_for_run(
         run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
@@ -113,7 +121,7 @@ def build_message(instance: dg.DagsterInstance, record: dg.RunRecord) -> dict[st
     failed = record.end_time or record.update_timestamp.timestamp()
     return {
         "schema": SCHEMA,
-        "job_name": run.job_name,
+        "job_name": jobs[0] if jobs else run.job_name,
         "run_id": run.run_id,
         "asset_keys": _asset_keys(instance, run),
         "failed_steps": failed_steps,
@@ -203,14 +211,17 @@ class ParsedMessage:
     job_name: str
     run_id: str
     asset_keys: tuple[str, ...]
+    replay_of: str | None = None
 
 
-def parse_message(value: bytes, job_assets: Mapping[str, Collection[str]]) -> ParsedMessage | str:
+def parse_message(value: bytes, asset_jobs: Mapping[str, str]) -> ParsedMessage | str:
     """A replayable message, or the reason it is skipped.
 
     Args:
         value: The message as read from the topic.
-        job_assets: Each job that may be replayed, with the asset keys it materializes.
+        asset_jobs: Each asset this code location materializes, with the job that owns it. A
+            message is replayed by its asset keys, whatever job the failed run was; one without
+            asset keys only when its job is one of ours.
     """
     try:
         body = json.loads(value)
@@ -223,16 +234,19 @@ def parse_message(value: bytes, job_assets: Mapping[str, Collection[str]]) -> Pa
             return f"missing or malformed field {field!r}"
     if body["schema"] != SCHEMA:
         return f"unknown schema {body['schema']!r}"
-    job = body["job_name"]
-    if job not in job_assets:
-        return f"unknown job {job!r}"
     if not all(isinstance(k, str) for k in body["asset_keys"]):
         return "malformed field 'asset_keys'"
-    # Checked here: a selection outside the job fails the whole tick when the daemon resolves it.
-    foreign = sorted(set(body["asset_keys"]) - set(job_assets[job]))
+    replay_of = body.get("replay_of")
+    if replay_of is not None and not isinstance(replay_of, str):
+        return "malformed field 'replay_of'"
+    job = body["job_name"]
+    # Checked here: a selection outside the code location fails the whole tick in the daemon.
+    foreign = sorted(set(body["asset_keys"]) - set(asset_jobs))
     if foreign:
-        return f"asset keys {foreign} are not materialized by job {job!r}"
-    return ParsedMessage(job, body["run_id"], tuple(body["asset_keys"]))
+        return f"asset keys {foreign} are not materialized by this code location"
+    if not body["asset_keys"] and job not in set(asset_jobs.values()):
+        return f"unknown job {job!r} and no asset keys"
+    return ParsedMessage(job, body["run_id"], tuple(body["asset_keys"]), replay_of)
 
 
 # -- the operator's view ----------------------------------------------------------------------
@@ -274,7 +288,7 @@ def list_messages(
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ("failed at", "job", "run id", "error type", "retries")
+    header = ("failed at", "job", "run id", "error type", "retries", "replay of")
     lines = [
         (
             str(r.get("failed_at", "?")),
@@ -282,6 +296,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             str(r.get("run_id", "?")),
             str((r.get("error") or {}).get("type", "?")),
             f"{r.get('retry_count', '?')}/{r.get('max_retries', '?')}",
+            str(r.get("replay_of") or "-"),
         )
         for r in rows
     ]

@@ -10,7 +10,7 @@ evaluation, so Kafka being down delays messages and loses none.
 
 import json
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +30,7 @@ from nova_assets.defs.dlq.messages import (
     encode,
     parse_message,
 )
-from nova_assets.defs.schedules import cache_jobs, job_specs
+from nova_assets.defs.schedules import JobSpec, cache_jobs, job_specs
 
 # -- the publisher ----------------------------------------------------------------------------
 
@@ -60,6 +60,7 @@ def publish_failed_runs(
     kafka_dlq: KafkaDLQResource,
     alerts: AlertWebhookResource,
     log: Any,
+    specs: Sequence[JobSpec] = (),
 ) -> tuple[PublisherCursor, int, int]:
     """Publish the failed runs not yet delivered, oldest failure first.
 
@@ -95,11 +96,12 @@ def publish_failed_runs(
                 continue
             if time.monotonic() >= deadline:
                 return cursor, delivered, len(records) - position
-            message = build_message(instance, record)
-            if not kafka_dlq.publish(run.job_name, encode(message)):
+            message = build_message(instance, record, specs)
+            if not kafka_dlq.publish(message["job_name"], encode(message)):
                 log.warning(
                     f"Kafka did not acknowledge the DLQ message of run {run.run_id} "
-                    f"({run.job_name}); it stays pending and is sent again at the next evaluation."
+                    f"({message['job_name']}); it stays pending and is sent again at the next "
+                    "evaluation."
                 )
                 return cursor, delivered, len(records) - position
             instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
@@ -115,43 +117,104 @@ def publish_failed_runs(
         since = last - timedelta(microseconds=1) if new_runs else last
 
 
-@dg.sensor(
-    name="dlq_publisher",
-    description="Publishes every finally failed run to the Kafka dead-letter topic, at least once.",
-    minimum_interval_seconds=15,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def dlq_publisher(
-    context: dg.SensorEvaluationContext,
-    kafka_dlq: KafkaDLQResource,
-    alerts: AlertWebhookResource,
-) -> dg.SkipReason:
-    cursor = PublisherCursor.parse(context.cursor)
-    cursor, delivered, pending = publish_failed_runs(
-        context.instance, cursor, kafka_dlq, alerts, context.log
+def build_dlq_publisher(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
+    """`dlq_publisher`: every finally failed run to the dead-letter topic, at least once."""
+
+    @dg.sensor(
+        name="dlq_publisher",
+        description="Publishes every finally failed run to the Kafka dead-letter topic, at least "
+        "once.",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
     )
-    context.update_cursor(cursor.serialize())
-    if pending:
-        return dg.SkipReason(f"Delivered {delivered} DLQ message(s); {pending} failed run(s) wait.")
-    return dg.SkipReason(f"Delivered {delivered} DLQ message(s); nothing pending.")
+    def dlq_publisher(
+        context: dg.SensorEvaluationContext,
+        kafka_dlq: KafkaDLQResource,
+        alerts: AlertWebhookResource,
+    ) -> dg.SkipReason:
+        cursor = PublisherCursor.parse(context.cursor)
+        cursor, delivered, pending = publish_failed_runs(
+            context.instance, cursor, kafka_dlq, alerts, context.log, specs
+        )
+        context.update_cursor(cursor.serialize())
+        if pending:
+            return dg.SkipReason(
+                f"Delivered {delivered} DLQ message(s); {pending} failed run(s) wait."
+            )
+        return dg.SkipReason(f"Delivered {delivered} DLQ message(s); nothing pending.")
+
+    return dlq_publisher
 
 
 # -- replay -----------------------------------------------------------------------------------
 
 
-def build_dlq_replay_sensor(
-    jobs: Sequence[Any], job_assets: Mapping[str, Collection[str]]
-) -> dg.SensorDefinition:
-    """`dlq_replay`: launches one new run per good DLQ message, tagged with the run it replays.
+@dataclass(frozen=True)
+class Replay:
+    """One run that replays (part of) a failed run: a job, its asset, the failed run's config."""
+
+    job_name: str
+    asset_keys: tuple[str, ...]
+    run_config: dict[str, Any]
+    replay_of: str
+
+    @property
+    def run_key(self) -> str:
+        """One replay per failed run and job, however often its message was delivered."""
+        return f"replay:{self.replay_of}:{self.job_name}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {REPLAY_TAG: self.replay_of}
+
+
+def plan_replays(
+    instance: dg.DagsterInstance,
+    specs: Sequence[JobSpec],
+    run_id: str,
+    asset_keys: Sequence[str],
+    job_name: str | None = None,
+) -> list[Replay]:
+    """The runs that replay `asset_keys` of failed run `run_id`: one per job owning some of them.
+
+    Each gets the failed run's run config (so a run that failed as of an instant is replayed as of
+    it), limited to the job's own op; a failed run no longer in the instance replays with the
+    job's defaults. No asset keys: the whole of `job_name`, when it is one of ours.
+    """
+    failed = instance.get_run_by_id(run_id)
+    run_config = dict(failed.run_config) if failed is not None else {}
+    replays = []
+    for spec in specs:
+        wanted = spec.asset in asset_keys or (not asset_keys and spec.name == job_name)
+        if wanted:
+            replays.append(
+                Replay(spec.name, (spec.asset,), _config_for(run_config, spec.step), run_id)
+            )
+    return replays
+
+
+def _config_for(run_config: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """The run config with only `step`'s entry under `ops` (another op would fail validation)."""
+    config = dict(run_config)
+    ops = config.pop("ops", None)
+    if isinstance(ops, Mapping) and step in ops:
+        config["ops"] = {step: ops[step]}
+    return config
+
+
+def build_dlq_replay_sensor(jobs: Sequence[Any], specs: Sequence[JobSpec]) -> dg.SensorDefinition:
+    """`dlq_replay`: replays each failed run once, by its asset keys, with its run config.
 
     Args:
         jobs: The jobs it may launch.
-        job_assets: The asset keys each of those jobs materializes, by job name.
+        specs: Those jobs' specs: which asset (and op) each owns.
     """
+    asset_jobs = {spec.asset: spec.name for spec in specs}
 
     @dg.sensor(
         name="dlq_replay",
-        description="Replays the dead-letter queue: one new run per message, never twice. "
+        description="Replays the dead-letter queue: each failed run once, by its assets, with "
+        "its run config; failed replays are left to an operator (`nova-assets dlq replay`). "
         "Stopped by default; turn it on to drain the queue.",
         minimum_interval_seconds=15,
         default_status=dg.DefaultSensorStatus.STOPPED,
@@ -159,29 +222,45 @@ def build_dlq_replay_sensor(
     )
     def dlq_replay(context: dg.SensorEvaluationContext, kafka_dlq: KafkaDLQResource):
         offsets = {int(p): o for p, o in json.loads(context.cursor or "{}").items()}
+        for partition, (low, high) in kafka_dlq.bounds().items():
+            if offsets.get(partition, low) > high:
+                context.log.warning(
+                    f"The stored offset {offsets[partition]} of {kafka_dlq.topic}:{partition} is "
+                    f"past the partition's end ({high}): the topic was recreated or moved. "
+                    f"Reading it again from {low}; run keys keep replays from repeating."
+                )
+                offsets[partition] = low
         records = kafka_dlq.read(offsets, max_messages=RUNS_PER_PAGE)
-        requests = []
+        requests: dict[str, dg.RunRequest] = {}
         for record in records:
             offsets[record.partition] = record.offset + 1
-            parsed = parse_message(record.value, job_assets)
+            parsed = parse_message(record.value, asset_jobs)
             where = f"{kafka_dlq.topic}:{record.partition}:{record.offset}"
             if isinstance(parsed, str):
                 context.log.warning(f"Skipping DLQ message {where}: {parsed}.")
                 continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"dlq:{where}",
-                    job_name=parsed.job_name,
-                    # No keys recorded: the job's whole selection.
-                    asset_selection=[dg.AssetKey.from_user_string(k) for k in parsed.asset_keys]
-                    or None,
-                    tags={REPLAY_TAG: parsed.run_id},
+            if parsed.replay_of is not None:
+                context.log.info(
+                    f"Not replaying DLQ message {where}: run {parsed.run_id} was itself a replay "
+                    f"of {parsed.replay_of}. Replay it with `nova-assets dlq replay "
+                    f"{parsed.run_id}` once its fault is fixed."
                 )
+                continue
+            replays = plan_replays(
+                context.instance, specs, parsed.run_id, parsed.asset_keys, parsed.job_name
             )
+            for replay in replays:
+                requests[replay.run_key] = dg.RunRequest(
+                    run_key=replay.run_key,
+                    job_name=replay.job_name,
+                    asset_selection=[dg.AssetKey.from_user_string(k) for k in replay.asset_keys],
+                    run_config=replay.run_config,
+                    tags=replay.tags,
+                )
         context.update_cursor(json.dumps({str(p): o for p, o in offsets.items()}))
         if not requests:
             return dg.SkipReason(f"No DLQ message to replay ({len(records)} read).")
-        return requests
+        return list(requests.values())
 
     return dlq_replay
 
@@ -190,8 +269,5 @@ def build_dlq_replay_sensor(
 def defs() -> dg.Definitions:
     specs = job_specs(load_settings())
     return dg.Definitions(
-        sensors=[
-            dlq_publisher,
-            build_dlq_replay_sensor(cache_jobs(), {spec.name: [spec.asset] for spec in specs}),
-        ]
+        sensors=[build_dlq_publisher(specs), build_dlq_replay_sensor(cache_jobs(), specs)]
     )

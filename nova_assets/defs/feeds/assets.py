@@ -18,9 +18,9 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.core.cache_asset import Stopwatch, cache_asset, cache_result
+from nova_assets.core.cache_asset import Stopwatch, asset_pool, cache_asset, cache_result
 from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import (
     ENGAGEMENT_EVENTS,
@@ -449,7 +449,9 @@ def _preview(feed: Feed) -> str:
     return "\n".join(lines)
 
 
-def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefinition:
+def build_warmed_feeds_asset(
+    feed_ttl_sec: int = FEED_TTL_SEC, *, pool: str = CLICKHOUSE_POOL
+) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}feed:{user_id}` warm for the most active users."""
     if feed_ttl_sec <= 0:
         raise ValueError(f"feed_ttl_sec must be positive, got {feed_ttl_sec}")
@@ -466,6 +468,7 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
         refresh_sec=REFRESH_SEC,
         checks=checks(feed_ttl_sec),
         metadata={"cache_key_suffix": "feed:{user_id}", "ttl_seconds": feed_ttl_sec},
+        pool=pool,
     )
     def _warmed_feeds(
         context: dg.AssetExecutionContext,
@@ -531,4 +534,6 @@ def build_warmed_feeds_asset(feed_ttl_sec: int = FEED_TTL_SEC) -> dg.AssetsDefin
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(assets=[build_warmed_feeds_asset(load_settings().feed_ttl_sec)])
+    settings = load_settings()
+    pool = asset_pool(ASSET_NAME, embedded=settings.embedded_clickhouse)
+    return dg.Definitions(assets=[build_warmed_feeds_asset(settings.feed_ttl_sec, pool=pool)])

@@ -35,9 +35,9 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.core.cache_asset import cache_asset, cache_result
+from nova_assets.core.cache_asset import asset_pool, cache_asset, cache_result
 from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
 
@@ -558,6 +558,7 @@ def build_suggested_users_asset(
     *,
     refresh_sec: int = 600,
     chunk_users: int = CHUNK_USERS,
+    pool: str = CLICKHOUSE_POOL,
 ) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}suggested_users:{user_id}` fresh for every active user."""
     if ttl_sec <= 0 or chunk_users <= 0:
@@ -577,6 +578,7 @@ def build_suggested_users_asset(
         refresh_sec=refresh_sec,
         checks=CHECKS,
         metadata={"cache_key_pattern": f"{ASSET_NAME}:{{user_id}}", "ttl_seconds": ttl_sec},
+        pool=pool,
     )
     def _suggested_users(
         context: dg.AssetExecutionContext,
@@ -639,7 +641,9 @@ def defs() -> dg.Definitions:
     return dg.Definitions(
         assets=[
             build_suggested_users_asset(
-                settings.suggestion_ttl_sec, refresh_sec=settings.suggestion_interval_sec
+                settings.suggestion_ttl_sec,
+                refresh_sec=settings.suggestion_interval_sec,
+                pool=asset_pool(ASSET_NAME, embedded=settings.embedded_clickhouse),
             )
         ]
     )

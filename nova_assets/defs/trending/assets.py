@@ -13,9 +13,9 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.core.cache_asset import Stopwatch, cache_asset, cache_result
+from nova_assets.core.cache_asset import Stopwatch, asset_pool, cache_asset, cache_result
 from nova_assets.core.contract import STEP_RETRY_POLICY, AsOfConfig, epoch_ms, iso_z
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import (
     ENGAGEMENT_EVENTS,
@@ -267,7 +267,10 @@ def _top_table(items: Sequence[dict[str, Any]]) -> str:
 
 
 def build_trending_asset(
-    window: Window, retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY
+    window: Window,
+    retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY,
+    *,
+    pool: str = CLICKHOUSE_POOL,
 ) -> dg.AssetsDefinition:
     """The asset that keeps `{prefix}trending:{window}` fresh."""
 
@@ -280,6 +283,7 @@ def build_trending_asset(
         checks=CHECKS,
         metadata={"cache_key_suffix": f"trending:{window.name}", "ttl_seconds": window.ttl_sec},
         retry_policy=retry_policy,
+        pool=pool,
     )
     def _trending(
         context: dg.AssetExecutionContext,
@@ -330,10 +334,20 @@ def build_trending_asset(
     return _trending
 
 
-def build_trending_assets(trending_interval_sec: int = 60) -> list[dg.AssetsDefinition]:
-    return [build_trending_asset(w) for w in windows(trending_interval_sec)]
+def build_trending_assets(
+    trending_interval_sec: int = 60, *, embedded: bool = True
+) -> list[dg.AssetsDefinition]:
+    return [
+        build_trending_asset(w, pool=asset_pool(w.asset_name, embedded=embedded))
+        for w in windows(trending_interval_sec)
+    ]
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(assets=build_trending_assets(load_settings().trending_interval_sec))
+    settings = load_settings()
+    return dg.Definitions(
+        assets=build_trending_assets(
+            settings.trending_interval_sec, embedded=settings.embedded_clickhouse
+        )
+    )

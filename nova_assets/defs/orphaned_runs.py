@@ -1,0 +1,118 @@
+"""Runs orphaned by a hard kill are failed, so they free their slots and reach the DLQ (§5).
+
+A run launched by Dagster's default run launcher executes in a worker process that the code
+server starts on this host, and the worker records its pid in the run's log ("Started process for
+run (pid: N)"). That launcher cannot report whether a worker is still alive, so when `dagster
+dev` is killed as a whole (a laptop closing, the OOM killer, a container restart) its runs stay
+STARTED forever: their jobs' schedules skip every tick and their pool slots stay claimed.
+
+`orphaned_runs` looks, every 30 s, at this code location's STARTED runs: one whose worker
+process is gone (or whose pid now belongs to a process started after the run) is reported
+failed. Run monitoring then frees its pool slots, and `dlq_publisher` publishes it like any other
+failure. Launchers that can check their workers (Kubernetes, Docker) are left to run monitoring.
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from nova_assets.defs.schedules import ACTIVE_SCAN
+
+GRACE_S = 30.0
+"""A run younger than this may not have recorded its worker yet."""
+_STARTED_WORKER = re.compile(r"Started process for run \(pid: (\d+)\)")
+
+
+def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid of the run's worker, as the run launcher's worker logged it; None if it did not."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records
+    for record in records:
+        match = _STARTED_WORKER.search(record.event_log_entry.message or "")
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (unix time), from /proc; None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # Fields after the command name (which may hold spaces) start at its closing parenthesis;
+    # starttime is the 22nd field, in clock ticks since boot.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_alive(pid: int, run_started: float) -> bool:
+    """Whether the worker still runs: the pid exists and was not reused after the run started."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone's process; it exists
+    started = _process_start(pid)
+    # Clock ticks and the boot time are coarse: a second of slack.
+    return started is None or started <= run_started + 1.0
+
+
+def find_orphans(
+    instance: dg.DagsterInstance, location_name: str | None, now: float | None = None
+) -> list[tuple[dg.DagsterRun, int]]:
+    """STARTED runs of the code location whose worker process is gone, with the worker's pid."""
+    now = time.time() if now is None else now
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]), limit=ACTIVE_SCAN
+    )
+    orphans = []
+    for record in records:
+        run = record.dagster_run
+        origin = run.remote_job_origin
+        if location_name and origin is not None and origin.location_name != location_name:
+            continue
+        started = record.start_time
+        if started is None or now - started < GRACE_S:
+            continue
+        pid = worker_pid(instance, run.run_id)
+        # No pid: the run executes in the process that launched it (`dagster asset
+        # materialize`), which fails or finishes it itself.
+        if pid is not None and not worker_alive(pid, started):
+            orphans.append((run, pid))
+    return orphans
+
+
+@dg.sensor(
+    name="orphaned_runs",
+    description="Fails runs whose worker process died without a trace (a hard kill of the host "
+    "process), so their jobs run again and they reach the dead-letter queue.",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    instance = context.instance
+    if instance.run_launcher.supports_check_run_worker_health:
+        return dg.SkipReason("The run launcher checks its workers; run monitoring fails the dead.")
+    origin = context.code_location_origin
+    orphans = find_orphans(instance, origin.location_name if origin else None)
+    for run, pid in orphans:
+        message = (
+            f"The run's worker process (pid {pid}) is gone without finishing the run: the host "
+            "process was killed (a hard kill, the OOM killer, a restart). Failed by the "
+            "orphaned_runs sensor so the job runs again and the failure reaches the DLQ."
+        )
+        context.log.warning(f"Run {run.run_id} ({run.job_name}): {message}")
+        instance.report_run_failed(run, message)
+    return dg.SkipReason(f"{len(orphans)} orphaned run(s) failed.")
+
+
+defs = dg.Definitions(sensors=[orphaned_runs])
