@@ -1,0 +1,99 @@
+"""Runs orphaned by a hard kill: a STARTED run whose worker process is gone is failed, once.
+
+The worker's pid is read from the run's log as Dagster's run launcher writes it. A real process
+stands in for the worker: killed, its run is failed with a message saying why; alive, its run is
+left alone; a run that never logged a worker (launched in the process that executes it) and a
+run too young to have logged one are left alone too.
+"""
+
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+
+from nova_assets.defs.orphaned_runs import GRACE_S, find_orphans, orphaned_runs, worker_alive
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+def _started_run(instance: dg.DagsterInstance, pid: int | None) -> dg.DagsterRun:
+    """A run of ours in STARTED, its worker `pid` logged as the run launcher logs it."""
+    run = instance.add_run(
+        dg.DagsterRun(job_name="trending_1h", status=dg.DagsterRunStatus.NOT_STARTED)
+    )
+    instance.handle_run_event(
+        run.run_id,
+        dg.DagsterEvent(
+            event_type_value=dg.DagsterEventType.RUN_START.value, job_name=run.job_name
+        ),
+    )
+    if pid is not None:
+        instance.report_engine_event(f"Started process for run (pid: {pid}).", run)
+    return instance.get_run_by_id(run.run_id)
+
+
+def _evaluate(instance: dg.DagsterInstance) -> dg.SkipReason:
+    with dg.build_sensor_context(instance=instance) as context:
+        return orphaned_runs.evaluate_tick(context)
+
+
+def test_a_run_whose_worker_died_is_failed_and_a_live_one_is_left_alone(instance):
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_run = _started_run(instance, worker.pid)
+        live_run = _started_run(instance, alive.pid)
+        silent_run = _started_run(instance, None)
+        worker.kill()
+        worker.wait()
+        later = time.time() + GRACE_S + 1
+        assert [run.run_id for run, _ in find_orphans(instance, None, now=later)] == [
+            dead_run.run_id
+        ]
+        # Too young to judge: nothing yet.
+        assert find_orphans(instance, None) == []
+    finally:
+        alive.kill()
+        alive.wait()
+
+    # Finding orphans changes nothing by itself.
+    statuses = {r.run_id: r.status for r in instance.get_runs()}
+    assert statuses[dead_run.run_id] == dg.DagsterRunStatus.STARTED
+    assert statuses[live_run.run_id] == dg.DagsterRunStatus.STARTED
+    assert statuses[silent_run.run_id] == dg.DagsterRunStatus.STARTED
+
+
+def test_the_sensor_fails_an_orphan_with_the_reason(instance, monkeypatch):
+    worker = subprocess.Popen([sys.executable, "-c", "pass"])
+    worker.wait()
+    run = _started_run(instance, worker.pid)
+    # The run started a while ago (the sensor's next tick after a restart).
+    monkeypatch.setattr("nova_assets.defs.orphaned_runs.GRACE_S", 0.0)
+    result = _evaluate(instance)
+    failed = instance.get_run_by_id(run.run_id)
+    assert failed.status == dg.DagsterRunStatus.FAILURE
+    assert "1 orphaned run(s) failed" in result.skip_message
+    [event] = instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE
+    ).records
+    assert f"worker process (pid {worker.pid}) is gone" in event.event_log_entry.message
+    # Evaluated again: nothing more to do.
+    assert "0 orphaned run(s)" in _evaluate(instance).skip_message
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_worker():
+    started_after = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.05)
+        # The run "started" long before this process: its pid was reused.
+        assert not worker_alive(started_after.pid, run_started=time.time() - 3600)
+        assert worker_alive(started_after.pid, run_started=time.time())
+    finally:
+        started_after.kill()
+        started_after.wait()
