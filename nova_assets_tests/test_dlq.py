@@ -467,3 +467,45 @@ def test_a_failed_run_of_another_job_is_published_under_the_job_owning_its_asset
     # ... and the replay sensor replays it as that job.
     [request] = _replay_tick(instance, kafka_dlq).run_requests
     assert (request.job_name, request.tags[dlq.REPLAY_TAG]) == ("trending_1h", failed.run_id)
+
+
+def test_dlq_replay_command_launches_the_replay_through_the_instance(tmp_path):
+    """`nova-assets dlq replay RUN_ID`: queued on the instance like any run, config included."""
+    from nova_assets.core.contract import AsOfConfig
+
+    @dg.asset(name="trending_posts_1h")
+    def failing(config: AsOfConfig) -> None:
+        raise ConnectionError("Redis refused the connection")
+
+    # A queued coordinator and no daemon: the replay stays queued for the test to read.
+    (tmp_path / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n"
+        "  class: QueuedRunCoordinator\ntelemetry:\n  enabled: false\n"
+    )
+    as_of = {"config": {"as_of": "2026-11-28T12:00:00Z"}}
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        failed = dg.materialize(
+            [failing],
+            instance=instance,
+            run_config={"ops": {"trending_posts_1h": as_of}},
+            raise_on_error=False,
+        )
+    env = os.environ | {"DAGSTER_HOME": str(tmp_path)}
+    command = [str(Path(sys.executable).parent / "nova-assets"), "dlq", "replay"]
+    replayed = subprocess.run(
+        [*command, failed.run_id], env=env, capture_output=True, text=True, check=False
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    unknown = subprocess.run(
+        [*command, "no-such-run"], env=env, capture_output=True, text=True, check=False
+    )
+    assert unknown.returncode == 1 and "no run 'no-such-run'" in unknown.stderr
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        [replay] = [r for r in instance.get_runs() if r.run_id != failed.run_id]
+    assert replay.run_id in replayed.stdout
+    assert replay.job_name == "trending_1h"
+    assert replay.status == dg.DagsterRunStatus.QUEUED
+    assert replay.tags[dlq.REPLAY_TAG] == failed.run_id
+    assert replay.tags[JOB_TAG] == "trending_1h"
+    assert replay.run_config["ops"] == {"trending_posts_1h": as_of}
