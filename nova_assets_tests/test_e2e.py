@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -27,20 +28,86 @@ import yaml
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from nova_assets.local.stack import StackConfig, down, up
-from nova_assets_tests.conftest import REDIS_URL, free_ports
+from nova_assets_tests.conftest import PUSHGATEWAY_URL, REDIS_URL, free_ports
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _graphql(port: int, query: str) -> dict:
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)["data"]
+
+
+_LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def _launch_like_the_ui(port: int, *assets: str) -> str:
+    """Launch a run as the Materialize button does: Dagster's implicit `__ASSET_JOB`."""
+    params = {
+        "selector": {
+            "repositoryLocationName": "nova_assets",
+            "repositoryName": "__repository__",
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": [asset]} for asset in assets],
+        },
+        "mode": "default",
+        "executionMetadata": {"tags": []},
+    }
+    launched = _graphql(port, _LAUNCH, {"params": params})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+_RUNS = """{ runsOrError { ... on Runs { results {
+    runId jobName status tags { key value }
+    stepStats { stepKey startTime endTime }
+} } } }"""
+
+
+def _runs(port: int) -> list[dict]:
+    return _graphql(port, _RUNS)["runsOrError"]["results"]
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["tags"]}
+
+
+def _poll(what: str, probe, log: Path, timeout_s: float = 240, every_s: float = 2):
+    """Call `probe` until it returns something truthy (bounded); fail with the log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s\n{log.read_text()[-4000:]}")
+
+
+def _gateway_sample(name: str, **labels: str) -> float | None:
+    """A sample the code location pushed to the local Pushgateway (grouping job=nova_assets)."""
+    with urllib.request.urlopen(f"{PUSHGATEWAY_URL}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {"job": "nova_assets", **labels}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
+        if match and match.group(1) == name:
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            if all(found.get(k) == v for k, v in wanted.items()):
+                return float(match.group(3))
+    return None
 
 
 def _start_postgres(tmp_path: Path) -> StackConfig:
@@ -168,9 +235,11 @@ def dagster_dev(tmp_path, request):
 
 
 @pytest.mark.parametrize("dagster_dev", [{}, {"instance": "postgres"}], indirect=True)
-def test_the_daemon_keeps_trending_and_feeds_fresh_without_a_click(dagster_dev):
+def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
     port, prefix, log, _ = dagster_dev
     started = datetime.now(UTC)
+    # Two Materialize clicks on trending_posts_1h while its schedule ticks every minute.
+    ui_runs = [_launch_like_the_ui(port, "trending_posts_1h") for _ in range(2)]
     client = redis.Redis.from_url(REDIS_URL)
     wanted = {f"{prefix}trending:1h": None, "feed": None}
 
@@ -190,18 +259,46 @@ def test_the_daemon_keeps_trending_and_feeds_fresh_without_a_click(dagster_dev):
         assert generated >= started
     assert len(wanted[f"{prefix}trending:1h"]["items"]) == 50
 
-    data = _graphql(
-        port,
-        "{ runsOrError { ... on Runs { results { jobName status tags { key value } } } } }",
+    def scheduled_successes() -> bool:
+        by_schedule = {
+            (r["jobName"], r["status"]) for r in _runs(port) if "dagster/schedule_name" in _tags(r)
+        }
+        return {("trending_1h", "SUCCESS"), ("cache_warmer", "SUCCESS")} <= by_schedule
+
+    assert _poll("scheduled trending_1h and cache_warmer runs succeeding", scheduled_successes, log)
+
+    def trending_runs_done() -> list[dict] | None:
+        runs = [r for r in _runs(port) if r["runId"] in ui_runs or r["jobName"] == "trending_1h"]
+        ui_done = (
+            all(r["status"] == "SUCCESS" for r in runs if r["runId"] in ui_runs)
+            and len([r for r in runs if r["runId"] in ui_runs]) == 2
+        )
+        scheduled = [r for r in runs if r["jobName"] == "trending_1h" and r["status"] == "SUCCESS"]
+        return runs if ui_done and scheduled else None
+
+    runs = _poll("both UI runs and a scheduled trending_1h run", trending_runs_done, log)
+    spans = sorted(
+        (step["startTime"], step["endTime"], run["runId"])
+        for run in runs
+        if run["status"] == "SUCCESS"
+        for step in run["stepStats"]
+        if step["stepKey"] == "trending_posts_1h"
     )
-    runs = data["runsOrError"]["results"]
-    by_schedule = {
-        (r["jobName"], r["status"])
-        for r in runs
-        if any(t["key"] == "dagster/schedule_name" for t in r["tags"])
-    }
-    assert ("trending_1h", "SUCCESS") in by_schedule
-    assert ("cache_warmer", "SUCCESS") in by_schedule
+    assert len(spans) >= 3
+    for (_, end, first), (start, _, second) in pairwise(spans):
+        assert end <= start, f"runs {first} and {second} materialized trending_posts_1h at once"
+    # The UI runs count as runs of trending_1h, the job that owns the asset.
+    attributed = _poll(
+        "the UI runs attributed to trending_1h",
+        lambda: all(
+            _tags(r).get("nova/counts_for.trending_1h") == "true"
+            for r in _runs(port)
+            if r["runId"] in ui_runs
+        ),
+        log,
+        timeout_s=90,
+    )
+    assert attributed
 
 
 (PRIVATE_REDIS_PORT,) = free_ports(1)
