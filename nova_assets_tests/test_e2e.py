@@ -18,17 +18,17 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import redis
-import yaml
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from nova_assets.local.stack import StackConfig, down, up
-from nova_assets_tests.conftest import PUSHGATEWAY_URL, REDIS_URL, free_ports
+from nova_assets_tests.conftest import REDIS_URL, free_ports
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -96,9 +96,9 @@ def _poll(what: str, probe, log: Path, timeout_s: float = 240, every_s: float = 
     raise AssertionError(f"{what}: not within {timeout_s} s\n{log.read_text()[-4000:]}")
 
 
-def _gateway_sample(name: str, **labels: str) -> float | None:
-    """A sample the code location pushed to the local Pushgateway (grouping job=nova_assets)."""
-    with urllib.request.urlopen(f"{PUSHGATEWAY_URL}/metrics", timeout=5) as response:
+def _gateway_sample(gateway: str, name: str, **labels: str) -> float | None:
+    """A sample the code location pushed to a Pushgateway (grouping job=nova_assets)."""
+    with urllib.request.urlopen(f"{gateway}/metrics", timeout=5) as response:
         text = response.read().decode()
     wanted = {"job": "nova_assets", **labels}
     for line in text.splitlines():
@@ -157,40 +157,107 @@ def _wait_for_webserver(port: int, server: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"dagster dev did not answer on {port}: {log.read_text()[-4000:]}")
 
 
+@dataclass
+class Dev:
+    """A running `dagster dev` of the test's own, and what the test needs to reach it."""
+
+    port: int
+    prefix: str
+    log: Path
+    topic: str
+    env: dict[str, str]
+    home: Path
+    redis_port: int | None = None
+    """The private Redis of a failure test (down until the test starts it)."""
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start `dagster dev` (again) on the same homes, as `make dev` does."""
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "dagster"),
+                    *("dev", "-w", str(ROOT / "workspace.yaml"), "--host", "127.0.0.1"),
+                    *("--port", str(self.port)),
+                ],
+                cwd=self.home,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_for_webserver(self.port, self.process, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole group: webserver, daemon, code servers and any run in flight."""
+        assert self.process is not None
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        if sig == signal.SIGKILL:
+            # A hard kill leaves orphans of the group behind only if they escaped it; wait for
+            # the group to be gone so the restart finds the ports free.
+            _poll_gone(self.process.pid)
+
+
+def _poll_gone(group: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"process group {group} still alive after {timeout_s} s")
+
+
 @pytest.fixture
 def dagster_dev(tmp_path, request):
     """`dagster dev` as `make dev` runs it, on a private NOVA_HOME, DAGSTER_HOME and key prefix.
 
-    Parametrize indirectly with extra environment variables (another Redis, another topic), and
-    `"instance": "postgres"` to run on the production instance config (deploy/dagster.yaml) with
-    a PostgreSQL of the test's own.
+    Parametrize indirectly with extra environment variables (another topic, another interval);
+    `"instance": "postgres"` runs it on the production instance config (deploy/dagster.yaml) with
+    a PostgreSQL of the test's own; `"failing_redis": True` points it at a Redis of the test's
+    own on a free port, down until the test starts it; `"private_gateway": True` gives it a
+    Pushgateway of its own, so its metrics are not overwritten by another test's.
     """
     param = dict(getattr(request, "param", {}))
     on_postgres = param.pop("instance", "local") == "postgres"
-    [port] = free_ports(1)
+    failing_redis = param.pop("failing_redis", False)
+    seed_args = param.pop("seed_args", [])
+    private_gateway = param.pop("private_gateway", False)
+    port, redis_port, gateway_port = free_ports(3)
     prefix = f"e2e:{uuid.uuid4().hex[:8]}:"
     nova_home = tmp_path / ".nova"
     dagster_home = nova_home / "dagster"
     env = os.environ | {
         "NOVA_HOME": str(nova_home),
         "DAGSTER_HOME": str(dagster_home),
-        "REDIS_URL": REDIS_URL,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0" if failing_redis else REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
         **param,
     }
     env.pop("CLICKHOUSE_URL", None)
-    subprocess.run([str(BIN / "nova-assets"), "seed", "--if-empty"], env=env, cwd=ROOT, check=True)
+    services = []
+    if private_gateway:
+        gateway = StackConfig(state_dir=tmp_path / "gateway-stack", pushgateway_port=gateway_port)
+        up(gateway, services=("pushgateway",))
+        services.append((gateway, ("pushgateway",)))
+        env["PUSHGATEWAY_URL"] = f"http://127.0.0.1:{gateway_port}"
+    subprocess.run(
+        [str(BIN / "nova-assets"), "seed", "--if-empty", *seed_args], env=env, cwd=ROOT, check=True
+    )
     postgres = None
     if on_postgres:
         postgres = _start_postgres(tmp_path)
         env["DAGSTER_POSTGRES_URL"] = postgres.postgres_url
-        config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
-        # This test still runs the embedded engine, which admits one process at a time.
-        # (`concurrency: pools` would clash with the coordinator's limits; this key does not.)
-        config["concurrency"] = {"default_op_concurrency_limit": 1}
         env.setdefault("MAX_CONCURRENT_JOBS", "5")
         dagster_home.mkdir(parents=True)
-        (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config))
+        # deploy/dagster.yaml as it is: every pool at one slot, which the embedded engine needs.
+        shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
     else:
         subprocess.run(
             [str(BIN / "nova-assets"), "instance", "--home", str(dagster_home)],
@@ -198,30 +265,21 @@ def dagster_dev(tmp_path, request):
             cwd=ROOT,
             check=True,
         )
-    log = (tmp_path / "dagster-dev.log").open("wb")
-    server = subprocess.Popen(
-        [
-            str(BIN / "dagster"),
-            *("dev", "-w", str(ROOT / "workspace.yaml"), "--host", "127.0.0.1"),
-            *("--port", str(port)),
-        ],
-        cwd=dagster_home,
+    dev = Dev(
+        port=port,
+        prefix=prefix,
+        log=tmp_path / "dagster-dev.log",
+        topic=env.get("DLQ_TOPIC", "jobs-dlq"),
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        home=dagster_home,
+        redis_port=redis_port if failing_redis else None,
     )
     try:
-        _wait_for_webserver(port, server, tmp_path / "dagster-dev.log")
-        yield port, prefix, tmp_path / "dagster-dev.log", env.get("DLQ_TOPIC", "jobs-dlq")
+        dev.start()
+        yield dev
     finally:
-        # The whole group: webserver, daemon, code servers and any run still in flight.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        if dev.process is not None and dev.process.poll() is None:
+            dev.stop()
         client = redis.Redis.from_url(env["REDIS_URL"])
         try:
             keys = list(client.scan_iter(match=prefix + "*", count=1000))
@@ -229,6 +287,8 @@ def dagster_dev(tmp_path, request):
                 client.delete(*keys[start : start + 1000])
         except redis.ConnectionError:
             pass  # a private Redis the test already stopped
+        for config, names in services:
+            down(config, services=names)
         if postgres is not None:
             down(postgres, services=("postgres",))
             shutil.rmtree(postgres.postgres_data, ignore_errors=True)
@@ -236,7 +296,7 @@ def dagster_dev(tmp_path, request):
 
 @pytest.mark.parametrize("dagster_dev", [{}, {"instance": "postgres"}], indirect=True)
 def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
-    port, prefix, log, _ = dagster_dev
+    port, prefix, log = dagster_dev.port, dagster_dev.prefix, dagster_dev.log
     started = datetime.now(UTC)
     # Two Materialize clicks on trending_posts_1h while its schedule ticks every minute.
     ui_runs = [_launch_like_the_ui(port, "trending_posts_1h") for _ in range(2)]
@@ -301,66 +361,114 @@ def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
     assert attributed
 
 
-(PRIVATE_REDIS_PORT,) = free_ports(1)
 FAILURE_TOPIC = f"e2e-dlq-{uuid.uuid4().hex[:8]}"
+FAILING = {"failing_redis": True, "private_gateway": True, "SUGGESTION_INTERVAL_SEC": "3600"}
 
-
-FAILING_REDIS = {
-    "REDIS_URL": f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/0",
-    "SUGGESTION_INTERVAL_SEC": "3600",
+_DLQ_REPLAY = {
+    "repositoryLocationName": "nova_assets",
+    "repositoryName": "__repository__",
+    "sensorName": "dlq_replay",
 }
+
+
+def _start_dlq_replay(port: int) -> None:
+    started = _graphql(
+        port,
+        "mutation Start($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename } }",
+        {"s": _DLQ_REPLAY},
+    )
+    assert started["startSensor"]["__typename"] == "Sensor"
+
+
+def _dlq_replay_ticks_after(port: int, moment: float) -> int:
+    """How many evaluations of dlq_replay began after `moment` (unix time)."""
+    data = _graphql(
+        port,
+        "query Ticks($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { "
+        "... on Sensor { sensorState { ticks(limit: 10) { timestamp status } } } } }",
+        {"s": _DLQ_REPLAY},
+    )
+    ticks = data["sensorOrError"]["sensorState"]["ticks"]
+    return sum(1 for t in ticks if t["timestamp"] > moment and t["status"] != "STARTED")
+
+
+def _dlq_list(dev: Dev, job: str) -> str:
+    return subprocess.run(
+        [str(BIN / "nova-assets"), "dlq", "list", "--job", job],
+        env=dev.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 @pytest.mark.parametrize(
     "dagster_dev",
     [
-        FAILING_REDIS | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-local"},
-        FAILING_REDIS | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-pg", "instance": "postgres"},
+        FAILING | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-local"},
+        FAILING | {"DLQ_TOPIC": f"{FAILURE_TOPIC}-pg", "instance": "postgres"},
     ],
     indirect=True,
 )
-def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp_path):
+def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dagster_dev, tmp_path):
+    """A scheduled run and a Materialize click fail while Redis is down: both reach the operator.
+
+    Both are in `dlq list` under their jobs, and the UI run counts as a failure of trending_24h.
+    Locally the fault then persists with dlq_replay on: each failure is replayed once, the failed
+    replay is not replayed again, and after the fix the operator replays it with `nova-assets dlq
+    replay`; the schedule's ticks resume. On the production instance config, replays launched
+    after the fix succeed.
+    """
     from nova_assets_tests.conftest import create_topic
 
-    port, prefix, log, topic = dagster_dev
-    create_topic(topic)
-    private = StackConfig(state_dir=tmp_path / "redis-stack", redis_port=PRIVATE_REDIS_PORT)
-    # Redis is down from the start: the first trending_1h run fails after its five retries.
-    query = (
-        "{ runsOrError { ... on Runs { results { runId jobName status tags { key value } } } } }"
-    )
+    dev, port, log = dagster_dev, dagster_dev.port, dagster_dev.log
+    on_postgres = dev.topic.endswith("-pg")
+    create_topic(dev.topic)
+    private = StackConfig(state_dir=tmp_path / "redis-stack", redis_port=dev.redis_port)
+    # Redis is down from the start: trending_1h's scheduled run and a Materialize click on
+    # trending_posts_24h both fail after their five retries.
+    ui_run = _launch_like_the_ui(port, "trending_posts_24h")
 
-    def runs() -> list[dict]:
-        return _graphql(port, query)["runsOrError"]["results"]
-
-    def tags(run: dict) -> dict:
-        return {t["key"]: t["value"] for t in run["tags"]}
-
-    deadline = time.monotonic() + 240
-    failed = None
-    while failed is None and time.monotonic() < deadline:
-        failed = next(
+    def delivered_failure(match) -> dict | None:
+        return next(
             (
                 r
-                for r in runs()
-                if r["jobName"] == "trending_1h"
-                and r["status"] == "FAILURE"
-                and "nova/dlq_delivered" in tags(r)
+                for r in _runs(port)
+                if match(r) and r["status"] == "FAILURE" and "nova/dlq_delivered" in _tags(r)
             ),
             None,
         )
-        time.sleep(3)
-    assert failed is not None, log.read_text()[-4000:]
 
-    env = os.environ | {"DLQ_TOPIC": topic}
-    listed = subprocess.run(
-        [str(BIN / "nova-assets"), "dlq", "list", "--job", "trending_1h"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    failed = _poll(
+        "a scheduled trending_1h run failed and reached the DLQ",
+        lambda: delivered_failure(
+            lambda r: r["jobName"] == "trending_1h" and "dagster/schedule_name" in _tags(r)
+        ),
+        log,
+    )
+    _poll(
+        "the UI run failed and reached the DLQ",
+        lambda: delivered_failure(lambda r: r["runId"] == ui_run),
+        log,
+    )
+    listed = _dlq_list(dev, "trending_1h")
     assert failed["runId"] in listed and "5/5" in listed
+    assert ui_run in _dlq_list(dev, "trending_24h")
+    gateway = dev.env["PUSHGATEWAY_URL"]
+    assert _poll(
+        "the UI run counted as a failure of trending_24h",
+        lambda: (
+            (
+                _gateway_sample(
+                    gateway, "job_runs_total", job_name="trending_24h", status="failure"
+                )
+                or 0
+            )
+            >= 1
+        ),
+        log,
+        timeout_s=90,
+    )
     # What the operator sees in the UI: the run marked failed, with the root error.
     with _browser() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -368,31 +476,87 @@ def test_a_failure_reaches_the_operator_and_its_replay_succeeds(dagster_dev, tmp
         expect(page.get_by_text("Failure", exact=True).first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("ConnectionError").first).to_be_visible(timeout=60_000)
 
+    failed_replay = None
+    if not on_postgres:
+        # The fault persists with dlq_replay on: the UI run's replay fails too...
+        _start_dlq_replay(port)
+        failed_replay = _poll(
+            "the UI run's replay failed and reached the DLQ",
+            lambda: delivered_failure(
+                lambda r: (
+                    _tags(r).get("nova/replay_of") == ui_run and r["jobName"] == "trending_24h"
+                )
+            ),
+            log,
+        )
+        # ...and is not replayed again: two evaluations of dlq_replay after its delivery.
+        seen_at = time.time()
+        _poll(
+            "two dlq_replay evaluations", lambda: _dlq_replay_ticks_after(port, seen_at) >= 2, log
+        )
+        assert not [
+            r for r in _runs(port) if _tags(r).get("nova/replay_of") == failed_replay["runId"]
+        ]
+
     up(private, services=("redis",))
     try:
-        started = _graphql(
-            port,
-            'mutation { startSensor(sensorSelector: {repositoryLocationName: "nova_assets", '
-            'repositoryName: "__repository__", sensorName: "dlq_replay"}) '
-            "{ __typename } }",
-        )
-        assert started["startSensor"]["__typename"] == "Sensor"
-        replay = None
-        deadline = time.monotonic() + 180
-        while replay is None and time.monotonic() < deadline:
-            replay = next(
-                (
-                    r
-                    for r in runs()
-                    if tags(r).get("nova/replay_of") == failed["runId"] and r["status"] == "SUCCESS"
-                ),
-                None,
+        if on_postgres:
+            _start_dlq_replay(port)
+            for original, job in ((failed["runId"], "trending_1h"), (ui_run, "trending_24h")):
+                replay = _poll(
+                    f"the replay of {original} succeeding",
+                    lambda o=original: next(
+                        (
+                            r
+                            for r in _runs(port)
+                            if _tags(r).get("nova/replay_of") == o and r["status"] == "SUCCESS"
+                        ),
+                        None,
+                    ),
+                    log,
+                )
+                assert replay["jobName"] == job
+        else:
+            # The operator replays the failed replay explicitly, once the fault is fixed.
+            command = [str(BIN / "nova-assets"), "dlq", "replay", failed_replay["runId"]]
+            launched = subprocess.run(
+                command, env=dev.env, capture_output=True, text=True, check=False
             )
-            time.sleep(3)
-        assert replay is not None, log.read_text()[-4000:]
-        assert replay["jobName"] == "trending_1h"
-        value = redis.Redis(port=PRIVATE_REDIS_PORT).get(f"{prefix}trending:1h")
+            assert launched.returncode == 0, launched.stderr
+            replay = _poll(
+                "the operator's replay succeeding",
+                lambda: next(
+                    (
+                        r
+                        for r in _runs(port)
+                        if _tags(r).get("nova/replay_of") == failed_replay["runId"]
+                        and r["status"] == "SUCCESS"
+                    ),
+                    None,
+                ),
+                log,
+            )
+            assert replay["jobName"] == "trending_24h" and replay["runId"] in launched.stdout
+        # The schedule's ticks resume as soon as the fault is gone.
+        _poll(
+            "a scheduled trending_1h run succeeding after the fix",
+            lambda: any(
+                r["jobName"] == "trending_1h"
+                and r["status"] == "SUCCESS"
+                and "dagster/schedule_name" in _tags(r)
+                for r in _runs(port)
+            ),
+            log,
+        )
+        value = redis.Redis(port=dev.redis_port).get(f"{dev.prefix}trending:1h")
         assert value is not None and len(json.loads(value)["items"]) == 50
+        # The sensor replays each failed run at most once.
+        replayed = [
+            _tags(r)["nova/replay_of"]
+            for r in _runs(port)
+            if _tags(r).get("dagster/sensor_name") == "dlq_replay"
+        ]
+        assert len(replayed) == len(set(replayed)), replayed
     finally:
         down(private, services=("redis",))
 
@@ -408,7 +572,7 @@ ASSETS = (
 
 
 def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
-    port, prefix, _, _ = dagster_dev
+    port, prefix = dagster_dev.port, dagster_dev.prefix
     ui = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     clicked_at = datetime.now(UTC)
@@ -449,3 +613,89 @@ def test_an_operator_materializes_from_the_ui_in_a_real_browser(dagster_dev):
     generated = datetime.fromisoformat(value["generated_at"].replace("Z", "+00:00"))
     assert generated >= clicked_at
     assert value["window"] == "24h" and len(value["items"]) == 50
+
+
+def _launch_job(port: int, job: str) -> str:
+    params = {
+        "selector": {
+            "repositoryLocationName": "nova_assets",
+            "repositoryName": "__repository__",
+            "jobName": job,
+        },
+        "mode": "default",
+        "executionMetadata": {"tags": []},
+    }
+    launched = _graphql(port, _LAUNCH, {"params": params})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def _claimed_slots(port: int) -> list[dict]:
+    data = _graphql(
+        port,
+        '{ instance { concurrencyLimit(concurrencyKey: "clickhouse") '
+        "{ claimedSlots { runId stepKey } } } }",
+    )
+    return data["instance"]["concurrencyLimit"]["claimedSlots"]
+
+
+@pytest.mark.parametrize(
+    "dagster_dev",
+    # Users enough that a suggestions run lasts long enough to be killed in flight.
+    [{"seed_args": ["--users", "100000", "--events", "3000000"]}],
+    indirect=True,
+)
+def test_after_a_hard_kill_the_orphaned_run_fails_frees_its_slot_and_reaches_the_dlq(dagster_dev):
+    """`kill -9` of the whole `dagster dev` with a suggestions run in flight, then a restart.
+
+    Within two minutes the run is FAILURE (the orphaned_runs sensor), its DLQ message is
+    delivered, its `clickhouse` pool slot is free, and the schedules run again.
+    """
+    dev, port, log = dagster_dev, dagster_dev.port, dagster_dev.log
+    run_id = _launch_job(port, "suggested_users")
+
+    def in_flight() -> bool:
+        [run] = [r for r in _runs(port) if r["runId"] == run_id]
+        assert run["status"] not in ("SUCCESS", "FAILURE"), "the run ended before the kill"
+        return any(
+            s["stepKey"] == "compute_suggested_users" and s["startTime"] and not s["endTime"]
+            for s in run["stepStats"]
+        )
+
+    _poll("the suggestions step running", in_flight, log, timeout_s=180, every_s=0.3)
+    assert any(slot["runId"] == run_id for slot in _claimed_slots(port))
+    dev.stop(signal.SIGKILL)
+    dev.start()
+    restarted = time.monotonic()
+
+    def status() -> str:
+        return next(r["status"] for r in _runs(port) if r["runId"] == run_id)
+
+    _poll("the orphaned run failed", lambda: status() == "FAILURE", log, timeout_s=120)
+    assert time.monotonic() - restarted <= 120
+    _poll(
+        "the orphaned run in the DLQ",
+        lambda: any(r["runId"] == run_id and "nova/dlq_delivered" in _tags(r) for r in _runs(port)),
+        log,
+        timeout_s=60,
+    )
+    _poll(
+        "its pool slot freed",
+        lambda: not any(slot["runId"] == run_id for slot in _claimed_slots(port)),
+        log,
+        timeout_s=90,
+    )
+    # The schedules run again: a trending_1h run launched after the restart succeeds.
+    known = {r["runId"] for r in _runs(port)}
+    _poll(
+        "a scheduled trending_1h run succeeding after the restart",
+        lambda: any(
+            r["jobName"] == "trending_1h"
+            and r["status"] == "SUCCESS"
+            and "dagster/schedule_name" in _tags(r)
+            and r["runId"] not in known
+            for r in _runs(port)
+        ),
+        log,
+        timeout_s=180,
+    )
