@@ -51,8 +51,11 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# Two workers: the end-to-end tests spend most of their time waiting for the daemon's ticks, so
+# they overlap well with each other and with the rest; every test isolates its own keys, topics,
+# ports and homes.
 test: services lint alerts browser
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -n 2 --dist worksteal --durations=15
 
 # The fast lane: every test that needs no service (the embedded engine is in-process), with no
 # root and no network; markers come from the fixtures a test uses (see nova_assets_tests/conftest.py).
