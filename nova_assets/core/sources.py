@@ -24,10 +24,12 @@ class Table(str):
     """
 
     version: str
+    key: tuple[str, ...]
 
-    def __new__(cls, name: str, version: str = "") -> "Table":
+    def __new__(cls, name: str, version: str = "", key: tuple[str, ...] = ()) -> "Table":
         table = super().__new__(cls, f"{DATABASE}.{name}")
         table.version = version
+        table.key = key
         return table
 
     @property
@@ -44,14 +46,26 @@ class Table(str):
         """SQL predicate (for HAVING): the key's latest row is not deleted."""
         return f"{self.latest('is_deleted')} = 0"
 
+    def live_edges(self, where: str = "") -> str:
+        """SQL for the live pairs of an edge table, self-edges dropped; `where` narrows the read.
 
-POSTS = Table("posts", version="(updated_at, is_deleted)")
+        For follows and blocks: (a, b) where the pair's latest row is not deleted and a != b.
+        """
+        a, b = self.key
+        narrowed = f" AND ({where})" if where else ""
+        return (
+            f"SELECT {a}, {b} FROM {self} WHERE {a} != {b}{narrowed} "
+            f"GROUP BY {a}, {b} HAVING {self.live}"
+        )
+
+
+POSTS = Table("posts", version="(updated_at, is_deleted)", key=("post_id",))
 """A post's state is its latest row; a deleting row wins a tie."""
 ENGAGEMENT_EVENTS = Table("engagement_events")
 """Append-only; duplicates and unknown types are the queries' to handle."""
-FOLLOWS = Table("follows", version="(updated_at, is_deleted)")
+FOLLOWS = Table("follows", version="(updated_at, is_deleted)", key=("follower_id", "followee_id"))
 """A follow edge's state is its latest row; an unfollow wins a tie."""
-BLOCKS = Table("blocks", version="(updated_at, 1 - is_deleted)")
+BLOCKS = Table("blocks", version="(updated_at, 1 - is_deleted)", key=("blocker_id", "blocked_id"))
 """A block edge's state is its latest row; a block wins a tie (suggest no one across it)."""
 TABLES = (POSTS, ENGAGEMENT_EVENTS, FOLLOWS, BLOCKS)
 

@@ -91,13 +91,7 @@ warmed AS (
     ORDER BY events DESC, user_id ASC
     LIMIT {{users:UInt32}}
 ),
-edges AS (
-    SELECT follower_id, followee_id
-    FROM {FOLLOWS}
-    WHERE follower_id IN (SELECT user_id FROM warmed) AND follower_id != followee_id
-    GROUP BY follower_id, followee_id
-    HAVING {FOLLOWS.live}
-),
+edges AS ({FOLLOWS.live_edges("follower_id IN (SELECT user_id FROM warmed)")}),
 followed_posts AS (
     SELECT post_id
     FROM {POSTS}
@@ -154,13 +148,7 @@ SETTINGS join_use_nulls = 0
 # row of every post their served feeds hold.
 LIVE_FOLLOWEES_SQL = f"""
 SELECT follower_id, groupArray(followee_id)
-FROM (
-    SELECT follower_id, followee_id
-    FROM {FOLLOWS}
-    WHERE follower_id IN {{user_ids:Array(UInt64)}} AND follower_id != followee_id
-    GROUP BY follower_id, followee_id
-    HAVING {FOLLOWS.live}
-)
+FROM ({FOLLOWS.live_edges("follower_id IN {user_ids:Array(UInt64)}")})
 GROUP BY follower_id
 """
 

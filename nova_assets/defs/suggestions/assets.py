@@ -65,26 +65,10 @@ _BLOCKED = "suggested_users_blocked"
 _MOST_FOLLOWED = "suggested_users_most_followed"
 _TEMPORARY_TABLES = (_LIVE_FOLLOWS, _LIVE_BLOCKS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
 
-# The live edges: each pair's latest row is not deleted (`core.sources` breaks ties). Self-edges
-# are dropped. `{filter}` narrows the pairs read; the graph loads them all.
-_LIVE_FOLLOW_EDGES = f"""
-    SELECT follower_id, followee_id
-    FROM {FOLLOWS}
-    WHERE follower_id != followee_id{{filter}}
-    GROUP BY follower_id, followee_id
-    HAVING {FOLLOWS.live}"""
-_LIVE_BLOCK_EDGES = f"""
-    SELECT blocker_id, blocked_id
-    FROM {BLOCKS}
-    WHERE blocker_id != blocked_id{{filter}}
-    GROUP BY blocker_id, blocked_id
-    HAVING {BLOCKS.live}"""
-
 _GRAPH_STATEMENTS = (
-    f"CREATE TEMPORARY TABLE {_LIVE_FOLLOWS} ENGINE = Memory AS "
-    + _LIVE_FOLLOW_EDGES.format(filter=""),
-    f"CREATE TEMPORARY TABLE {_LIVE_BLOCKS} ENGINE = Memory AS "
-    + _LIVE_BLOCK_EDGES.format(filter=""),
+    # The live edges (core.sources breaks ties), self-edges dropped.
+    f"CREATE TEMPORARY TABLE {_LIVE_FOLLOWS} ENGINE = Memory AS {FOLLOWS.live_edges()}",
+    f"CREATE TEMPORARY TABLE {_LIVE_BLOCKS} ENGINE = Memory AS {BLOCKS.live_edges()}",
     # Each user's followees, with each followee's live follower count alongside.
     f"""
     CREATE TEMPORARY TABLE {_FOLLOWS}
@@ -355,16 +339,13 @@ def write_chunk(
 
 # -- checks -------------------------------------------------------------------------------------
 
+_EITHER_SIDE = "blocker_id IN {users:Array(UInt64)} OR blocked_id IN {users:Array(UInt64)}"
 LIVE_EXCLUSIONS_SQL = f"""
 SELECT follower_id, followee_id, 'follows'
-FROM ({_LIVE_FOLLOW_EDGES.format(filter=" AND follower_id IN {users:Array(UInt64)}")})
+FROM ({FOLLOWS.live_edges("follower_id IN {users:Array(UInt64)}")})
 UNION ALL
 SELECT blocker_id, blocked_id, 'blocks'
-FROM ({
-    _LIVE_BLOCK_EDGES.format(
-        filter=" AND (blocker_id IN {users:Array(UInt64)} OR blocked_id IN {users:Array(UInt64)})"
-    )
-})
+FROM ({BLOCKS.live_edges(_EITHER_SIDE)})
 """
 
 
