@@ -22,8 +22,9 @@ import dagster as dg
 import numpy as np
 from common import timed
 
-from nova_assets.core.contract import EVENT_WEIGHTS, epoch_ms, iso_z
+from nova_assets.core.contract import epoch_ms, iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.sources import EVENT_WEIGHTS
 from nova_assets.defs.trending.assets import (
     POSTS_PER_AUTHOR,
     TOP_POSTS,
