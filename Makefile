@@ -53,9 +53,10 @@ browser:
 
 # Two workers: the end-to-end tests spend most of their time waiting for the daemon's ticks, so
 # they overlap well with each other and with the rest; every test isolates its own keys, topics,
-# ports and homes.
+# ports and homes. One test at a time per worker, the longest first (conftest.py), keeps the two
+# workers' loads even.
 test: services lint alerts browser
-	$(BIN)/pytest -n 2 --dist worksteal --durations=15
+	$(BIN)/pytest -n 2 --dist load --maxschedchunk 1 --durations=15
 
 # The fast lane: every test that needs no service (the embedded engine is in-process), with no
 # root and no network; markers come from the fixtures a test uses (see nova_assets_tests/conftest.py).

@@ -43,6 +43,24 @@ SERVICE_FIXTURES = {
 """Fixtures that need a running service, or the binaries the stack installs (root, network)."""
 
 
+LONGEST_FIRST = (
+    "test_failures_reach_the_operator",
+    "test_after_a_hard_kill",
+    "test_the_daemon_keeps_caches_fresh",
+    "test_an_operator_materializes",
+)
+"""The end-to-end tests, longest first: `make test`'s two workers take them before the rest, so
+both finish at about the same time instead of one waiting out a five-minute test at the end."""
+
+
+def _start_order(item: pytest.Item) -> int:
+    name = getattr(item, "originalname", item.name)
+    return next(
+        (i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)),
+        len(LONGEST_FIRST),
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -50,6 +68,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.services)
         if "dagster_dev" in used:
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=_start_order)  # stable: everything else keeps its order
 
 
 @pytest.fixture(scope="session")

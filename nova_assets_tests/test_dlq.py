@@ -375,7 +375,9 @@ def test_dlq_list_shows_published_messages_newest_first(instance, kafka_dlq):
     env = os.environ | {"DLQ_TOPIC": kafka_dlq.topic, "KAFKA_BROKERS": KAFKA_BROKERS}
     listed = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     lines = listed.splitlines()
-    assert lines[0].split() == ["failed", "at", "job", "run", "id", "error", "type", "retries"]
+    assert lines[0].split() == [
+        *("failed", "at", "job", "run", "id", "error", "type", "retries", "replay", "of")
+    ]
     assert [line.split()[2] for line in lines[1:]] == list(reversed(run_ids))
     assert all("ConnectionError" in line and "2/5" in line for line in lines[1:])
 
