@@ -362,6 +362,10 @@ def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
 
 
 FAILURE_TOPIC = f"e2e-dlq-{uuid.uuid4().hex[:8]}"
+OUTAGE_S = 480
+"""While Redis is down every failing step spends about a minute in retries, and with the embedded
+engine all of them take turns at the one `clickhouse` slot: a failure can wait minutes for its
+turn."""
 FAILING = {"failing_redis": True, "private_gateway": True, "SUGGESTION_INTERVAL_SEC": "3600"}
 
 _DLQ_REPLAY = {
@@ -445,11 +449,13 @@ def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dags
             lambda r: r["jobName"] == "trending_1h" and "dagster/schedule_name" in _tags(r)
         ),
         log,
+        timeout_s=OUTAGE_S,
     )
     _poll(
         "the UI run failed and reached the DLQ",
         lambda: delivered_failure(lambda r: r["runId"] == ui_run),
         log,
+        timeout_s=OUTAGE_S,
     )
     listed = _dlq_list(dev, "trending_1h")
     assert failed["runId"] in listed and "5/5" in listed
@@ -488,6 +494,7 @@ def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dags
                 )
             ),
             log,
+            timeout_s=OUTAGE_S,
         )
         # ...and is not replayed again: two evaluations of dlq_replay after its delivery.
         seen_at = time.time()
@@ -514,6 +521,7 @@ def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dags
                         None,
                     ),
                     log,
+                    timeout_s=OUTAGE_S,
                 )
                 assert replay["jobName"] == job
         else:
@@ -535,6 +543,7 @@ def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dags
                     None,
                 ),
                 log,
+                timeout_s=OUTAGE_S,
             )
             assert replay["jobName"] == "trending_24h" and replay["runId"] in launched.stdout
         # The schedule's ticks resume as soon as the fault is gone.
@@ -547,6 +556,7 @@ def test_failures_reach_the_operator_however_launched_and_are_replayed_once(dags
                 for r in _runs(port)
             ),
             log,
+            timeout_s=OUTAGE_S,
         )
         value = redis.Redis(port=dev.redis_port).get(f"{dev.prefix}trending:1h")
         assert value is not None and len(json.loads(value)["items"]) == 50
