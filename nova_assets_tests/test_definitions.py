@@ -236,3 +236,35 @@ def test_the_layers_lint_rule_stops_core_and_defs_importing_local_tooling():
             cwd=ROOT,
         )
         assert ("TID251" in completed.stdout) is banned, (path, completed.stdout)
+
+
+def test_with_a_clickhouse_server_each_asset_has_a_one_slot_pool_of_its_own(tmp_path, monkeypatch):
+    """However a run was launched, two never materialize one asset at once (docs/design.md §5)."""
+    probe = (
+        "import json, nova_assets.definitions as d;"
+        "print(json.dumps({s.key.to_user_string(): a.op.pool "
+        "for a in d.defs.get_repository_def().asset_graph.assets_defs for s in a.specs}))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "CLICKHOUSE_URL": "https://user:pw@clickhouse.example:8443/"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    pools = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert pools == {asset: f"clickhouse/{asset}" for asset in pools}
+    assert len(pools) == 5
+
+    config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
+    config["storage"] = {"sqlite": {"base_dir": str(tmp_path / "storage")}}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("MAX_CONCURRENT_JOBS", "5")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_monitoring_max_runtime_seconds == 3600
+    finally:
+        instance.dispose()
