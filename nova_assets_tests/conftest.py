@@ -49,8 +49,8 @@ LONGEST_FIRST = (
     "test_the_daemon_keeps_caches_fresh",
     "test_an_operator_materializes",
 )
-"""The end-to-end tests, longest first: `make test`'s two workers take them before the rest, so
-both finish at about the same time instead of one waiting out a five-minute test at the end."""
+"""The end-to-end tests, longest first: `make test`'s workers take them before the rest, so they
+finish at about the same time instead of one waiting out a five-minute test at the end."""
 
 
 def _start_order(item: pytest.Item) -> int:
