@@ -197,10 +197,13 @@ class Dev:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
-        if sig == signal.SIGKILL:
-            # A hard kill leaves orphans of the group behind only if they escaped it; wait for
-            # the group to be gone so the restart finds the ports free.
-            _poll_gone(self.process.pid)
+        # Whatever of the group outlived its leader (a code server, a run worker) goes too, so
+        # no test leaves processes behind; then the group is gone and its ports are free.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _poll_gone(self.process.pid)
 
 
 def _poll_gone(group: int, timeout_s: float = 30) -> None:
