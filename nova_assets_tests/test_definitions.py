@@ -16,6 +16,18 @@ from nova_assets.defs.schedules import JOB_TAG
 ROOT = Path(__file__).parents[1]
 
 
+def _fresh_python(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process, from the checkout, with only PATH and `env` set."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+
+
 def test_definitions_load_with_every_resource_bound():
     defs = definitions.defs
     repository = defs.get_repository_def()
@@ -27,26 +39,16 @@ def test_definitions_load_with_every_resource_bound():
 
 
 def test_the_code_location_loads_in_a_fresh_process():
-    completed = subprocess.run(
-        [sys.executable, "-c", "import nova_assets.definitions as d; d.defs.get_repository_def()"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "TRENDING_INTERVAL_SEC": "60"},
+    completed = _fresh_python(
+        "-c",
+        "import nova_assets.definitions as d; d.defs.get_repository_def()",
+        TRENDING_INTERVAL_SEC="60",
     )
     assert completed.returncode == 0, completed.stderr
 
 
 def test_a_bad_setting_fails_the_load_naming_the_variable():
-    completed = subprocess.run(
-        [sys.executable, "-c", "import nova_assets.definitions"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "TRENDING_INTERVAL_SEC": "90"},
-    )
+    completed = _fresh_python("-c", "import nova_assets.definitions", TRENDING_INTERVAL_SEC="90")
     assert completed.returncode != 0
     assert "TRENDING_INTERVAL_SEC='90' is invalid" in completed.stderr
 
@@ -174,14 +176,7 @@ def test_every_asset_fails_freshness_after_three_missed_intervals():
 
 def test_the_code_location_matches_its_snapshot():
     """Asset keys, checks, op names, jobs, crons and sensors change only on purpose."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "nova_assets_tests.snapshot"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    completed = _fresh_python("-m", "nova_assets_tests.snapshot")
     assert completed.returncode == 0, completed.stderr
     stored = json.loads((ROOT / "nova_assets_tests" / "code_location.json").read_text())
     assert json.loads(completed.stdout) == stored, (
@@ -245,13 +240,8 @@ def test_with_a_clickhouse_server_each_asset_has_a_one_slot_pool_of_its_own(tmp_
         "print(json.dumps({s.key.to_user_string(): a.op.pool "
         "for a in d.defs.get_repository_def().asset_graph.assets_defs for s in a.specs}))"
     )
-    completed = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "CLICKHOUSE_URL": "https://user:pw@clickhouse.example:8443/"},
+    completed = _fresh_python(
+        "-c", probe, CLICKHOUSE_URL="https://user:pw@clickhouse.example:8443/"
     )
     assert completed.returncode == 0, completed.stderr
     pools = json.loads(completed.stdout.strip().splitlines()[-1])
