@@ -51,13 +51,12 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-# Three workers on two cores: the end-to-end tests spend most of their time waiting for the
-# daemon's ticks and for Redis' retries (the suite keeps a core only half busy on one worker), so
-# they overlap well with each other and with the rest; every test isolates its own keys, topics,
-# ports and homes. One test at a time per worker, the longest first (conftest.py), keeps the
-# workers' loads even.
+# Two workers: the end-to-end tests spend most of their time waiting for the daemon's ticks and
+# for Redis' retries, so they overlap well with each other and with the rest; every test isolates
+# its own keys, topics, ports and homes. The end-to-end tests start first, each long one paired
+# with a short one (conftest.py), so the workers finish together.
 test: services lint alerts browser
-	$(BIN)/pytest -n 3 --dist load --maxschedchunk 1 --durations=15
+	$(BIN)/pytest -n 2 --dist load --maxschedchunk 1 --durations=15
 
 # The fast lane: every test that needs no service (the embedded engine is in-process), with no
 # root and no network; markers come from the fixtures a test uses (see nova_assets_tests/conftest.py).

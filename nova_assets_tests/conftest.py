@@ -43,21 +43,23 @@ SERVICE_FIXTURES = {
 """Fixtures that need a running service, or the binaries the stack installs (root, network)."""
 
 
-LONGEST_FIRST = (
-    "test_failures_reach_the_operator",
-    "test_after_a_hard_kill",
-    "test_the_daemon_keeps_caches_fresh",
-    "test_an_operator_materializes",
+E2E_START_ORDER = (
+    "test_failures_reach_the_operator_however_launched_and_are_replayed_once[dagster_dev0]",
+    "test_an_operator_materializes_from_the_ui_in_a_real_browser",
+    "test_failures_reach_the_operator_however_launched_and_are_replayed_once[dagster_dev1]",
+    "test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn[dagster_dev0]",
+    "test_after_a_hard_kill_the_orphaned_run_fails_frees_its_slot_and_reaches_the_dlq",
+    "test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn[dagster_dev1]",
 )
-"""The end-to-end tests, longest first: `make test`'s workers take them before the rest, so they
-finish at about the same time instead of one waiting out a five-minute test at the end."""
+"""The end-to-end tests run before the rest, in this order. pytest-xdist hands each worker two
+tests to begin with, so each long test is paired with a short one: the workers finish at about
+the same time instead of one working through two five-minute tests at the end."""
 
 
 def _start_order(item: pytest.Item) -> int:
-    name = getattr(item, "originalname", item.name)
     return next(
-        (i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)),
-        len(LONGEST_FIRST),
+        (i for i, name in enumerate(E2E_START_ORDER) if item.name.startswith(name)),
+        len(E2E_START_ORDER),
     )
 
 
