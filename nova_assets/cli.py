@@ -9,6 +9,7 @@ nova-assets dlq replay RUN_ID                 run a failed run's assets again, w
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -190,8 +191,11 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value!r}")
+    """A whole number ≥ 1 in ASCII digits (`isdigit` would also take `٦٠` and `²`)."""
+    if not re.fullmatch(r"[0-9]{1,9}", value) or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to 999999999, got {value!r}"
+        )
     return int(value)
 
 
@@ -242,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("action", choices=["list", "replay"])
     queue.add_argument("run_id", nargs="?", help="replay: the failed run to run again")
     queue.add_argument("--job", help="only this job's messages")
-    queue.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    queue.add_argument(
+        "--limit", type=_positive_int, default=20, help="at most this many (default 20)"
+    )
     queue.add_argument(
         "--scan",
         type=_positive_int,

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -135,6 +136,13 @@ def create_topic(name: str, partitions: int = 1) -> None:
     admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
     futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
     futures[name].result(timeout=30)
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance of the test's own, in a temporary directory."""
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
 
 
 @pytest.fixture

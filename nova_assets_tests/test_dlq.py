@@ -39,12 +39,6 @@ def fragile_cache() -> None:
     raise ConnectionError("Redis at 127.0.0.1:6379 refused the connection")
 
 
-@pytest.fixture
-def instance():
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
-
-
 def fail_runs(instance: dg.DagsterInstance, count: int = 1, **tags: str) -> list[str]:
     """Run the failing job `count` times; the ids of the failed runs."""
     run_ids = []
@@ -376,7 +370,7 @@ def test_dlq_list_shows_published_messages_newest_first(instance, kafka_dlq):
     listed = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     lines = listed.splitlines()
     assert lines[0].split() == [
-        *("failed", "at", "job", "run", "id", "error", "type", "retries", "replay", "of")
+        *("failed", "at", "job", "run", "id", "error", "type", "retries", "replay", "of", "offset")
     ]
     assert [line.split()[2] for line in lines[1:]] == list(reversed(run_ids))
     assert all("ConnectionError" in line and "2/5" in line for line in lines[1:])

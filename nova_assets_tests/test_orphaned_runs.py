@@ -11,15 +11,8 @@ import sys
 import time
 
 import dagster as dg
-import pytest
 
 from nova_assets.defs.orphaned_runs import GRACE_S, find_orphans, orphaned_runs, worker_alive
-
-
-@pytest.fixture
-def instance():
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 def _started_run(instance: dg.DagsterInstance, pid: int | None) -> dg.DagsterRun:

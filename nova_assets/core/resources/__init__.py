@@ -6,7 +6,7 @@ a client library directly.
 """
 
 from nova_assets.core.resources.clickhouse import CLICKHOUSE_POOL, ClickHouseResource
-from nova_assets.core.resources.kafka import KafkaDLQResource, KafkaRecord
+from nova_assets.core.resources.kafka import Delivery, KafkaDLQResource, KafkaRecord
 from nova_assets.core.resources.observability import AlertWebhookResource, JobMetricsResource
 from nova_assets.core.resources.redis_cache import RedisCacheResource, json_dumps
 
@@ -14,6 +14,7 @@ __all__ = [
     "CLICKHOUSE_POOL",
     "AlertWebhookResource",
     "ClickHouseResource",
+    "Delivery",
     "JobMetricsResource",
     "KafkaDLQResource",
     "KafkaRecord",

@@ -34,6 +34,38 @@ class KafkaRecord:
     timestamp_ms: int
 
 
+PERMANENT_DELIVERY_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,  # over the topic's max.message.bytes
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,  # no such topic, and the broker does not create it
+        getattr(KafkaError, "_UNKNOWN_TOPIC"),  # the same, as librdkafka names it
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
+"""Delivery errors that sending the same message again cannot fix."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of one publish: true when acknowledged, else why not."""
+
+    error: str | None = None
+    permanent: bool = False
+    """True when the broker refused this very message: resending it cannot succeed."""
+
+    def __bool__(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def of(cls, error: KafkaError | None) -> "Delivery":
+        if not isinstance(error, KafkaError):
+            return cls(error=f"unknown producer error {error!r}")
+        return cls(error=error.str(), permanent=error.code() in PERMANENT_DELIVERY_ERRORS)
+
+
 class KafkaDLQResource(ClientResource):
     """Kafka for the dead-letter queue: an idempotent producer and an offset-driven reader."""
 
@@ -80,27 +112,32 @@ class KafkaDLQResource(ClientResource):
             )
         return self._client
 
-    def publish(self, key: str, value: bytes) -> bool:
+    def publish(self, key: str, value: bytes) -> "Delivery":
         """Send one message and wait (at most `delivery_timeout_s`) for its delivery report.
 
         Returns:
-            True once the broker acknowledged it (acks=all), False if it was not delivered in time.
+            The outcome, true once the broker acknowledged the message (acks=all); otherwise it
+            says why, and whether sending the same message again can ever succeed.
         """
         outcome: list[KafkaError | None] = []
         producer = self._get_producer()
         try:
             producer.produce(
                 self.topic,
-                key=key.encode(),
+                key=key.encode(errors="backslashreplace"),
                 value=value,
                 on_delivery=lambda e, _m: outcome.append(e),
             )
-        except (KafkaException, BufferError):
-            return False
+        except KafkaException as exc:
+            return Delivery.of(exc.args[0] if exc.args else None)
+        except BufferError as exc:
+            return Delivery(error=f"the producer's queue is full ({exc})")
         deadline = time.monotonic() + self.delivery_timeout_s + 1.0
         while not outcome and time.monotonic() < deadline:
             producer.poll(0.1)
-        return bool(outcome) and outcome[0] is None
+        if not outcome:
+            return Delivery(error="no delivery report in time")
+        return Delivery() if outcome[0] is None else Delivery.of(outcome[0])
 
     def bounds(self, timeout_s: float = KAFKA_METADATA_TIMEOUT_S) -> dict[int, tuple[int, int]]:
         """Each partition's (low, high) watermark offsets: its oldest kept and next offset."""
@@ -187,7 +224,7 @@ class KafkaDLQResource(ClientResource):
                 KafkaRecord(
                     partition=message.partition(),
                     offset=message.offset(),
-                    key=key.decode() if key is not None else None,
+                    key=key.decode(errors="backslashreplace") if key is not None else None,
                     value=message.value() or b"",
                     timestamp_ms=message.timestamp()[1],
                 )

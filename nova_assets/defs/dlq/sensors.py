@@ -11,13 +11,13 @@ evaluation, so Kafka being down delays messages and loses none.
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
 
-from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
+from nova_assets.core.resources import AlertWebhookResource, Delivery, KafkaDLQResource
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.messages import (
     DELIVERED_TAG,
@@ -26,32 +26,67 @@ from nova_assets.defs.dlq.messages import (
     PUBLISH_BUDGET_S,
     REPLAY_TAG,
     RUNS_PER_PAGE,
+    UNDELIVERABLE_TAG,
     build_message,
     encode,
     parse_message,
 )
-from nova_assets.defs.schedules import JobSpec, cache_jobs, job_specs
+from nova_assets.defs.schedules import JOB_TAG, JobSpec, cache_jobs, job_specs, jobs_of_run
 
 # -- the publisher ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PublisherCursor:
-    """Every failed run updated before `watermark - LOOKBACK` has been handled."""
+    """Every failed run updated before `watermark - LOOKBACK`, or before `start`, is handled.
+
+    `start` is the time of the publisher's first evaluation: failures older than the publisher
+    (the history of an instance it joins) are not its to send.
+    """
 
     watermark: float = 0.0
+    start: float = 0.0
+
+    @classmethod
+    def starting_at(cls, now: float) -> "PublisherCursor":
+        return cls(watermark=now, start=now)
 
     @classmethod
     def parse(cls, raw: str | None) -> "PublisherCursor":
         if not raw:
             return cls()
-        return cls(float(json.loads(raw)["watermark"]))
+        stored = json.loads(raw)
+        return cls(float(stored["watermark"]), float(stored.get("start", 0.0)))
 
     def serialize(self) -> str:
-        return json.dumps({"watermark": self.watermark})
+        return json.dumps({"watermark": self.watermark, "start": self.start})
 
     def handled(self, record: dg.RunRecord) -> "PublisherCursor":
-        return PublisherCursor(max(self.watermark, record.update_timestamp.timestamp()))
+        return replace(self, watermark=max(self.watermark, record.update_timestamp.timestamp()))
+
+    @property
+    def since(self) -> datetime:
+        return datetime.fromtimestamp(max(self.start, self.watermark - LOOKBACK_S), UTC)
+
+
+LOOKBACK_S = LOOKBACK.total_seconds()
+
+
+def is_ours(
+    instance: dg.DagsterInstance,
+    run: dg.DagsterRun,
+    specs: Sequence[JobSpec],
+    location: str | None = None,
+) -> bool:
+    """Whether a run belongs to this code location.
+
+    It does when launched from it (checked when both origins are known) and it is one of its
+    jobs' runs or a run materializing one of their assets.
+    """
+    origin = run.remote_job_origin
+    if location is not None and origin is not None and origin.location_name != location:
+        return False
+    return JOB_TAG in run.tags or bool(jobs_of_run(instance, run, specs))
 
 
 def publish_failed_runs(
@@ -61,19 +96,21 @@ def publish_failed_runs(
     alerts: AlertWebhookResource,
     log: Any,
     specs: Sequence[JobSpec] = (),
+    location: str | None = None,
 ) -> tuple[PublisherCursor, int, int]:
-    """Publish the failed runs not yet delivered, oldest failure first.
+    """Publish this code location's failed runs not yet delivered, oldest failure first.
 
     Every evaluation looks again at the failed runs updated since `watermark - LOOKBACK`, page by
-    page, and skips those tagged delivered: a run stamped earlier than one already handled (a
-    failure stored late, or by a host whose clock runs behind) is still found, and any number of
-    delivered runs in that span never stalls the walk.
+    page, and skips those tagged delivered (or undeliverable): a run stamped earlier than one
+    already handled (a failure stored late, or by a host whose clock runs behind) is still found,
+    and any number of delivered runs in that span never stalls the walk. Runs of other code
+    locations sharing the instance are passed over.
 
     Returns:
         The new cursor, how many messages were delivered, and how many runs of the page at hand
         still wait (more may follow it).
     """
-    since = datetime.fromtimestamp(cursor.watermark, UTC) - LOOKBACK
+    since = cursor.since
     deadline = time.monotonic() + PUBLISH_BUDGET_S
     delivered = 0
     seen: set[str] = set()
@@ -91,17 +128,31 @@ def publish_failed_runs(
                 continue
             seen.add(run.run_id)
             new_runs += 1
-            if DELIVERED_TAG in run.tags:
+            handled = DELIVERED_TAG in run.tags or UNDELIVERABLE_TAG in run.tags
+            if handled or not is_ours(instance, run, specs, location):
                 cursor = cursor.handled(record)
                 continue
             if time.monotonic() >= deadline:
                 return cursor, delivered, len(records) - position
             message = build_message(instance, record, specs)
-            if not kafka_dlq.publish(message["job_name"], encode(message)):
+            delivery = _deliver(kafka_dlq, message)
+            if delivery.permanent:
+                reason = f"{delivery.error}"[:200]
+                instance.add_run_tags(run.run_id, {UNDELIVERABLE_TAG: reason})
+                log.error(
+                    f"The DLQ message of run {run.run_id} ({message['job_name']}) can never be "
+                    f"delivered to {kafka_dlq.topic}: {reason}. The run is tagged "
+                    f"{UNDELIVERABLE_TAG} and counted in job_dlq_pending; replay it with "
+                    f"`nova-assets dlq replay {run.run_id}` once its fault is fixed."
+                )
+                alerts.notify_failure(message)
+                cursor = cursor.handled(record)
+                continue
+            if not delivery:
                 log.warning(
                     f"Kafka did not acknowledge the DLQ message of run {run.run_id} "
-                    f"({message['job_name']}); it stays pending and is sent again at the next "
-                    "evaluation."
+                    f"({message['job_name']}): {delivery.error}. It stays pending and is sent "
+                    "again at the next evaluation."
                 )
                 return cursor, delivered, len(records) - position
             instance.add_run_tags(run.run_id, {DELIVERED_TAG: DELIVERED_VALUE})
@@ -115,6 +166,22 @@ def publish_failed_runs(
         # nothing new (a hundred runs of one microsecond) moves past that instant.
         last = records[-1].update_timestamp
         since = last - timedelta(microseconds=1) if new_runs else last
+
+
+def _deliver(kafka_dlq: KafkaDLQResource, message: dict[str, Any]) -> Delivery:
+    """Publish `message`; one the broker refuses as such is sent once more, cut to a quarter."""
+    raw = encode(message)
+    delivery = kafka_dlq.publish(message["job_name"], raw)
+    if not delivery.permanent:
+        return delivery
+    try:
+        cut = encode(message, limit=len(raw) // 4)
+    except ValueError:  # even without stack and message it is larger than that
+        return delivery
+    again = kafka_dlq.publish(message["job_name"], cut)
+    if again.permanent:
+        return Delivery(f"{delivery.error}; cut to {len(cut)} bytes: {again.error}", True)
+    return again
 
 
 def build_dlq_publisher(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
@@ -132,9 +199,22 @@ def build_dlq_publisher(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
         kafka_dlq: KafkaDLQResource,
         alerts: AlertWebhookResource,
     ) -> dg.SkipReason:
-        cursor = PublisherCursor.parse(context.cursor)
+        if context.cursor:
+            cursor = PublisherCursor.parse(context.cursor)
+        else:
+            cursor = PublisherCursor.starting_at(time.time())
+            context.log.info(
+                "First evaluation: failed runs from now on are published; older ones are not."
+            )
+        origin = context.code_location_origin
         cursor, delivered, pending = publish_failed_runs(
-            context.instance, cursor, kafka_dlq, alerts, context.log, specs
+            context.instance,
+            cursor,
+            kafka_dlq,
+            alerts,
+            context.log,
+            specs,
+            origin.location_name if origin is not None else None,
         )
         context.update_cursor(cursor.serialize())
         if pending:
@@ -246,9 +326,13 @@ def build_dlq_replay_sensor(jobs: Sequence[Any], specs: Sequence[JobSpec]) -> dg
                     f"{parsed.run_id}` once its fault is fixed."
                 )
                 continue
-            replays = plan_replays(
-                context.instance, specs, parsed.run_id, parsed.asset_keys, parsed.job_name
-            )
+            try:
+                replays = plan_replays(
+                    context.instance, specs, parsed.run_id, parsed.asset_keys, parsed.job_name
+                )
+            except Exception as exc:  # the instance refused what the message names
+                context.log.warning(f"Skipping DLQ message {where}: {type(exc).__name__}: {exc}")
+                continue
             for replay in replays:
                 requests[replay.run_key] = dg.RunRequest(
                     run_key=replay.run_key,

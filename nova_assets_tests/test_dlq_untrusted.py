@@ -1,0 +1,291 @@
+"""Every DLQ message is untrusted input: no bytes on the topic stop a reader or a later message.
+
+Property-based tests feed the parser and the `dlq list` table arbitrary bytes and arbitrary JSON
+shapes; the broker tests produce each poison message an attacker (or a broken producer) could
+write, followed by a good one, and check that `dlq list` and `dlq_replay` both get past them.
+The publisher side: a message the broker refuses for good is cut once, then marked on its run,
+and never blocks the next failure; runs of other code locations, and failures older than the
+publisher, are not published.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from dagster._core.remote_origin import (
+    GrpcServerCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource, KafkaRecord
+from nova_assets.core.settings import Settings
+from nova_assets.defs.dlq import messages as dlq
+from nova_assets.defs.dlq import sensors
+from nova_assets.defs.schedules import JOB_TAG, job_specs
+from nova_assets_tests.conftest import KAFKA_BROKERS
+from nova_assets_tests.test_dlq import _message, _replay_tick, evaluate, fail_runs
+
+ASSET_JOBS = {"trending_posts_1h": "trending_1h", "suggested_users": "suggested_users"}
+
+POISON = {
+    "200,000 nested [": b"[" * 200_000,
+    "an integer of 5,000 digits": b'{"retry_count": 1' + b"0" * 5000 + b"}",
+    "invalid UTF-8": b"\xff\xfe{}",
+    "a JSON list": b'["a", "list"]',
+    "null": b"null",
+    "NaN": b'{"schema": NaN}',
+    "a lone surrogate": b'{"job_name": "\\ud800", "run_id": "\\udfff"}',
+    "a terminal escape": b'{"job_name": "\\u001b[2J\\u001b[31m", "error": {"type": "\\u0007"}}',
+    "950 kB": b'{"error": {"stack": "' + b"x" * 950_000 + b'"}}',
+    "3 MB": b'{"error": {"stack": "' + b"x" * 3_000_000 + b'"}}',
+    "nested 20 levels": b'{"tags": ' + b'{"a": ' * 20 + b"1" + b"}" * 21,
+}
+
+
+def _record(value: bytes | None, key: str | None = "trending_1h", offset: int = 0) -> KafkaRecord:
+    return KafkaRecord(0, offset, key, value or b"", 1_796_000_000_000)
+
+
+def _printable(table: str) -> bool:
+    return all(c.isprintable() for line in table.splitlines() for c in line)
+
+
+# -- the parser and the table, property-based --------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+message_shapes = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.just(dlq.SCHEMA) | json_values,
+        "job_name": st.sampled_from(["trending_1h", "__ASSET_JOB"]) | json_values,
+        "run_id": st.uuids().map(str) | json_values,
+        "asset_keys": st.just(["trending_posts_1h"]) | json_values,
+        "error": json_values,
+        "retry_count": json_values,
+        "max_retries": json_values,
+        "failed_at": json_values,
+        "replay_of": st.none() | json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.binary(max_size=2048), key=st.binary(max_size=64))
+def test_any_bytes_parse_to_a_message_or_a_reason_and_list_as_a_row(value, key):
+    parsed = dlq.parse_message(value, ASSET_JOBS)
+    assert isinstance(parsed, dlq.ParsedMessage) or (isinstance(parsed, str) and parsed)
+    record = _record(value, key.decode(errors="backslashreplace"))
+    table = dlq.format_table([dlq.row_of(record)])
+    assert len(table.splitlines()) == 2
+    assert _printable(table)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=message_shapes)
+def test_any_json_shape_parses_to_a_message_or_a_reason_and_lists_as_a_row(shape):
+    value = json.dumps(shape).encode()
+    parsed = dlq.parse_message(value, ASSET_JOBS)
+    if isinstance(parsed, dlq.ParsedMessage):
+        assert parsed.run_id == shape["run_id"]
+        assert set(parsed.asset_keys) <= set(ASSET_JOBS)
+    else:
+        assert isinstance(parsed, str) and parsed
+    table = dlq.format_table([dlq.row_of(_record(value))])
+    assert len(table.splitlines()) == 2
+    assert _printable(table)
+
+
+@pytest.mark.parametrize("name", sorted(POISON))
+def test_each_poison_message_has_a_reason_or_a_row_and_never_raises(name):
+    value = POISON[name]
+    assert isinstance(dlq.parse_message(value, ASSET_JOBS), str)
+    row = dlq.row_of(_record(value, key="\\xff\\xfe"))
+    table = dlq.format_table([row])
+    assert _printable(table)
+    assert len(max(table.splitlines(), key=len)) < 400
+
+
+def test_unreadable_rows_say_why_and_where():
+    rows = [dlq.row_of(_record(POISON["200,000 nested ["], offset=7))]
+    assert rows[0][dlq.UNREADABLE] == "nested too deeply"
+    line = dlq.format_table(rows).splitlines()[1].split()
+    assert line[1:3] == ["trending_1h", "(unreadable)"]
+    assert line[-1] == "0:7"
+    big = dlq.row_of(_record(POISON["3 MB"]))
+    assert "over the" in big[dlq.UNREADABLE]
+
+
+@pytest.mark.parametrize("error", ["boom", ["a", "list"], 42, None])
+def test_an_error_of_any_shape_prints(error):
+    value = _message(run_id="r-1", error=error)
+    [line] = dlq.format_table([dlq.row_of(_record(value))]).splitlines()[1:]
+    assert line.split()[1:4] == ["trending_1h", "r-1", "?"]
+
+
+# -- on the real broker ------------------------------------------------------------------------
+
+
+def _produce(topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": KAFKA_BROKERS})
+    for key, value in messages:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def test_poison_messages_on_the_topic_never_stop_a_later_one(kafka_dlq, instance):
+    good, bad_key = uuid.uuid4().hex, uuid.uuid4().hex
+    _produce(
+        kafka_dlq.topic,
+        [
+            (b"\xff\xfe", _message(run_id=bad_key)),
+            (b"trending_1h", b"[" * 200_000),
+            (b"trending_1h", b'{"retry_count": 1' + b"0" * 5000 + b"}"),
+            (b"trending_1h", json.dumps({"job_name": "trending_1h", "error": "boom"}).encode()),
+            (b"trending_1h", json.dumps({"job_name": "trending_1h", "error": [1]}).encode()),
+            (b"trending_1h", _message(run_id=good)),
+        ],
+    )
+
+    command = [str(Path(sys.executable).parent / "nova-assets"), "dlq", "list"]
+    env = os.environ | {"DLQ_TOPIC": kafka_dlq.topic, "KAFKA_BROKERS": KAFKA_BROKERS}
+    listed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[-1]: line for line in listed.stdout.splitlines()[1:]}
+    assert sorted(rows) == [f"0:{offset}" for offset in range(6)]
+    assert bad_key in rows["0:0"]
+    assert "(unreadable)" in rows["0:1"] and "nested too deeply" in rows["0:1"]
+    assert "(unreadable)" in rows["0:2"] and "digits" in rows["0:2"]
+    assert good in rows["0:5"]
+
+    result = _replay_tick(instance, kafka_dlq)
+    assert sorted(r.tags[dlq.REPLAY_TAG] for r in result.run_requests) == sorted([bad_key, good])
+    assert json.loads(result.cursor) == {"0": 6}
+
+
+def test_a_message_the_topic_refuses_is_cut_or_marked_and_never_blocks_the_next(instance):
+    topic = f"test-dlq-small-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
+    new = NewTopic(topic, 1, 1, config={"max.message.bytes": str(64 * 1024)})
+    admin.create_topics([new])[topic].result(timeout=30)
+    kafka = KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
+
+    @dg.asset
+    def huge_failure() -> None:
+        raise RuntimeError("x" * 500_000)
+
+    result = dg.materialize(
+        [huge_failure], instance=instance, raise_on_error=False, tags={JOB_TAG: "trending_1h"}
+    )
+    [later] = fail_runs(instance)
+
+    _, delivered, pending = evaluate(instance, kafka)
+    assert (delivered, pending) == (1, 0)
+    refused = instance.get_run_by_id(result.run_id).tags
+    assert dlq.DELIVERED_TAG not in refused
+    assert "too large" in refused[dlq.UNDELIVERABLE_TAG].lower()
+    assert [json.loads(r.value)["run_id"] for r in kafka.read()] == [later]
+    assert instance.get_run_by_id(later).tags[dlq.DELIVERED_TAG] == dlq.DELIVERED_VALUE
+
+    # Marked undeliverable, it is not tried again.
+    assert evaluate(instance, kafka)[1:] == (0, 0)
+
+
+def test_a_message_cut_to_a_quarter_is_delivered_when_it_then_fits(instance):
+    topic = f"test-dlq-mid-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
+    new = NewTopic(topic, 1, 1, config={"max.message.bytes": str(400 * 1024)})
+    admin.create_topics([new])[topic].result(timeout=30)
+    kafka = KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
+
+    @dg.asset
+    def big_failure() -> None:
+        raise RuntimeError("y" * 800_000)
+
+    result = dg.materialize(
+        [big_failure], instance=instance, raise_on_error=False, tags={JOB_TAG: "trending_1h"}
+    )
+    assert evaluate(instance, kafka)[1:] == (1, 0)
+    [body] = [json.loads(r.value) for r in kafka.read()]
+    assert body["run_id"] == result.run_id and body["truncated"] is True
+    assert dlq.UNDELIVERABLE_TAG not in instance.get_run_by_id(result.run_id).tags
+
+
+def _foreign_run(instance: dg.DagsterInstance, location: str) -> str:
+    origin = RemoteJobOrigin(
+        RemoteRepositoryOrigin(
+            GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4000, location_name=location),
+            "__repository__",
+        ),
+        "trending_1h",
+    )
+    run = dg.DagsterRun(
+        job_name="trending_1h",
+        run_id=uuid.uuid4().hex,
+        status=dg.DagsterRunStatus.FAILURE,
+        remote_job_origin=origin,
+    )
+    instance.add_run(run)
+    return run.run_id
+
+
+def test_only_this_code_locations_failures_are_published(instance, kafka_dlq):
+    ours = _foreign_run(instance, "nova_assets")
+    theirs = _foreign_run(instance, "another_team")
+
+    @dg.asset
+    def their_asset() -> None:
+        raise RuntimeError("not ours")
+
+    untagged = dg.materialize([their_asset], instance=instance, raise_on_error=False).run_id
+    cursor, delivered, _ = sensors.publish_failed_runs(
+        instance,
+        sensors.PublisherCursor(),
+        kafka_dlq,
+        AlertWebhookResource(),
+        dg.get_dagster_logger(),
+        specs=job_specs(Settings.from_env({})),
+        location="nova_assets",
+    )
+    assert delivered == 1
+    assert [json.loads(r.value)["run_id"] for r in kafka_dlq.read()] == [ours]
+    for other in (theirs, untagged):
+        assert dlq.DELIVERED_TAG not in instance.get_run_by_id(other).tags
+    assert sensors.PublisherCursor.parse(cursor.serialize()).watermark > 0
+
+
+def test_the_publisher_starts_from_its_first_evaluation(instance, kafka_dlq):
+    from nova_assets import definitions
+
+    [before] = fail_runs(instance)
+    publisher = definitions.defs.resolve_sensor_def("dlq_publisher")
+    resources = {"kafka_dlq": kafka_dlq, "alerts": AlertWebhookResource()}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        first = publisher.evaluate_tick(context)
+    assert kafka_dlq.read() == []
+    time.sleep(0.01)  # the next failure is stamped after the first evaluation
+    [after] = fail_runs(instance)
+    with dg.build_sensor_context(
+        instance=instance, cursor=first.cursor, resources=resources
+    ) as context:
+        publisher.evaluate_tick(context)
+    assert [json.loads(r.value)["run_id"] for r in kafka_dlq.read()] == [after]
+    assert dlq.DELIVERED_TAG not in instance.get_run_by_id(before).tags
