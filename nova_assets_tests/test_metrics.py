@@ -1,4 +1,4 @@
-"""The seven job metrics on a real Pushgateway, derived from a real Dagster instance's history.
+"""The eight job metrics on a real Pushgateway, derived from a real Dagster instance's history.
 
 Success and failure streaks, health, durations, items and DLQ counts as a user reads them from
 the gateway's /metrics; the same values after the gateway and every process restart; and a dead
@@ -127,16 +127,20 @@ def test_dlq_messages_are_counted_from_delivered_runs(grouping, kafka_dlq):
         run(job, instance)
         run(job, instance)
         assert compute_job_metrics(instance, JOB).dlq_messages == 0
+        assert push_job_metrics(instance, [JOB], gateway(), grouping)
+        assert sample(scrape(), grouping, "job_dlq_pending", job_name=JOB) == 2
         sensors.publish_failed_runs(
             instance,
             sensors.PublisherCursor(),
             kafka_dlq,
             AlertWebhookResource(),
             dg.get_dagster_logger(),
+            specs=[JobSpec(JOB, "trending_posts_1h", "* * * * *")],
         )
         assert push_job_metrics(instance, [JOB], gateway(), grouping)
     assert len(kafka_dlq.read()) == 2
     assert sample(scrape(), grouping, "job_dlq_messages_total", job_name=JOB) == 2
+    assert sample(scrape(), grouping, "job_dlq_pending", job_name=JOB) == 0
 
 
 def test_restarting_the_gateway_and_every_process_loses_no_count(tmp_path, service_binaries):
@@ -174,6 +178,7 @@ def test_restarting_the_gateway_and_every_process_loses_no_count(tmp_path, servi
         ("job_duration_seconds", {}),
         ("job_items_processed", {}),
         ("job_dlq_messages_total", {}),
+        ("job_dlq_pending", {}),
     ]:
         value = sample(before, "nova_assets", name, job_name=JOB, **labels)
         assert value is not None, name

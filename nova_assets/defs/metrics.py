@@ -36,6 +36,8 @@ ATTRIBUTED_TAG = "nova/counts_for"
 ATTRIBUTION_LOOKBACK = timedelta(minutes=10)
 """Runs updated this long before the cursor are looked at again (a late or skewed update time)."""
 _PAGE = 100
+PENDING_WINDOW = timedelta(days=1)
+"""How far back `job_dlq_pending` looks for failed runs that did not reach the DLQ."""
 
 
 def attribute_runs(
@@ -76,7 +78,7 @@ def attribute_runs(
 
 @dataclass(frozen=True)
 class JobMetrics:
-    """One job's seven values."""
+    """One job's eight values."""
 
     job_name: str
     successes: int
@@ -86,6 +88,7 @@ class JobMetrics:
     consecutive_failures: int
     items_processed: float | None
     dlq_messages: int
+    dlq_pending: int = 0
 
     @property
     def health(self) -> int:
@@ -129,6 +132,11 @@ def compute_job_metrics(instance: dg.DagsterInstance, job_name: str) -> JobMetri
         statuses=[dg.DagsterRunStatus.FAILURE],
         **({"created_after": success.create_timestamp} if success else {}),
     )
+    # Failed runs of the last day not delivered to the DLQ: waiting for Kafka, or undeliverable.
+    recent = {"updated_after": datetime.now(UTC) - PENDING_WINDOW}
+    pending = count(statuses=[dg.DagsterRunStatus.FAILURE], **recent) - count(
+        {DELIVERED_TAG: DELIVERED_VALUE}, statuses=[dg.DagsterRunStatus.FAILURE], **recent
+    )
     duration = None
     if last and last.start_time and last.end_time:
         duration = last.end_time - last.start_time
@@ -141,6 +149,7 @@ def compute_job_metrics(instance: dg.DagsterInstance, job_name: str) -> JobMetri
         consecutive_failures=streak,
         items_processed=_items_of_run(instance, success.dagster_run.run_id) if success else None,
         dlq_messages=count({DELIVERED_TAG: DELIVERED_VALUE}),
+        dlq_pending=pending,
     )
 
 
@@ -163,6 +172,7 @@ class _JobMetricsCollector(Collector):
             "job_health": "1 while consecutive failures < 3, else 0.",
             "job_consecutive_failures": "Failures since the last success.",
             "job_items_processed": "Items written by the last successful run.",
+            "job_dlq_pending": "Failed runs of the last day not (yet) delivered to the DLQ.",
         }
         families = {
             name: GaugeMetricFamily(name, text, labels=["job_name"])
@@ -175,6 +185,7 @@ class _JobMetricsCollector(Collector):
             dlq.add_metric(label, job.dlq_messages)
             families["job_health"].add_metric(label, job.health)
             families["job_consecutive_failures"].add_metric(label, job.consecutive_failures)
+            families["job_dlq_pending"].add_metric(label, job.dlq_pending)
             optional = {
                 "job_duration_seconds": job.duration_seconds,
                 "job_last_success_timestamp": job.last_success_timestamp,
@@ -209,7 +220,7 @@ def build_job_metrics_sensor(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
 
     @dg.sensor(
         name="job_metrics",
-        description="Pushes the seven job metrics, derived from run history, to the Pushgateway.",
+        description="Pushes the eight job metrics, derived from run history, to the Pushgateway.",
         minimum_interval_seconds=15,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
