@@ -38,9 +38,11 @@ def _local_port(url: str, default: int) -> int:
 def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackConfig:
     """Ports follow the configured URLs, so `services up` starts what the code will talk to."""
     kafka_port = int(settings.kafka_brokers[0].rsplit(":", 1)[1])
+    redis_url = urlsplit(settings.redis_url)
     return stack.StackConfig(
         state_dir=settings.nova_home,
         redis_port=args.redis_port or _local_port(settings.redis_url, 6379),
+        redis_socket=Path(redis_url.path) if redis_url.scheme == "unix" else None,
         kafka_port=args.kafka_port or kafka_port,
         kafka_controller_port=args.kafka_controller_port or kafka_port + 1,
         pushgateway_port=args.pushgateway_port or _local_port(settings.pushgateway_url, 9091),
@@ -70,7 +72,7 @@ def _services(settings: Settings, args: argparse.Namespace) -> int:
         for service in stack.status(config):
             state = "answering" if service.answering else "not answering"
             owner = f"started by nova-assets, pid {service.pid}" if service.pid else "not ours"
-            print(f"{service.name:<12} 127.0.0.1:{service.port:<6} {state} ({owner})")
+            print(f"{service.name:<12} {service.address:<16} {state} ({owner})")
     return 0
 
 

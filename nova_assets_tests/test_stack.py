@@ -7,8 +7,10 @@ Kafka jars are shared with the project's cache so Maven downloads them once.
 """
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -134,8 +136,39 @@ def test_prometheus_runs_on_request_with_the_project_alert_rules(config):
             "NovaJobUnhealthy",
             "NovaJobStale",
             "NovaDLQGrowing",
+            "NovaDLQPending",
         ]
         assert any(s.name == "prometheus" and s.pid for s in status(watched))
     finally:
         down(watched, ("prometheus", "pushgateway"))
     assert not any(s.answering for s in status(watched) if s.name == "prometheus")
+
+
+def test_services_follow_a_unix_socket_redis_url(tmp_path: Path, service_binaries: None) -> None:
+    """`REDIS_URL=unix://…`: the command starts, reports and stops Redis on that socket."""
+    sock = tmp_path / "run" / "redis.sock"
+    env = {
+        "PATH": os.environ["PATH"],
+        "NOVA_HOME": str(tmp_path / ".nova"),
+        "REDIS_URL": f"unix://{sock}",
+    }
+    command = [str(Path(sys.executable).parent / "nova-assets"), "services"]
+
+    def services(action: str) -> str:
+        # Kafka and the Pushgateway are the suite's own, reused; only Redis is started here.
+        done = subprocess.run(
+            [*command, action], env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        assert f"redis answering on unix:{sock}" in services("up")
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
+        assert client.ping()
+        client.close()
+        [line] = [line for line in services("status").splitlines() if line.startswith("redis")]
+        assert f"unix:{sock}" in line and " answering (started by nova-assets" in line
+    finally:
+        services("down")
+    assert not sock.exists()

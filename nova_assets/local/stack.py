@@ -77,6 +77,8 @@ _KAFKA_HEAP = "-Xmx512m"
 class StackConfig:
     state_dir: Path
     redis_port: int = 6379
+    redis_socket: Path | None = None
+    """A unix socket for Redis (from a `unix://` REDIS_URL); Redis then listens on no port."""
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     pushgateway_port: int = 9091
@@ -114,6 +116,12 @@ class StackConfig:
             "postgres": self.postgres_port,
         }[service]
 
+    def address(self, service: str) -> str:
+        """Where `service` listens, as the command line shows it."""
+        if service == "redis" and self.redis_socket is not None:
+            return f"unix:{self.redis_socket}"
+        return f"{HOST}:{self.port(service)}"
+
     def log_path(self, service: str) -> Path:
         return self.state_dir / "logs" / f"{service}.log"
 
@@ -124,7 +132,7 @@ class StackConfig:
 @dataclass(frozen=True)
 class ServiceStatus:
     name: str
-    port: int
+    address: str
     answering: bool
     pid: int | None
 
@@ -156,9 +164,9 @@ def up(
     to_start = [name for name in services if not _answering(config, name)]
     _install_missing([binary for name in to_start for binary in _BINARIES[name]], config, log)
     for name in services:
-        port = config.port(name)
+        where = config.address(name)
         if name not in to_start:
-            log(f"reusing {name} already answering on {HOST}:{port}")
+            log(f"reusing {name} already answering on {where}")
         else:
             began = time.monotonic()
             pid = started_pid(config, name)
@@ -167,7 +175,7 @@ def up(
             else:
                 log(f"{name} (pid {pid}) started earlier is not answering yet; waiting for it")
             _wait_until_answering(config, name, pid)
-            log(f"{name} answering on {HOST}:{port} (pid {pid}, {time.monotonic() - began:.1f} s)")
+            log(f"{name} answering on {where} (pid {pid}, {time.monotonic() - began:.1f} s)")
         if name == "kafka":
             _ensure_topic(config, log)
 
@@ -206,7 +214,7 @@ def status(config: StackConfig) -> list[ServiceStatus]:
     return [
         ServiceStatus(
             name=name,
-            port=config.port(name),
+            address=config.address(name),
             answering=_answering(config, name),
             pid=started_pid(config, name),
         )
@@ -242,9 +250,10 @@ def _check_names(services: Sequence[str]) -> None:
 
 def _cmdline_markers(config: StackConfig, service: str) -> tuple[str, ...]:
     port = config.port(service)
-    # Redis rewrites its process title to "redis-server 127.0.0.1:<port>".
+    # Redis rewrites its process title to "redis-server 127.0.0.1:<port>" (or "unixsocket:<path>").
+    redis_title = f"unixsocket:{config.redis_socket}" if config.redis_socket else f"{HOST}:{port}"
     return {
-        "redis": ("redis-server", f"{HOST}:{port}"),
+        "redis": ("redis-server", redis_title),
         "kafka": ("kafka.Kafka", str(config.kafka_dir / "server.properties")),
         "pushgateway": ("pushgateway", f"--web.listen-address={HOST}:{port}"),
         "prometheus": ("prometheus", f"--web.listen-address={HOST}:{port}"),
@@ -256,6 +265,8 @@ def _cmdline_markers(config: StackConfig, service: str) -> tuple[str, ...]:
 
 
 def _answering(config: StackConfig, service: str) -> bool:
+    if service == "redis" and config.redis_socket is not None:
+        return _redis_answers(unix_socket_path=str(config.redis_socket))
     port = config.port(service)
     # A closed port answers at once; the protocol probes below would wait for their timeouts.
     try:
@@ -263,7 +274,7 @@ def _answering(config: StackConfig, service: str) -> bool:
     except OSError:
         return False
     if service == "redis":
-        return _redis_answers(port)
+        return _redis_answers(port=port)
     if service in ("pushgateway", "prometheus"):
         return _pushgateway_answers(port)
     if service == "postgres":
@@ -271,11 +282,12 @@ def _answering(config: StackConfig, service: str) -> bool:
     return bool(_kafka_brokers(port))
 
 
-def _redis_answers(port: int) -> bool:
+def _redis_answers(**where: str | int) -> bool:
+    """Whether Redis at `port=` on HOST, or at `unix_socket_path=`, answers a PING."""
     # No retries: a probe answers once, and the callers poll.
     client = redis.Redis(
         host=HOST,
-        port=port,
+        **where,
         socket_timeout=_PROBE_TIMEOUT_S,
         socket_connect_timeout=_PROBE_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
@@ -446,6 +458,11 @@ def _start(config: StackConfig, name: str, log: Callable[[str], None]) -> int:
             "redis-server", "--port", str(config.redis_port), "--bind", HOST,
             "--dir", str(data_dir), "--daemonize", "no", "--save", "", "--appendonly", "no",
         ]  # fmt: skip
+        if config.redis_socket is not None:
+            config.redis_socket.parent.mkdir(parents=True, exist_ok=True)
+            command += [
+                "--port", "0", "--unixsocket", str(config.redis_socket), "--unixsocketperm", "700",
+            ]  # fmt: skip
     elif name == "prometheus":
         command = _prepare_prometheus(config)
     elif name == "postgres":
@@ -636,13 +653,14 @@ rootLogger.appenderRef.stdout.ref = STDOUT
 
 def _wait_until_answering(config: StackConfig, name: str, pid: int) -> None:
     port = config.port(name)
+    where = config.address(name)
     timeout = _READY_TIMEOUT_S[name]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _running(pid):
             config.pid_path(name).unlink(missing_ok=True)
             raise StackError(
-                f"{name} (pid {pid}) exited before answering on {HOST}:{port}.\n"
+                f"{name} (pid {pid}) exited before answering on {where}.\n"
                 f"{_tail(config.log_path(name))}\n"
                 f"If port {port} is taken by another program, stop it or choose another port; "
                 "then run `nova-assets services up` again."
@@ -651,7 +669,7 @@ def _wait_until_answering(config: StackConfig, name: str, pid: int) -> None:
             return
         time.sleep(0.2)
     raise StackError(
-        f"{name} (pid {pid}) did not answer on {HOST}:{port} within {timeout:.0f} s.\n"
+        f"{name} (pid {pid}) did not answer on {where} within {timeout:.0f} s.\n"
         f"{_tail(config.log_path(name))}\n"
         "Run `nova-assets services down`, fix the cause shown above, "
         "then `nova-assets services up`."
