@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import nova_assets
 from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource
-from nova_assets.core.settings import Settings, SettingsError
+from nova_assets.core.settings import Settings, SettingsError, redact_url
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq.sensors import plan_replays
 from nova_assets.defs.schedules import job_specs, jobs_of_run
@@ -77,6 +77,19 @@ def _services(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.embedded_clickhouse and not args.allow_server:
+        # Demo data in, or --replace truncating, the tables of a real ClickHouse server would be
+        # a disaster: a server is seeded only when asked for by name.
+        where = redact_url(settings.clickhouse_url)
+        if args.if_empty:
+            print(f"CLICKHOUSE_URL points at the server {where}; not seeding a server.")
+            return 0
+        print(
+            f"error: CLICKHOUSE_URL points at the server {where}. Demo data goes into the "
+            "embedded engine only; pass --allow-server to seed (or --replace) this server.",
+            file=sys.stderr,
+        )
+        return 1
     clickhouse = ClickHouseResource(url=settings.clickhouse_url)
     try:
         seed.create_schema(clickhouse)
@@ -239,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     existing = demo.add_mutually_exclusive_group()
     existing.add_argument("--if-empty", action="store_true", help="seed only when no data exists")
     existing.add_argument("--replace", action="store_true", help="empty the tables, then seed")
+    demo.add_argument(
+        "--allow-server",
+        action="store_true",
+        help="seed (or with --replace, empty) a ClickHouse server, not only the embedded engine",
+    )
     instance = commands.add_parser("instance", help="write the local Dagster instance config")
     instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
     instance.add_argument(

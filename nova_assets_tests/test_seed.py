@@ -11,11 +11,14 @@ Every test shares the session's engine; each one that replaces the data puts the
 set back, and the module leaves the tables empty for the next one.
 """
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from nova_assets import cli
 from nova_assets.core.resources import ClickHouseResource
 from nova_assets.local.seed import (
     BLOCKS,
@@ -448,3 +451,36 @@ def test_the_follow_graph_has_a_heavy_tail(clickhouse: ClickHouseResource, seede
     assert 25 <= out_degree <= 50
     assert followers_max > 10 * followers_median
     assert 0.02 * SPEC.users < lurkers < 0.1 * SPEC.users  # users who follow nobody
+
+
+@pytest.mark.parametrize(
+    ("flags", "exit_code", "says"),
+    [
+        ([], 1, "pass --allow-server"),
+        (["--replace"], 1, "pass --allow-server"),
+        (["--if-empty"], 0, "not seeding a server"),
+    ],
+)
+def test_a_clickhouse_server_is_never_seeded_or_emptied_unless_allowed(
+    monkeypatch, capsys, flags, exit_code, says
+):
+    """Not one request reaches a server without --allow-server, and its password is not shown."""
+    requests: list[str] = []
+
+    class Server(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_error(500)
+
+        do_POST = do_GET
+
+    with HTTPServer(("127.0.0.1", 0), Server) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://nova:S3cret-pw@127.0.0.1:{server.server_port}/"
+        monkeypatch.setenv("CLICKHOUSE_URL", url)
+        assert cli.main(["seed", *flags]) == exit_code
+        server.shutdown()
+    out = capsys.readouterr()
+    assert says in out.out + out.err
+    assert "S3cret-pw" not in out.out + out.err
+    assert requests == []
