@@ -28,6 +28,7 @@ from dagster._core.remote_origin import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nova_assets import cli
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource, KafkaRecord
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
@@ -289,3 +290,12 @@ def test_the_publisher_starts_from_its_first_evaluation(instance, kafka_dlq):
         publisher.evaluate_tick(context)
     assert [json.loads(r.value)["run_id"] for r in kafka_dlq.read()] == [after]
     assert dlq.DELIVERED_TAG not in instance.get_run_by_id(before).tags
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "٦", "1.5", "", "9" * 5000])
+def test_dlq_list_takes_only_whole_numbers_from_one(limit, capsys):
+    with pytest.raises(SystemExit) as refused:
+        cli.build_parser().parse_args(["dlq", "list", "--limit", limit])
+    assert refused.value.code == 2
+    assert "expected a whole number" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["dlq", "list", "--limit", "1"]).limit == 1
