@@ -2,7 +2,8 @@
 
 `defs/` holds one folder per system (trending, suggestions, feeds, the DLQ) and the jobs,
 schedules and metrics around them; Dagster's defs-folder loader collects them, as `dg` does for
-this project. Resources are bound here, once per deployment, from the validated settings; the
+this project. Resources are bound here, once per deployment, from the validated settings (the
+URLs that may carry a secret through `dg.EnvVar`, so the UI shows only the variable's name); the
 local demo traffic joins only when ClickHouse is the embedded engine.
 """
 
@@ -25,11 +26,16 @@ from nova_assets.local.demo import demo_definitions
 
 
 def _secret_or(variable: str, value: str) -> str | dg.EnvVar:
-    """Bind a URL that may carry a password through `dg.EnvVar`, so the UI shows only its name."""
+    """Bind a URL that may carry a secret through `dg.EnvVar`, so the UI shows only its name.
+
+    Unset, the variable's default (`value`, which holds no secret) is bound as it is. Set, the
+    resource reads the variable itself; the settings already refused a value with spaces around
+    it, so what it reads is exactly what was validated.
+    """
     return dg.EnvVar(variable) if os.environ.get(variable, "").strip() else value
 
 
-def _job_metrics(gateway: str) -> JobMetricsResource:
+def _job_metrics(gateway: str | dg.EnvVar) -> JobMetricsResource:
     # dagster-prometheus marks its resource beta; the warning says nothing an operator can act on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
@@ -47,7 +53,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             topic=settings.dlq_topic,
             passthrough_env=list(settings.kafka_passthrough),
         ),
-        "job_metrics": _job_metrics(settings.pushgateway_url),
+        "job_metrics": _job_metrics(_secret_or("PUSHGATEWAY_URL", settings.pushgateway_url)),
         "alerts": AlertWebhookResource(
             url=_secret_or("ALERT_WEBHOOK_URL", settings.alert_webhook_url or "") or None,
             ui_url=settings.dagster_ui_url,

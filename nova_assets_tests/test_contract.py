@@ -9,6 +9,7 @@ import itertools
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -23,8 +24,10 @@ from nova_assets.core.contract import (
     parse_utc,
 )
 from nova_assets.core.resources import RedisCacheResource
+from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
+from nova_assets.defs.schedules import job_specs
 from nova_assets.defs.trending.assets import build_trending_asset, windows
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset
@@ -144,7 +147,15 @@ def test_credentials_redis_refuses_fail_at_once(ch, redis_url):
     assert "not-the-password" not in failure.step_failure_data.error.message
 
 
-@pytest.mark.parametrize("as_of", ["yesterday", "2026-11-28T12:00:00", "2026-13-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "as_of",
+    [
+        "yesterday",
+        "2026-11-28T12:00:00",
+        "2026-13-01T00:00:00Z",
+        "0001-01-01T00:00:00+05:00",  # out of range, and astimezone(UTC) would overflow
+    ],
+)
 def test_bad_configuration_fails_at_once(ch, redis_cache, as_of):
     result = materialize(build_trending_asset(TRENDING_1H), ch, redis_cache, as_of=as_of)
     assert not result.success
@@ -154,6 +165,49 @@ def test_bad_configuration_fails_at_once(ch, redis_cache, as_of):
     assert "as_of" in message and "2026-11-28T12:00:00Z" in message
     with pytest.raises(ConfigurationError):
         parse_utc(as_of)
+
+
+@pytest.mark.parametrize(
+    "as_of",
+    [
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+05:00",
+        "0001-01-01T00:00:00-14:00",
+        "1900-01-01T00:00:00Z",
+        "1999-12-31T23:59:59.999Z",
+        "9999-12-31T23:59:59.999999Z",
+        "9999-12-31T23:59:59-14:00",
+        "9999-12-31T23:59:59+14:00",
+    ],
+)
+def test_an_as_of_outside_its_range_is_a_configuration_error(as_of):
+    with pytest.raises(ConfigurationError) as caught:
+        parse_utc(as_of)
+    assert "[2000-01-01T00:00:00Z, now + 1 day = " in str(caught.value)
+    assert repr(as_of) in str(caught.value)
+
+
+def test_an_as_of_two_days_ahead_is_a_configuration_error():
+    ahead = datetime.now(UTC) + timedelta(days=2)
+    with pytest.raises(ConfigurationError, match=r"outside \[2000-01-01T00:00:00Z, now \+ 1 day"):
+        parse_utc(ahead.isoformat())
+
+
+@pytest.mark.parametrize(
+    ("as_of", "expected"),
+    [
+        ("2000-01-01T00:00:00Z", datetime(2000, 1, 1, tzinfo=UTC)),
+        ("1999-12-31T23:30:00-01:00", datetime(2000, 1, 1, 0, 30, tzinfo=UTC)),
+        ("2026-11-28T12:00:00.123456+02:00", datetime(2026, 11, 28, 10, 0, 0, 123000, tzinfo=UTC)),
+    ],
+)
+def test_an_as_of_in_range_is_parsed_to_utc_milliseconds(as_of, expected):
+    assert parse_utc(as_of) == expected
+
+
+def test_an_as_of_within_a_day_ahead_is_accepted():
+    soon = datetime.now(UTC) + timedelta(hours=23)
+    assert parse_utc(soon.isoformat()) == soon.replace(microsecond=soon.microsecond // 1000 * 1000)
 
 
 # -- transient faults: retried ----------------------------------------------------------------
@@ -259,6 +313,8 @@ def test_redis_down_beyond_the_budget_fails_the_run_and_reaches_the_dlq(
             kafka_dlq,
             definitions.defs.resources["alerts"],
             dg.get_dagster_logger(),
+            # The publisher handles this code location's runs: those of its jobs' assets.
+            job_specs(Settings.from_env({})),
         )
     assert delivered == 1
     [body] = [json.loads(r.value) for r in kafka_dlq.read()]

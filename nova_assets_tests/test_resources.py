@@ -3,18 +3,26 @@
 Proves that injection strings bound as parameters change nothing, that a reader never sees a cache
 key missing, partial or without TTL while it is replaced, that a DLQ message round-trips byte for
 byte and that publishing to a dead broker answers "not delivered" in bounded time, and that a
-metrics push reaches the Pushgateway while a push to a dead one does not raise.
+metrics push reaches the Pushgateway while a push to a dead one does not raise. A gateway URL with
+user info pushes with HTTP basic auth, and a refused push or a webhook answering garbage returns
+False with a log line that shows neither password nor webhook token.
 """
 
+import base64
 import json
+import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import quote
 
 import prometheus_client
 import pytest
 
-from nova_assets.core.resources import JobMetricsResource, KafkaDLQResource
+from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource, KafkaDLQResource
 from nova_assets.local import seed
 from nova_assets.local.stack import down
 from nova_assets_tests.conftest import kafka_for
@@ -187,7 +195,8 @@ def test_kafka_message_round_trips_byte_identical(kafka_dlq):
 def test_publishing_to_a_dead_broker_says_not_delivered_in_bounded_time():
     dead = KafkaDLQResource(brokers="127.0.0.1:1", topic="jobs-dlq", delivery_timeout_s=2.0)
     started = time.monotonic()
-    assert dead.publish("trending_1h", b"{}") is False
+    delivery = dead.publish("trending_1h", b"{}")
+    assert not delivery and not delivery.permanent
     assert time.monotonic() - started < 2.0 + 2.0
 
 
@@ -196,7 +205,8 @@ def test_publishing_while_the_broker_is_stopped_says_not_delivered(private_kafka
     assert dlq.publish("trending_1h", b"delivered")
     down(private_kafka, services=("kafka",))
     started = time.monotonic()
-    assert dlq.publish("trending_1h", b"not delivered") is False
+    delivery = dlq.publish("trending_1h", b"not delivered")
+    assert not delivery and not delivery.permanent
     assert time.monotonic() - started < 3.0 + 2.0
 
 
@@ -228,3 +238,161 @@ def test_a_push_to_a_dead_gateway_does_not_raise(caplog):
     metrics.setup_for_execution(None)
     assert metrics.push(job="nova_resource_test") is False
     assert "Could not push metrics" in caplog.text
+
+
+GATEWAY_USER = "metrics"
+GATEWAY_PASSWORD = "s3cr/t?#@:pw"
+"""Every character that ends a URL's authority: the URL carries it percent-encoded."""
+
+
+@pytest.fixture
+def auth_gateway() -> Iterator[tuple[str, list[tuple[str, str | None, bytes]]]]:
+    """A Pushgateway stand-in behind basic auth: 401 without the right `Authorization` header.
+
+    Yields its `host:port` and the pushes it received: (path, Authorization header, body).
+    """
+    expected = "Basic " + base64.b64encode(f"{GATEWAY_USER}:{GATEWAY_PASSWORD}".encode()).decode()
+    pushes: list[tuple[str, str | None, bytes]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            authorization = self.headers.get("Authorization")
+            pushes.append((self.path, authorization, body))
+            self.send_response(200 if authorization == expected else 401)
+            if authorization != expected:
+                self.send_header("WWW-Authenticate", 'Basic realm="pushgateway"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet: the test reads the pushes, not the access log."""
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_port}", pushes
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _metrics_for(gateway: str) -> JobMetricsResource:
+    metrics = JobMetricsResource(gateway=gateway, timeout=2)
+    metrics.setup_for_execution(None)
+    gauge = prometheus_client.Gauge(
+        "nova_auth_test_value", "test gauge", ["job_name"], registry=metrics.registry
+    )
+    gauge.labels(job_name="trending_1h").set(42.5)
+    return metrics
+
+
+def test_a_gateway_url_with_user_info_pushes_with_basic_auth(auth_gateway):
+    address, pushes = auth_gateway
+    metrics = _metrics_for(f"http://{GATEWAY_USER}:{quote(GATEWAY_PASSWORD, safe='')}@{address}")
+    assert metrics.push(job="nova_resource_test")
+    [(path, authorization, body)] = pushes
+    assert path == "/metrics/job/nova_resource_test"
+    assert base64.b64decode(authorization.removeprefix("Basic ")).decode() == (
+        f"{GATEWAY_USER}:{GATEWAY_PASSWORD}"
+    )
+    assert b'nova_auth_test_value{job_name="trending_1h"} 42.5' in body
+
+
+def test_a_push_with_the_wrong_password_returns_false_and_logs_no_secret(auth_gateway, caplog):
+    address, pushes = auth_gateway
+    metrics = _metrics_for(f"http://{GATEWAY_USER}:not-the-s3cret@{address}")
+    assert metrics.push(job="nova_resource_test") is False
+    assert len(pushes) == 1 and pushes[0][1] is not None
+    assert f"Could not push metrics to the Pushgateway at http://***@{address}" in caplog.text
+    assert "HTTP 401" in caplog.text
+    assert "not-the-s3cret" not in caplog.text
+
+
+def _read_request(connection: socket.socket) -> None:
+    """Read one HTTP request whole, so closing the socket afterwards sends no reset."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+@contextmanager
+def answering(reply: bytes) -> Iterator[int]:
+    """A local TCP server answering every request with `reply`, then hanging up; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                _read_request(connection)
+                connection.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+FAILURE = {"run_id": "r1", "job_name": "trending_1h", "asset_keys": ["trending_posts_1h"]}
+TOKEN = "T0/B0/s3cr3t-token"
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"garbage\r\n\r\n", "BadStatusLine"),  # http.client.HTTPException, not an OSError
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", "LineTooLong"),
+        (b"", "RemoteDisconnected"),
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", "HTTP 500"),
+    ],
+)
+def test_a_webhook_answering_garbage_never_raises(caplog, reply, reason):
+    with answering(reply) as port:
+        alerts = AlertWebhookResource(url=f"http://127.0.0.1:{port}/{TOKEN}", timeout_s=2)
+        assert alerts.notify_failure(FAILURE) is False
+    assert f"Could not post the failure alert to http://127.0.0.1:{port}/…" in caplog.text
+    assert reason in caplog.text
+    assert "s3cr3t" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://127.0.0.1:notaport/{TOKEN}",  # http.client.InvalidURL quotes the port
+        f"hooks.example/{TOKEN}",  # ValueError quoting the whole URL
+        f"http://[::1/{TOKEN}",
+        f"ftp://hooks.example/{TOKEN}",
+    ],
+)
+def test_a_webhook_url_urllib_cannot_use_never_raises_nor_shows_its_token(caplog, url):
+    assert AlertWebhookResource(url=url, timeout_s=1).notify_failure(FAILURE) is False
+    assert "Could not post the failure alert" in caplog.text
+    assert "s3cr3t" not in caplog.text

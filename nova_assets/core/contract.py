@@ -23,18 +23,40 @@ def freshness_policy(refresh_sec: int) -> dg.FreshnessPolicy:
 
 
 class ConfigurationError(ValueError):
-    """Run configuration that cannot work (an unparseable `as_of`): retrying cannot help."""
+    """Run configuration that cannot work (an unparseable `as_of`, one out of range).
+
+    Retrying cannot help: `fail_fast_on_permanent_faults` turns it into a failure without retries.
+    """
+
+
+AS_OF_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+"""The earliest accepted `as_of`; the latest is one day after now (`AS_OF_LEAD`)."""
+AS_OF_LEAD = timedelta(days=1)
+"""How far past now an `as_of` may lie: clock skew and time zones, not a different day."""
 
 
 def parse_utc(value: str) -> datetime:
-    """Parse an ISO-8601 time with an explicit UTC offset (`Z` or `+00:00`) to an aware datetime."""
+    """Parse an ISO-8601 time with an explicit UTC offset (`Z` or `+00:00`) to an aware datetime.
+
+    The instant must lie in [2000-01-01T00:00:00Z, now + 1 day]; anything else (year 1, 9999, a
+    typo of the century) is a `ConfigurationError` saying so.
+    """
     example = "e.g. 2026-11-28T12:00:00Z"
+    shown = repr(value if len(value) <= 80 else f"{value[:80]}…")
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigurationError(f"as_of {value!r} is not an ISO-8601 time; {example}") from None
+        raise ConfigurationError(f"as_of {shown} is not an ISO-8601 time; {example}") from None
     if parsed.tzinfo is None:
-        raise ConfigurationError(f"as_of {value!r} has no time zone; give UTC, {example}")
+        raise ConfigurationError(f"as_of {shown} has no time zone; give UTC, {example}")
+    latest = datetime.now(UTC) + AS_OF_LEAD
+    # Aware datetimes compare without converting, so year 1 or 9999 with an offset cannot
+    # overflow here; astimezone below only ever sees an instant inside the range.
+    if not AS_OF_EARLIEST <= parsed <= latest:
+        raise ConfigurationError(
+            f"as_of {shown} is outside [{AS_OF_EARLIEST:%Y-%m-%dT%H:%M:%SZ}, now + 1 day = "
+            f"{latest:%Y-%m-%dT%H:%M:%SZ}]; give an instant in that range, {example}"
+        )
     return to_millis_precision(parsed.astimezone(UTC))
 
 

@@ -1,16 +1,66 @@
-"""Where job health goes out: the Pushgateway's metrics and an optional failure webhook."""
+"""Where job health goes out: the Pushgateway's metrics and an optional failure webhook.
+
+Both URLs may carry secrets (the gateway's user info, the webhook's path), so both reach these
+resources through `dg.EnvVar`, and a failure is logged with the URL through `redact_url` and the
+exception's text only where that text cannot quote the URL.
+"""
 
 import json
+import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import dagster as dg
+import prometheus_client
 from dagster_prometheus import PrometheusResource
+from prometheus_client.exposition import basic_auth_handler, default_handler
 from pydantic import Field
 
 from nova_assets.core.resources.base import HTTP_TIMEOUT_S, PUSH_TIMEOUT_S
 from nova_assets.core.settings import redact_url
+
+Handler = Callable[..., Callable[[], None]]
+"""prometheus_client's request handler: (url, method, timeout, headers, data) → send()."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong with a request, safe to log: never text that may quote the URL.
+
+    Socket and HTTP status errors say what happened without the URL. Other exceptions
+    (`ValueError` or `http.client.InvalidURL` for a bad URL) may quote the URL, path and user
+    info included, so only their type is given.
+    """
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        return failure_reason(reason) if isinstance(reason, BaseException) else "URLError"
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
+def split_credentials(gateway: str) -> tuple[str, Handler]:
+    """The gateway URL without user info, and a handler sending that user info as basic auth.
+
+    urllib refuses user info in a URL, so it is taken out of the address and sent as an
+    `Authorization: Basic …` header instead (percent-escapes decoded, as the user typed them).
+    """
+    parts = urlsplit(gateway)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return gateway, default_handler
+    user, _, password = userinfo.partition(":")
+    username, secret = unquote(user), unquote(password)
+
+    def with_basic_auth(
+        url: str, method: str, timeout: float | None, headers: list, data: bytes
+    ) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, username, secret)
+
+    return urlunsplit(parts._replace(netloc=hostport)), with_basic_auth
 
 
 class AlertWebhookResource(dg.ConfigurableResource):
@@ -24,32 +74,71 @@ class AlertWebhookResource(dg.ConfigurableResource):
         """Post one failure; returns whether it was posted. Never raises: alerts are best effort."""
         if not self.url:
             return False
-        error = message.get("error") or {}
-        run_link = f"{self.ui_url.rstrip('/')}/runs/{message['run_id']}"
-        text = (
-            f":rotating_light: *{message['job_name']}* failed after "
-            f"{message.get('retry_count', 0)} retries — assets {', '.join(message['asset_keys'])}\n"
-            f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:500]}\n"
-            f"<{run_link}|Open the run>"
-        )
-        body = json.dumps({"text": text}).encode()
-        request = urllib.request.Request(
-            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-        )
         try:
+            error = message.get("error") or {}
+            run_link = f"{self.ui_url.rstrip('/')}/runs/{message['run_id']}"
+            text = (
+                f":rotating_light: *{message['job_name']}* failed after "
+                f"{message.get('retry_count', 0)} retries — assets "
+                f"{', '.join(message['asset_keys'])}\n"
+                f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:500]}\n"
+                f"<{run_link}|Open the run>"
+            )
+            request = urllib.request.Request(
+                self.url,
+                data=json.dumps({"text": text}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
             with urllib.request.urlopen(request, timeout=self.timeout_s):
                 return True
-        except OSError as exc:
-            dg.get_dagster_logger().warning(f"Could not post the failure alert: {exc}")
+        # Anything at all (a refused connection, a garbled answer, a URL urllib cannot use): the
+        # alert is lost, the sensor reporting the failure carries on.
+        except Exception as exc:
+            dg.get_dagster_logger().warning(
+                "Could not post the failure alert to "
+                f"{redact_url(self.url, secret_path=True)}: {failure_reason(exc)}"
+            )
             return False
 
 
 class JobMetricsResource(PrometheusResource):
-    """dagster-prometheus' resource with a short timeout and pushes that never raise."""
+    """dagster-prometheus' resource with a short timeout, basic auth and pushes that never raise.
+
+    A gateway URL with user info (`http://user:password@host:9091`) pushes with HTTP basic auth;
+    the user info never reaches the request's address or a log line.
+    """
 
     timeout: int = Field(
         default=PUSH_TIMEOUT_S, description="Seconds before a push to the gateway gives up."
     )
+
+    def push_to_gateway(
+        self, job: str, grouping_key: dict[str, str] | None = None, handler: Handler | None = None
+    ) -> None:
+        """Replace the metrics of `job` and `grouping_key` with the registry's (HTTP PUT)."""
+        gateway, auth = split_credentials(self.gateway)
+        prometheus_client.push_to_gateway(
+            gateway, job, self.registry, grouping_key, self.timeout, handler or auth
+        )
+
+    def pushadd_to_gateway(
+        self, job: str, grouping_key: dict[str, str] | None = None, handler: Handler | None = None
+    ) -> None:
+        """Replace only the registry's metric names under `job` and `grouping_key` (HTTP POST)."""
+        gateway, auth = split_credentials(self.gateway)
+        prometheus_client.pushadd_to_gateway(
+            gateway, job, self.registry, grouping_key, self.timeout, handler or auth
+        )
+
+    def delete_from_gateway(
+        self, job: str, grouping_key: dict[str, str] | None = None, handler: Handler | None = None
+    ) -> None:
+        """Delete the metrics of `job` and `grouping_key` (HTTP DELETE)."""
+        gateway, auth = split_credentials(self.gateway)
+        prometheus_client.delete_from_gateway(
+            gateway, job, grouping_key, self.timeout, handler or auth
+        )
 
     def push(self, job: str, grouping_key: Mapping[str, str] | None = None) -> bool:
         """Push the registry; on failure log a warning and return False instead of raising."""
@@ -57,7 +146,8 @@ class JobMetricsResource(PrometheusResource):
             self.push_to_gateway(job=job, grouping_key=dict(grouping_key or {}))
         except Exception as exc:  # a metrics outage must never fail a run or a sensor
             dg.get_dagster_logger().warning(
-                f"Could not push metrics to the Pushgateway at {redact_url(self.gateway)}: {exc}"
+                f"Could not push metrics to the Pushgateway at {redact_url(self.gateway)}: "
+                f"{failure_reason(exc)}"
             )
             return False
         return True

@@ -1,0 +1,199 @@
+"""Hostile configuration: whatever the environment holds, the load fails cleanly and hides secrets.
+
+Hypothesis feeds arbitrary text (non-ASCII, control characters, huge numbers, URL-shaped junk) to
+every variable, one at a time and several at once: `Settings.from_env` either loads or raises
+`SettingsError` naming exactly the bad variables, never any other exception. Generated passwords,
+full of the characters that end a URL's authority (`/ ? # @ :`), never appear in an error or in
+`redact_url`'s output. Last, the real code location, loaded as the UI loads it, shows no secret on
+its resources page.
+"""
+
+import json
+import re
+import string
+
+import dagster as dg
+import pytest
+from dagster_graphql.test.utils import (
+    define_out_of_process_context,
+    execute_dagster_graphql,
+    infer_repository_selector,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nova_assets import definitions
+from nova_assets.core.settings import Settings, SettingsError, redact_url
+
+VARIABLES = (
+    "NOVA_HOME",
+    "CLICKHOUSE_URL",
+    "REDIS_URL",
+    "KAFKA_BROKERS",
+    "KAFKA_SASL_PASSWORD",
+    "DLQ_TOPIC",
+    "PUSHGATEWAY_URL",
+    "TRENDING_INTERVAL_SEC",
+    "SUGGESTION_INTERVAL_SEC",
+    "MAX_CONCURRENT_JOBS",
+    "REDIS_KEY_PREFIX",
+    "SUGGESTION_TTL_SEC",
+    "FEED_TTL_SEC",
+    "ALERT_WEBHOOK_URL",
+    "DAGSTER_UI_URL",
+)
+URL_SCHEMES = {
+    "CLICKHOUSE_URL": "https",
+    "REDIS_URL": "redis",
+    "PUSHGATEWAY_URL": "http",
+    "ALERT_WEBHOOK_URL": "https",
+    "DAGSTER_UI_URL": "http",
+}
+QUICK = settings(max_examples=200, deadline=None)
+
+DIGITS_OF_OTHER_SCRIPTS = "".join(
+    chr(c) for block in (0x0660, 0x06F0, 0x0966, 0xFF10) for c in range(block, block + 10)
+)
+"""Arabic-Indic, Persian, Devanagari and fullwidth digits: `\\d` and int() take them all."""
+
+# Anything an environment variable may hold, weighted towards what breaks parsers: digits of
+# every script, numbers past int()'s limits, URL-shaped text with junk after the scheme.
+values = st.one_of(
+    st.text(),
+    st.text(alphabet=string.digits + DIGITS_OF_OTHER_SCRIPTS, max_size=30),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.integers(min_value=4300, max_value=6000).map(lambda n: "9" * n),
+    st.builds(
+        lambda scheme, body: f"{scheme}://{body}",
+        st.sampled_from(["http", "https", "redis", "unix", "chdb", "ftp"]),
+        st.text(),
+    ),
+)
+
+# Passwords made of every printable ASCII character but space, so `/ ? # @ : %` all turn up,
+# framed by markers so that a password is never text an error would hold anyway.
+PASSWORD_CHARS = string.ascii_letters + string.digits + string.punctuation
+passwords = st.text(alphabet=PASSWORD_CHARS, min_size=8).map(lambda p: f"Pw{p}Zq")
+users = st.text(alphabet=PASSWORD_CHARS, max_size=12)
+hosts = st.sampled_from(["cache.internal", "127.0.0.1", "[::1]"])
+ports = st.integers(min_value=1, max_value=65535)
+paths = st.sampled_from(["", "/", "/0", "/db"])
+
+
+def named_variables(error: SettingsError) -> list[str]:
+    """The variables an error names, one per line (values are repr'd, so none fakes a line)."""
+    return re.findall(r"^  - ([A-Z_]+)=", str(error), re.MULTILINE)
+
+
+@QUICK
+@given(st.sampled_from(VARIABLES), values)
+def test_any_text_in_one_variable_loads_or_names_that_variable(variable, value):
+    try:
+        Settings.from_env({variable: value})
+    except SettingsError as exc:
+        assert named_variables(exc) == [variable]
+
+
+@QUICK
+@given(st.dictionaries(st.sampled_from(VARIABLES), values, min_size=2))
+def test_any_text_in_several_variables_names_only_bad_ones(environ):
+    try:
+        Settings.from_env(environ)
+    except SettingsError as exc:
+        named = named_variables(exc)
+        assert named and set(named) <= set(environ)
+        assert len(named) == len(set(named))
+        # Each named variable is bad on its own too: no error is blamed on a neighbour.
+        for variable in named:
+            with pytest.raises(SettingsError):
+                Settings.from_env({variable: environ[variable]})
+
+
+@QUICK
+@given(hosts, ports, paths, users, passwords, st.sampled_from(sorted(URL_SCHEMES)))
+def test_a_generated_password_never_shows_in_an_error(host, port, path, user, password, variable):
+    for scheme in (URL_SCHEMES[variable], "gopher"):  # the second one is always refused
+        url = f"{scheme}://{user}:{password}@{host}:{port}{path}"
+        try:
+            Settings.from_env({variable: url})
+        except SettingsError as exc:
+            assert named_variables(exc) == [variable]
+            assert password not in str(exc)
+        else:
+            assert scheme != "gopher"
+
+
+@QUICK
+@given(hosts, ports, paths, users, passwords, st.booleans())
+def test_redact_url_shows_nothing_of_the_user_info(host, port, path, user, password, secret_path):
+    url = f"redis://{user}:{password}@{host}:{port}{path}"
+    shown = redact_url(url, secret_path=secret_path)
+    assert password not in shown
+    # All but the user info, or scheme://host:port alone; or, when the user info starts with
+    # `/`, a URL without an authority (`redis:///…@…`), of which nothing after `://` shows.
+    kept = f"redis://***@{host}:{port}"
+    assert shown in {kept + path, kept + ("/…" if path else ""), "redis://…"}
+
+
+@QUICK
+@given(st.text())
+def test_redact_url_never_raises_and_never_shows_text_before_the_last_at(url):
+    shown = redact_url(url)
+    if "@" in url:
+        hidden = url.split("://", 1)[-1].rpartition("@")[0]
+        assert len(hidden) < 4 or hidden not in shown
+
+
+SECRETS = {
+    "REDIS_URL": ("redis://:r3dis-Secret@127.0.0.1:6379/0", "r3dis-Secret"),
+    "PUSHGATEWAY_URL": ("http://metrics:pushg4te-Secret@127.0.0.1:9091", "pushg4te-Secret"),
+    "ALERT_WEBHOOK_URL": ("https://hooks.example/T0/B0/w3bhook-Secret", "w3bhook-Secret"),
+    "CLICKHOUSE_URL": ("https://admin:cl1ckhouse-Secret@clickhouse.invalid:8443/", "cl1ckhouse"),
+}
+RESOURCES_QUERY = """
+query Resources($selector: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $selector) {
+    __typename
+    ... on ResourceDetailsList {
+      results {
+        name
+        description
+        configFields { name description defaultValueAsJson }
+        configuredValues { key value type }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_the_resources_page_shows_no_secret(monkeypatch):
+    for variable, (url, _) in SECRETS.items():
+        monkeypatch.setenv(variable, url)
+    # The same bindings, built in this process: every secret-bearing URL is an EnvVar.
+    resources = definitions.build_resources(Settings.from_env())
+    for name in ("clickhouse", "redis_cache", "job_metrics", "alerts"):
+        assert any(isinstance(value, dg.EnvVar) for value in dict(resources[name]).values()), name
+    # The UI's view: the code location loads in a code server, a subprocess that inherits this
+    # environment and reads its settings at import, as in a deployment.
+    with (
+        dg.instance_for_test() as instance,
+        define_out_of_process_context(definitions.__file__, "defs", instance) as context,
+    ):
+        result = execute_dagster_graphql(
+            context, RESOURCES_QUERY, {"selector": infer_repository_selector(context)}
+        )
+    page = result.data["allTopLevelResourceDetailsOrError"]
+    assert page["__typename"] == "ResourceDetailsList", page
+    configured = {
+        resource["name"]: {v["key"]: (v["type"], v["value"]) for v in resource["configuredValues"]}
+        for resource in page["results"]
+    }
+    assert configured["redis_cache"]["url"] == ("ENV_VAR", "REDIS_URL")
+    assert configured["job_metrics"]["gateway"] == ("ENV_VAR", "PUSHGATEWAY_URL")
+    assert configured["alerts"]["url"] == ("ENV_VAR", "ALERT_WEBHOOK_URL")
+    assert configured["clickhouse"]["url"] == ("ENV_VAR", "CLICKHOUSE_URL")
+    text = json.dumps(result.data)
+    for _, secret in SECRETS.values():
+        assert secret not in text
