@@ -3,12 +3,14 @@
 nova-assets services up|down|status          Redis, Kafka (KRaft), Pushgateway on 127.0.0.1
 nova-assets seed [--if-empty] [...]          the ClickHouse schema and a deterministic dataset
 nova-assets instance --home DIR              the local Dagster instance config in DAGSTER_HOME
+nova-assets health [--json]                   each job's health; exit 0 ok, 1 not, 2 unreadable
 nova-assets dlq list [--job J] [--limit N] [--scan N]   the dead-letter queue, newest first
 nova-assets dlq replay RUN_ID                 run a failed run's assets again, with its run config
 """
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -185,6 +187,34 @@ def _replay(settings: Settings, run_id: str) -> int:
     return 0
 
 
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    """Print each job's health; exit 0 when all are ok, 1 otherwise, 2 on an unreadable instance."""
+    import dagster as dg
+
+    from nova_assets import health
+
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.nova_home / "dagster")
+    if not home.is_dir():
+        print(
+            f"error: the Dagster instance folder {home} does not exist; set DAGSTER_HOME to the "
+            "instance of the deployment (make dev uses <NOVA_HOME>/dagster)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            jobs = health.report(instance, job_specs(settings))
+    except Exception as exc:  # any fault of the instance is one answer: it cannot be read
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(
+            f"error: cannot read the Dagster instance in {home}: {type(exc).__name__}: {reason}",
+            file=sys.stderr,
+        )
+        return 2
+    print(health.as_json(jobs) if args.json else health.as_table(jobs))
+    return 0 if health.overall(jobs) == health.OK else 1
+
+
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "replay":
         if not args.run_id:
@@ -262,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     instance.add_argument(
         "--template", type=Path, default=None, help="default: nova_assets/local/dagster.yaml"
     )
+    probe = commands.add_parser(
+        "health", help="each job's health from the Dagster instance; exit 0 when all are ok"
+    )
+    probe.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     queue = commands.add_parser("dlq", help="inspect the dead-letter queue")
     queue.add_argument("action", choices=["list", "replay"])
     queue.add_argument("run_id", nargs="?", help="replay: the failed run to run again")
@@ -285,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    handlers = {"services": _services, "seed": _seed, "instance": _instance, "dlq": _dlq}
+    handlers = {
+        "services": _services,
+        "seed": _seed,
+        "instance": _instance,
+        "health": _health,
+        "dlq": _dlq,
+    }
     return handlers[args.command](settings, args)
 
 
