@@ -25,9 +25,9 @@ from nova_assets.defs.metrics import (
     push_values,
 )
 from nova_assets.defs.schedules import JobSpec, job_specs
+from nova_assets.local.history import add_history, history_instance, spread
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, free_ports
-from nova_assets_tests.run_history import add_history, history_instance, spread
 
 JOB = "trending_1h"
 
