@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-FAMILIES = ("trending.py", "suggestions.py", "feeds.py")
+FAMILIES = ("trending.py", "suggestions.py", "feeds.py", "metrics.py")
 
 
 def main() -> None:
