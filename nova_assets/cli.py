@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from confluent_kafka import KafkaError, KafkaException
+
 import nova_assets
 from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource
 from nova_assets.core.settings import Settings, SettingsError, redact_url
@@ -226,7 +228,17 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         topic=settings.dlq_topic,
         passthrough_env=list(settings.kafka_passthrough),
     )
-    rows, note = dlq.list_messages(kafka, job=args.job, limit=args.limit, scan=args.scan)
+    try:
+        rows, note = dlq.list_messages(kafka, job=args.job, limit=args.limit, scan=args.scan)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        reason = error.str() if isinstance(error, KafkaError) else str(error)
+        print(
+            f"error: cannot read the topic {settings.dlq_topic!r} from "
+            f"{','.join(settings.kafka_brokers)}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
     print(dlq.format_table(rows))
     if not rows:
         print(f"(no messages on {settings.dlq_topic}" + (f" for {args.job})" if args.job else ")"))

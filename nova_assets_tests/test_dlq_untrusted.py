@@ -299,3 +299,12 @@ def test_dlq_list_takes_only_whole_numbers_from_one(limit, capsys):
     assert refused.value.code == 2
     assert "expected a whole number" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["dlq", "list", "--limit", "1"]).limit == 1
+
+
+def test_dlq_list_of_a_missing_topic_says_so(kafka_dlq, monkeypatch, capsys):
+    monkeypatch.setenv("KAFKA_BROKERS", KAFKA_BROKERS)
+    monkeypatch.setenv("DLQ_TOPIC", f"{kafka_dlq.topic}-missing")
+    assert cli.main(["dlq", "list"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read the topic '{kafka_dlq.topic}-missing'" in err
+    assert "Unknown topic" in err and "Traceback" not in err
