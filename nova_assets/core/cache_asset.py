@@ -6,8 +6,9 @@ retry policy, permanent faults failing at once, a freshness policy sized to the 
 declared with the asset, and a `MaterializeResult` whose check results carry their metadata.
 """
 
+import functools
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +22,13 @@ from nova_assets.core.contract import (
 from nova_assets.core.resources import CLICKHOUSE_POOL
 
 CACHE_KINDS = {"clickhouse", "redis"}
+
+HEALING_KEYS = "healing_keys"
+"""Materialization metadata: the cache keys (a sample of them) `cache_healer` watches."""
+HEALING_SAMPLE = 20
+"""How many of a materialization's keys it names for the healer."""
+REASON_TAG = "nova/reason"
+"""On a run launched outside its schedule for a reason (`cache_missing`, `cache_expiring`)."""
 
 
 def asset_pool(asset_name: str, *, embedded: bool) -> str:
@@ -83,9 +91,26 @@ def cache_asset(
                 dg.AssetCheckSpec(check, asset=key, description=text)
                 for check, text in checks.items()
             ],
-        )(fail_fast_on_permanent_faults(compute))
+        )(_says_why(fail_fast_on_permanent_faults(compute)))
 
     return decorate
+
+
+def _says_why(compute: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
+    """A run tagged with a reason (`nova/reason`) records it in its materialization."""
+
+    @functools.wraps(compute)
+    def materialize(context: dg.AssetExecutionContext, *args, **kwargs) -> dg.MaterializeResult:
+        result = compute(context, *args, **kwargs)
+        reason = context.run.tags.get(REASON_TAG)
+        if reason is None:
+            return result
+        return dg.MaterializeResult(
+            metadata={**(result.metadata or {}), "reason": reason},
+            check_results=result.check_results,
+        )
+
+    return materialize
 
 
 class Stopwatch:
@@ -104,11 +129,22 @@ class Stopwatch:
 
 
 def cache_result(
-    metadata: Mapping[str, Any], verdicts: Verdicts, *, warn: Collection[str] = ()
+    metadata: Mapping[str, Any],
+    verdicts: Verdicts,
+    *,
+    keys: Sequence[str],
+    warn: Collection[str] = (),
 ) -> dg.MaterializeResult:
-    """The materialization: its metadata and one result per check (those in `warn` WARN)."""
+    """The materialization: its metadata and one result per check (those in `warn` WARN).
+
+    `keys` are the cache keys the run wrote (or a sample): the first `HEALING_SAMPLE` of them are
+    recorded for `cache_healer`, which refills the cache when they go missing.
+    """
     return dg.MaterializeResult(
-        metadata=dict(metadata),
+        metadata={
+            **metadata,
+            HEALING_KEYS: dg.MetadataValue.json(list(keys[:HEALING_SAMPLE])),
+        },
         check_results=[
             dg.AssetCheckResult(
                 check_name=name,

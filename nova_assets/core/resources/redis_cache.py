@@ -1,7 +1,7 @@
 """The Redis that serves Nova's read caches: JSON values, always written with their TTL."""
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -128,6 +128,15 @@ class RedisCacheResource(ClientResource):
     def ttl(self, key: str) -> int:
         """Seconds left on `key`: -1 without a TTL, -2 when missing (Redis semantics)."""
         return int(self.client().ttl(key))
+
+    def ttls(self, keys: Sequence[str]) -> list[int]:
+        """`ttl` of every key, in one pipeline round trip."""
+        if not keys:
+            return []
+        pipe = self.client().pipeline(transaction=False)
+        for key in keys:
+            pipe.ttl(key)
+        return [int(reply) for reply in pipe.execute()]
 
 
 def _is_empty_ranking(value: Mapping[str, Any]) -> bool:

@@ -18,7 +18,13 @@ from typing import Any
 
 import dagster as dg
 
-from nova_assets.core.cache_asset import Stopwatch, asset_pool, cache_asset, cache_result
+from nova_assets.core.cache_asset import (
+    HEALING_SAMPLE,
+    Stopwatch,
+    asset_pool,
+    cache_asset,
+    cache_result,
+)
 from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
@@ -515,6 +521,7 @@ def build_warmed_feeds_asset(
                 "preview": dg.MetadataValue.md(_preview(shown) if shown else "No user warmed."),
             },
             verdicts,
+            keys=[redis_cache.key("feed", u) for u in user_ids[:HEALING_SAMPLE]],
         )
 
     return _warmed_feeds

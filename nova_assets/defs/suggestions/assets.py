@@ -611,6 +611,7 @@ def build_suggested_users_asset(
                 "sample": dg.MetadataValue.md(_sample_table(served)),
             },
             verdicts,
+            keys=[redis_cache.key(ASSET_NAME, u) for u in sample],
         )
 
     return _suggested_users

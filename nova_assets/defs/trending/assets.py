@@ -329,7 +329,7 @@ def build_trending_asset(
             **watch.ms,
             "kept_previous": not written,
         }
-        return cache_result(metadata, verdicts, warn={"non_empty"})
+        return cache_result(metadata, verdicts, keys=[key], warn={"non_empty"})
 
     return _trending
 

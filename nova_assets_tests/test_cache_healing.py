@@ -1,0 +1,123 @@
+"""`cache_healer` on a real Redis and a real Dagster instance, one evaluation at a time.
+
+Never-materialized assets are run at once, each once per interval; a missing key or one that
+expires before the next tick is healed with its reason; a job with a run in flight is left to
+it; Redis down requests nothing; and a healing run's materialization says why it ran. The
+daemon-driven refills (`FLUSHDB`, a first start, Redis down for a minute) are in test_e2e.py.
+"""
+
+import json
+import time
+
+import dagster as dg
+import pytest
+
+from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG, cache_asset, cache_result
+from nova_assets.core.resources import RedisCacheResource
+from nova_assets.core.settings import Settings
+from nova_assets.defs.cache_healing import build_cache_healer, seconds_to_next_tick
+from nova_assets.defs.schedules import JOB_TAG, cache_jobs, job_specs
+
+SPECS = job_specs(Settings.from_env({}))
+BY_ASSET = {spec.asset: spec for spec in SPECS}
+
+
+def _evaluate(instance, redis_cache, cursor=None):
+    healer = build_cache_healer(SPECS, cache_jobs())
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"redis_cache": redis_cache}
+    ) as context:
+        return healer.evaluate_tick(context)
+
+
+def _materialized(instance, asset: str, keys: list[str]) -> None:
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset, metadata={HEALING_KEYS: dg.MetadataValue.json(keys)})
+    )
+
+
+def _all_in_place(instance, redis_cache) -> None:
+    """Every asset materialized, each with a key that outlives its next tick."""
+    for spec in SPECS:
+        key = redis_cache.key("heal", spec.asset)
+        redis_cache.client().set(key, "{}", ex=spec.interval_sec * 10)
+        _materialized(instance, spec.asset, [key])
+
+
+def test_never_materialized_assets_are_run_at_once_and_once_per_interval(instance, redis_cache):
+    first = _evaluate(instance, redis_cache)
+    assert sorted((r.job_name, r.tags[REASON_TAG]) for r in first.run_requests) == sorted(
+        (spec.name, "cache_missing") for spec in SPECS
+    )
+    # The next evaluation, a moment later, requests nothing: once per interval.
+    again = _evaluate(instance, redis_cache, first.cursor)
+    assert again.run_requests == []
+    assert "healed 0 s ago" in again.skip_message
+
+
+def test_a_missing_key_is_healed_with_its_reason(instance, redis_cache):
+    _all_in_place(instance, redis_cache)
+    assert _evaluate(instance, redis_cache).skip_message == "Every cache is in place."
+
+    redis_cache.client().delete(redis_cache.key("heal", "suggested_users"))
+    result = _evaluate(instance, redis_cache)
+    assert [(r.job_name, r.tags[REASON_TAG]) for r in result.run_requests] == [
+        ("suggested_users", "cache_missing")
+    ]
+
+
+def test_a_key_expiring_before_the_next_tick_is_healed(instance, redis_cache):
+    _all_in_place(instance, redis_cache)
+    spec = BY_ASSET["trending_posts_7d"]
+    left = seconds_to_next_tick(spec, time.time())
+    if left < 5:
+        pytest.skip("too close to trending_7d's tick to tell expiring from fresh")
+    redis_cache.client().expire(redis_cache.key("heal", spec.asset), int(left) - 2)
+    result = _evaluate(instance, redis_cache)
+    assert [(r.job_name, r.tags[REASON_TAG]) for r in result.run_requests] == [
+        ("trending_7d", "cache_expiring")
+    ]
+
+
+def test_a_job_with_a_run_in_flight_is_left_to_it(instance, redis_cache):
+    _all_in_place(instance, redis_cache)
+    redis_cache.client().delete(redis_cache.key("heal", "warmed_feeds"))
+    running = dg.DagsterRun(
+        job_name="cache_warmer",
+        run_id="warmer-in-flight",
+        status=dg.DagsterRunStatus.STARTED,
+        tags={JOB_TAG: "cache_warmer"},
+    )
+    instance.add_run(running)
+    result = _evaluate(instance, redis_cache)
+    assert result.run_requests == []
+    assert "run warmer-in-flight will refill it" in result.skip_message
+
+
+def test_redis_down_requests_nothing(instance, capsys):
+    dead = RedisCacheResource(url="redis://127.0.0.1:1/0", key_prefix="x:", retries=0)
+    _materialized(instance, "trending_posts_1h", ["x:trending:1h"])
+    result = _evaluate(instance, dead)
+    assert result.run_requests == []
+    assert result.skip_message.startswith("Redis did not answer")
+    assert "no cache checked this time" in capsys.readouterr().err
+
+
+def test_a_healing_run_records_why_it_ran(instance):
+    @cache_asset(
+        name="healed_cache",
+        group="test",
+        description="A cache asset of one key.",
+        refresh_sec=60,
+        checks={},
+        metadata={},
+    )
+    def healed_cache(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        return cache_result({"items": 1}, {}, keys=["nova:cache:healed:1"])
+
+    dg.materialize([healed_cache], instance=instance, tags={REASON_TAG: "cache_missing"})
+    event = instance.get_latest_materialization_event(dg.AssetKey("healed_cache"))
+    metadata = event.asset_materialization.metadata
+    assert metadata["reason"].value == "cache_missing"
+    assert metadata[HEALING_KEYS].value == ["nova:cache:healed:1"]
+    assert json.loads(json.dumps(metadata["items"].value)) == 1
