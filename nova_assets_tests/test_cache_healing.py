@@ -52,7 +52,7 @@ def test_never_materialized_assets_are_run_at_once_and_once_per_interval(instanc
     # The next evaluation, a moment later, requests nothing: once per interval.
     again = _evaluate(instance, redis_cache, first.cursor)
     assert again.run_requests == []
-    assert "healed 0 s ago" in again.skip_message
+    assert "healing requested 0 s ago and not materialized since" in again.skip_message
 
 
 def test_a_missing_key_is_healed_with_its_reason(instance, redis_cache):
@@ -64,6 +64,24 @@ def test_a_missing_key_is_healed_with_its_reason(instance, redis_cache):
     assert [(r.job_name, r.tags[REASON_TAG]) for r in result.run_requests] == [
         ("suggested_users", "cache_missing")
     ]
+
+
+def test_a_second_loss_is_healed_once_the_first_healing_materialized(instance, redis_cache):
+    _all_in_place(instance, redis_cache)
+    key = redis_cache.key("heal", "trending_posts_7d")
+    redis_cache.client().delete(key)
+    first = _evaluate(instance, redis_cache)
+    assert [r.job_name for r in first.run_requests] == ["trending_7d"]
+    # Not materialized since: an hourly job is not asked again within its hour.
+    assert _evaluate(instance, redis_cache, first.cursor).run_requests == []
+    # The healing run wrote the key; then it is lost again (a second FLUSHDB): healed again.
+    time.sleep(0.01)
+    redis_cache.client().set(key, "{}", ex=36000)
+    _materialized(instance, "trending_posts_7d", [key])
+    assert _evaluate(instance, redis_cache, first.cursor).run_requests == []
+    redis_cache.client().delete(key)
+    again = _evaluate(instance, redis_cache, first.cursor)
+    assert [r.job_name for r in again.run_requests] == ["trending_7d"]
 
 
 def test_a_key_expiring_before_the_next_tick_is_healed(instance, redis_cache):

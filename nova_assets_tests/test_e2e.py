@@ -23,10 +23,13 @@ from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import redis
 from playwright.sync_api import Browser, expect, sync_playwright
 
+from nova_assets.core.settings import Settings
+from nova_assets.defs.schedules import job_specs
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
 
@@ -72,7 +75,7 @@ def _launch_like_the_ui(port: int, *assets: str) -> str:
 
 
 _RUNS = """{ runsOrError { ... on Runs { results {
-    runId jobName status tags { key value }
+    runId jobName status creationTime tags { key value }
     stepStats { stepKey startTime endTime }
 } } } }"""
 
@@ -362,6 +365,119 @@ def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
         timeout_s=90,
     )
     assert attributed
+
+
+HEAL_WITHIN_S = 120
+CACHE_ASSETS = (
+    "trending_posts_1h",
+    "trending_posts_24h",
+    "trending_posts_7d",
+    "suggested_users",
+    "warmed_feeds",
+)
+
+
+def _caches_in_place(client: redis.Redis, prefix: str) -> bool:
+    """The three trending lists, suggestions and at least the 1000 warmed feeds are in Redis."""
+    trending = all(client.exists(f"{prefix}trending:{w}") for w in ("1h", "24h", "7d"))
+    suggestions = next(client.scan_iter(match=f"{prefix}suggested_users:*", count=5000), None)
+    feeds = sum(1 for _ in client.scan_iter(match=f"{prefix}feed:*", count=5000))
+    return trending and suggestions is not None and feeds >= 1000
+
+
+def _sampled_keys_in_place(client: redis.Redis, home: Path) -> bool:
+    """Every key each asset's last materialization names for the healer exists."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for asset in CACHE_ASSETS:
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+            keys = event.asset_materialization.metadata["healing_keys"].value if event else []
+            if not keys or client.exists(*keys) != len(keys):
+                return False
+    return True
+
+
+def _assert_one_run_per_asset_at_a_time(runs: list[dict]) -> None:
+    steps = {spec.step: spec.asset for spec in job_specs(Settings.from_env({}))}
+    for step_key, asset in steps.items():
+        spans = sorted(
+            (step["startTime"], step["endTime"] or time.time(), run["runId"])
+            for run in runs
+            for step in run["stepStats"]
+            if step["stepKey"] == step_key and step["startTime"]
+        )
+        for (_, end, first), (start, _, second) in pairwise(spans):
+            assert end <= start, f"runs {first} and {second} materialized {asset} at once"
+
+
+@pytest.mark.parametrize("dagster_dev", [{"failing_redis": True}], indirect=True)
+def test_caches_fill_at_start_and_heal_after_a_flush_and_an_outage(dagster_dev, tmp_path):
+    """Every cache fills at a first start, and comes back after a flush and an outage.
+
+    `make dev` on an empty Redis fills every cache within two minutes, without a click; after
+    FLUSHDB every cache is back within two minutes, with at most one healing run per asset; with
+    Redis down for a minute no healing run is launched, and its return refills every cache.
+    """
+    dev, port, log = dagster_dev, dagster_dev.port, dagster_dev.log
+    private = StackConfig(state_dir=tmp_path / "redis-stack", redis_port=dev.redis_port)
+    up(private, services=("redis",))
+    client = redis.Redis(port=dev.redis_port, socket_timeout=5)
+    try:
+        began = time.monotonic()
+        _poll(
+            "every cache filled after a first start",
+            lambda: _caches_in_place(client, dev.prefix),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+        )
+        first_fill_s = time.monotonic() - began
+
+        client.flushdb()
+        flushed_at = time.time()
+        began = time.monotonic()
+        _poll(
+            "every cache back after FLUSHDB",
+            lambda: (
+                _caches_in_place(client, dev.prefix) and _sampled_keys_in_place(client, dev.home)
+            ),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+        )
+        refill_s = time.monotonic() - began
+        healing = [
+            r["jobName"]
+            for r in _runs(port)
+            if "nova/reason" in _tags(r) and r["creationTime"] >= flushed_at
+        ]
+        assert healing and len(healing) == len(set(healing)), healing
+
+        down(private, services=("redis",))
+        down_at = time.time()
+        time.sleep(60)  # the outage itself: Redis stays down for a minute
+        during = [
+            r["runId"]
+            for r in _runs(port)
+            if "nova/reason" in _tags(r) and r["creationTime"] >= down_at
+        ]
+        assert during == [], "healing runs were launched while Redis was down"
+        up(private, services=("redis",))  # back empty: this Redis keeps nothing on disk
+        began = time.monotonic()
+        _poll(
+            "every cache back after Redis returned",
+            lambda: _caches_in_place(client, dev.prefix),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+        )
+        outage_refill_s = time.monotonic() - began
+        _assert_one_run_per_asset_at_a_time(_runs(port))
+        (ROOT / "test-artifacts").mkdir(exist_ok=True)
+        (ROOT / "test-artifacts" / "cache-healing.txt").write_text(
+            f"caches filled {first_fill_s:.0f} s after Redis came up; back {refill_s:.0f} s "
+            f"after FLUSHDB (healing runs: {sorted(healing)}); back {outage_refill_s:.0f} s "
+            "after a one-minute outage\n"
+        )
+    finally:
+        client.close()
+        down(private, services=("redis",))
 
 
 FAILURE_TOPIC = f"e2e-dlq-{uuid.uuid4().hex[:8]}"

@@ -9,8 +9,10 @@ reads, for each job's asset, the keys its last materialization wrote (a sample, 
 - one of them expires before the schedule's next tick (`nova/reason=cache_expiring`).
 
 The guarantees of every other run hold: a healing run is a run of the job (one at a time, its
-pool slot, its metrics); a job with a run queued or in progress is left to it (skip, not queue);
-and an asset gets at most one healing run per interval of its schedule, so nothing can storm.
+pool slot, its metrics), and a job with a run queued or in progress is left to it (skip, not
+queue). Nothing can storm: after a healing run the asset is healed again only once it has been
+materialized since (a new loss, as after a second `FLUSHDB`), or, when the cache still cannot be
+filled, after one interval of its schedule.
 While Redis does not answer, the sensor logs a warning and requests nothing.
 """
 
@@ -38,16 +40,25 @@ class Healing:
     spec: JobSpec
     reason: str
     detail: str
+    materialized_at: float | None = None
+    """When the asset was last materialized, if ever."""
 
 
-def watched_keys(instance: dg.DagsterInstance, asset: str) -> list[str] | None:
+@dataclass(frozen=True)
+class Watched:
+    keys: list[str]
+    materialized_at: float
+
+
+def watched_keys(instance: dg.DagsterInstance, asset: str) -> Watched | None:
     """The keys the asset's last materialization recorded; None if it was never materialized."""
     event = instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
         return None
     recorded = event.asset_materialization.metadata.get(HEALING_KEYS)
     value = recorded.value if recorded is not None else []
-    return [key for key in value if isinstance(key, str)] if isinstance(value, list) else []
+    keys = [key for key in value if isinstance(key, str)] if isinstance(value, list) else []
+    return Watched(keys, event.timestamp)
 
 
 def seconds_to_next_tick(spec: JobSpec, now: float) -> float:
@@ -66,7 +77,7 @@ def find_gaps(
     Raises `redis.RedisError` when Redis does not answer.
     """
     watched = {spec.asset: watched_keys(instance, spec.asset) for spec in specs}
-    keys = sorted({key for found in watched.values() for key in found or ()})
+    keys = sorted({key for found in watched.values() if found for key in found.keys})
     ttls = dict(zip(keys, redis_cache.ttls(keys), strict=True))
     gaps = []
     for spec in specs:
@@ -74,16 +85,16 @@ def find_gaps(
         if found is None:
             gaps.append(Healing(spec, MISSING, "never materialized"))
             continue
-        missing = [key for key in found if ttls[key] == -2]
-        if missing:
-            gaps.append(Healing(spec, MISSING, f"{len(missing)} of {len(found)} keys missing"))
-            continue
+        missing = [key for key in found.keys if ttls[key] == -2]
         horizon = seconds_to_next_tick(spec, now)
-        expiring = [key for key in found if 0 <= ttls[key] < horizon]
-        if expiring:
-            gaps.append(
-                Healing(spec, EXPIRING, f"{len(expiring)} keys expire within {horizon:.0f} s")
-            )
+        expiring = [key for key in found.keys if 0 <= ttls[key] < horizon]
+        if missing:
+            detail, reason = f"{len(missing)} of {len(found.keys)} keys missing", MISSING
+        elif expiring:
+            detail, reason = f"{len(expiring)} keys expire within {horizon:.0f} s", EXPIRING
+        else:
+            continue
+        gaps.append(Healing(spec, reason, detail, found.materialized_at))
     return gaps
 
 
@@ -93,13 +104,21 @@ def plan_healing(
     requested: Mapping[str, float],
     now: float,
 ) -> tuple[list[Healing], list[str]]:
-    """The gaps to heal now, and why the others wait: a run in flight, or one healed recently."""
+    """The gaps to heal now, and why the others wait.
+
+    A job waits while a run of it is in flight, and for an interval after a healing request that
+    has not materialized the asset since (the cache cannot be filled: no storm).
+    """
     heal, waiting = [], []
     for gap in gaps:
         spec = gap.spec
-        since = now - requested.get(spec.asset, 0.0)
-        if since < spec.interval_sec:
-            waiting.append(f"{spec.asset}: healed {since:.0f} s ago, once per interval")
+        last = requested.get(spec.asset, 0.0)
+        healed_since = gap.materialized_at is not None and gap.materialized_at > last
+        if now - last < spec.interval_sec and not healed_since:
+            waiting.append(
+                f"{spec.asset}: healing requested {now - last:.0f} s ago and not materialized "
+                "since; once per interval"
+            )
         elif (active := active_run(instance, spec)) is not None:
             waiting.append(f"{spec.asset}: run {active.dagster_run.run_id} will refill it")
         else:
