@@ -112,9 +112,12 @@ def test_a_job_with_a_run_in_flight_is_left_to_it(instance, redis_cache):
     assert "run warmer-in-flight will refill it" in result.skip_message
 
 
-def test_redis_down_requests_nothing(instance, capsys):
+@pytest.mark.parametrize("materialized", [False, True])
+def test_redis_down_requests_nothing(instance, capsys, materialized):
+    """Not even for assets never materialized: a run could not fill their cache either."""
     dead = RedisCacheResource(url="redis://127.0.0.1:1/0", key_prefix="x:", retries=0)
-    _materialized(instance, "trending_posts_1h", ["x:trending:1h"])
+    if materialized:
+        _materialized(instance, "trending_posts_1h", ["x:trending:1h"])
     result = _evaluate(instance, dead)
     assert result.run_requests == []
     assert result.skip_message.startswith("Redis did not answer")

@@ -130,8 +130,13 @@ class RedisCacheResource(ClientResource):
         return int(self.client().ttl(key))
 
     def ttls(self, keys: Sequence[str]) -> list[int]:
-        """`ttl` of every key, in one pipeline round trip."""
+        """`ttl` of every key, in one pipeline round trip; with no key, a PING.
+
+        Either way Redis answers or `redis.RedisError` is raised: a caller learns whether the
+        cache can be read even when it has nothing to look up yet.
+        """
         if not keys:
+            self.client().ping()
             return []
         pipe = self.client().pipeline(transaction=False)
         for key in keys:
