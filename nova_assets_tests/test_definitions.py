@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from nova_assets import definitions
@@ -258,3 +259,22 @@ def test_with_a_clickhouse_server_each_asset_has_a_one_slot_pool_of_its_own(tmp_
         assert instance.run_monitoring_max_runtime_seconds == 3600
     finally:
         instance.dispose()
+
+
+@pytest.mark.parametrize(("value", "status"), [("on", "RUNNING"), ("OFF", "STOPPED")])
+def test_cache_healing_sets_the_healers_default_status(value, status):
+    probe = _fresh_python(
+        "-c",
+        "import nova_assets.definitions as d; "
+        "print(d.defs.resolve_sensor_def('cache_healer').default_status.value)",
+        CACHE_HEALING=value,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[-1] == status
+
+
+def test_cache_healing_takes_on_or_off_only():
+    from nova_assets.core.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="CACHE_HEALING='maybe' is invalid: expected on or off"):
+        Settings.from_env({"CACHE_HEALING": "maybe"})

@@ -184,6 +184,8 @@ class Settings:
     feed_ttl_sec: int
     alert_webhook_url: str | None
     dagster_ui_url: str
+    cache_healing: bool = True
+    """Whether `cache_healer` runs by default (CACHE_HEALING); the UI can turn it on either way."""
 
     @property
     def embedded_clickhouse(self) -> bool:
@@ -330,6 +332,10 @@ class _Parser:
         if not _TOPIC_PATTERN.fullmatch(topic):
             self._fail("DLQ_TOPIC", topic, "expected 1-249 characters of letters, digits, . _ -")
 
+        healing = self._get("CACHE_HEALING", "on").lower()
+        if healing not in ("on", "off"):
+            self._fail("CACHE_HEALING", healing, "expected on or off")
+
         prefix = self._get("REDIS_KEY_PREFIX", "nova:cache:")
         if any(c.isspace() for c in prefix):
             self._fail("REDIS_KEY_PREFIX", prefix, "expected a prefix without spaces")
@@ -348,6 +354,7 @@ class _Parser:
             suggestion_interval_sec=self._interval("SUGGESTION_INTERVAL_SEC", 600),
             max_concurrent_jobs=self._int("MAX_CONCURRENT_JOBS", 5, MAX_CONCURRENT_JOBS_RANGE),
             redis_key_prefix=prefix,
+            cache_healing=healing != "off",
             suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400, TTL_RANGE_SEC),
             feed_ttl_sec=self._int("FEED_TTL_SEC", 120, TTL_RANGE_SEC),
             alert_webhook_url=(

@@ -126,14 +126,18 @@ def plan_healing(
     return heal, waiting
 
 
-def build_cache_healer(specs: Sequence[JobSpec], jobs: Sequence[object]) -> dg.SensorDefinition:
+def build_cache_healer(
+    specs: Sequence[JobSpec], jobs: Sequence[object], *, running: bool = True
+) -> dg.SensorDefinition:
     @dg.sensor(
         name="cache_healer",
         description="Runs a job at once when its cache is missing (never materialized, keys gone "
         "after a Redis restart or flush) or expires before the next tick; at most once per "
         "interval per asset, never beside a run in flight.",
         minimum_interval_seconds=CHECK_EVERY_S,
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+        ),
         jobs=list(jobs),
     )
     def cache_healer(
@@ -176,4 +180,6 @@ def _parse(cursor: str | None) -> dict[str, float]:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(sensors=[build_cache_healer(job_specs(load_settings()), cache_jobs())])
+    settings = load_settings()
+    healer = build_cache_healer(job_specs(settings), cache_jobs(), running=settings.cache_healing)
+    return dg.Definitions(sensors=[healer])
