@@ -23,13 +23,14 @@ from urllib.parse import urlsplit
 from confluent_kafka import KafkaError, KafkaException
 
 import nova_assets
-from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource
+from nova_assets.core.cache_asset import asset_pool
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, KafkaDLQResource
 from nova_assets.core.settings import Settings, SettingsError, redact_url
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq.sensors import plan_replays
 from nova_assets.defs.schedules import job_specs, jobs_of_run
 from nova_assets.local import seed, stack
-from nova_assets.local.instance import write_instance
+from nova_assets.local.instance import initialize_pools, write_instance
 
 ALERT_RULES = Path(nova_assets.__file__).resolve().parents[1] / "ops" / "prometheus" / "alerts.yml"
 """The shipped alert rules, found from the package (a checkout), whatever the working directory."""
@@ -132,7 +133,9 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 def _instance(settings: Settings, args: argparse.Namespace) -> int:
     """Write DAGSTER_HOME/dagster.yaml from the packaged template and MAX_CONCURRENT_JOBS."""
     target = write_instance(args.home, settings.max_concurrent_jobs, args.template)
-    print(f"Dagster instance config written to {target}")
+    pools = [CLICKHOUSE_POOL, *(asset_pool(s.asset, embedded=False) for s in job_specs(settings))]
+    initialize_pools(args.home, pools)
+    print(f"Dagster instance config written to {target}; pools ready: {', '.join(pools)}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The local Dagster instance config: the packaged template, with the run limit of the settings."""
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import dagster as dg
 import yaml
 
 TEMPLATE = "dagster.yaml"
@@ -24,3 +26,15 @@ def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None =
         + yaml.safe_dump(config, sort_keys=False)
     )
     return target
+
+
+def initialize_pools(home: Path, pools: Sequence[str]) -> None:
+    """Create the instance's storage and give each pool its slots now, before any run starts.
+
+    Dagster gives a pool its default slots when a step first claims one. Two runs starting at the
+    same moment on a fresh SQLite instance (two `dagster asset materialize` at once) could both
+    find the pool without slots and each create one, and so run side by side once.
+    """
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for pool in pools:
+            instance.event_log_storage.initialize_concurrency_limit_to_default(pool)
