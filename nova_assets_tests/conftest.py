@@ -133,9 +133,10 @@ def raw_redis() -> Iterator[redis.Redis]:
     client.close()
 
 
-def create_topic(name: str, partitions: int = 1) -> None:
+def create_topic(name: str, partitions: int = 1, config: dict[str, str] | None = None) -> None:
     admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    futures = admin.create_topics([topic])
     futures[name].result(timeout=30)
 
 

@@ -15,7 +15,7 @@ import pytest
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG, cache_asset, cache_result
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.cache_healing import build_cache_healer, seconds_to_next_tick
+from nova_assets.defs.cache_healing import build_cache_healer, find_gaps, seconds_to_next_tick
 from nova_assets.defs.schedules import JOB_TAG, cache_jobs, job_specs
 
 SPECS = job_specs(Settings.from_env({}))
@@ -87,14 +87,15 @@ def test_a_second_loss_is_healed_once_the_first_healing_materialized(instance, r
 def test_a_key_expiring_before_the_next_tick_is_healed(instance, redis_cache):
     _all_in_place(instance, redis_cache)
     spec = BY_ASSET["trending_posts_7d"]
-    left = seconds_to_next_tick(spec, time.time())
-    if left < 5:
-        pytest.skip("too close to trending_7d's tick to tell expiring from fresh")
-    redis_cache.client().expire(redis_cache.key("heal", spec.asset), int(left) - 2)
-    result = _evaluate(instance, redis_cache)
-    assert [(r.job_name, r.tags[REASON_TAG]) for r in result.run_requests] == [
-        ("trending_7d", "cache_expiring")
-    ]
+    # Ten seconds into trending_7d's hour: its next tick is 3590 s away.
+    now = time.time() // spec.interval_sec * spec.interval_sec + 10
+    assert seconds_to_next_tick(spec, now) == spec.interval_sec - 10
+    redis_cache.client().expire(redis_cache.key("heal", spec.asset), 600)
+    gaps = find_gaps(instance, redis_cache, SPECS, now)
+    assert [(g.spec.name, g.reason) for g in gaps] == [("trending_7d", "cache_expiring")]
+    # Ten seconds before the tick, the same key outlives it: nothing to heal.
+    later = now + spec.interval_sec - 20
+    assert find_gaps(instance, redis_cache, SPECS, later) == []
 
 
 def test_a_job_with_a_run_in_flight_is_left_to_it(instance, redis_cache):

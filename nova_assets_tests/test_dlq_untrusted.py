@@ -19,7 +19,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 from dagster._core.remote_origin import (
     GrpcServerCodeLocationOrigin,
     RemoteJobOrigin,
@@ -34,7 +33,7 @@ from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
 from nova_assets.defs.schedules import JOB_TAG, job_specs
-from nova_assets_tests.conftest import KAFKA_BROKERS
+from nova_assets_tests.conftest import KAFKA_BROKERS, create_topic
 from nova_assets_tests.test_dlq import _message, _replay_tick, evaluate, fail_runs
 
 ASSET_JOBS = {"trending_posts_1h": "trending_1h", "suggested_users": "suggested_users"}
@@ -182,25 +181,31 @@ def test_poison_messages_on_the_topic_never_stop_a_later_one(kafka_dlq, instance
     assert json.loads(result.cursor) == {"0": 6}
 
 
-def test_a_message_the_topic_refuses_is_cut_or_marked_and_never_blocks_the_next(instance):
-    topic = f"test-dlq-small-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
-    new = NewTopic(topic, 1, 1, config={"max.message.bytes": str(64 * 1024)})
-    admin.create_topics([new])[topic].result(timeout=30)
-    kafka = KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
+def _large_failure_on_a_small_topic(
+    instance: dg.DagsterInstance, topic_kb: int, message_kb: int
+) -> tuple[KafkaDLQResource, str]:
+    """A topic taking at most `topic_kb` per message, and a failed run whose error is larger."""
+    topic = f"test-dlq-{topic_kb}k-{uuid.uuid4().hex[:8]}"
+    create_topic(topic, config={"max.message.bytes": str(topic_kb * 1024)})
 
     @dg.asset
-    def huge_failure() -> None:
-        raise RuntimeError("x" * 500_000)
+    def large_failure() -> None:
+        raise RuntimeError("x" * message_kb * 1000)
 
     result = dg.materialize(
-        [huge_failure], instance=instance, raise_on_error=False, tags={JOB_TAG: "trending_1h"}
+        [large_failure], instance=instance, raise_on_error=False, tags={JOB_TAG: "trending_1h"}
     )
+    kafka = KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
+    return kafka, result.run_id
+
+
+def test_a_message_the_topic_refuses_is_cut_or_marked_and_never_blocks_the_next(instance):
+    kafka, refused_run = _large_failure_on_a_small_topic(instance, topic_kb=64, message_kb=500)
     [later] = fail_runs(instance)
 
     _, delivered, pending = evaluate(instance, kafka)
     assert (delivered, pending) == (1, 0)
-    refused = instance.get_run_by_id(result.run_id).tags
+    refused = instance.get_run_by_id(refused_run).tags
     assert dlq.DELIVERED_TAG not in refused
     assert "too large" in refused[dlq.UNDELIVERABLE_TAG].lower()
     assert [json.loads(r.value)["run_id"] for r in kafka.read()] == [later]
@@ -211,23 +216,11 @@ def test_a_message_the_topic_refuses_is_cut_or_marked_and_never_blocks_the_next(
 
 
 def test_a_message_cut_to_a_quarter_is_delivered_when_it_then_fits(instance):
-    topic = f"test-dlq-mid-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": KAFKA_BROKERS})
-    new = NewTopic(topic, 1, 1, config={"max.message.bytes": str(400 * 1024)})
-    admin.create_topics([new])[topic].result(timeout=30)
-    kafka = KafkaDLQResource(brokers=KAFKA_BROKERS, topic=topic, delivery_timeout_s=5.0)
-
-    @dg.asset
-    def big_failure() -> None:
-        raise RuntimeError("y" * 800_000)
-
-    result = dg.materialize(
-        [big_failure], instance=instance, raise_on_error=False, tags={JOB_TAG: "trending_1h"}
-    )
+    kafka, run_id = _large_failure_on_a_small_topic(instance, topic_kb=400, message_kb=800)
     assert evaluate(instance, kafka)[1:] == (1, 0)
     [body] = [json.loads(r.value) for r in kafka.read()]
-    assert body["run_id"] == result.run_id and body["truncated"] is True
-    assert dlq.UNDELIVERABLE_TAG not in instance.get_run_by_id(result.run_id).tags
+    assert body["run_id"] == run_id and body["truncated"] is True
+    assert dlq.UNDELIVERABLE_TAG not in instance.get_run_by_id(run_id).tags
 
 
 def _foreign_run(instance: dg.DagsterInstance, location: str) -> str:

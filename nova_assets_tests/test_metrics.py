@@ -73,12 +73,17 @@ def scrape(url: str = PUSHGATEWAY_URL) -> str:
         return response.read().decode()
 
 
-@pytest.fixture
-def grouping(pushgateway: str):
-    name = f"nova_assets_test_{uuid.uuid4().hex[:8]}"
+def _grouping(kind: str):
+    """A Pushgateway grouping of the test's own, deleted afterwards."""
+    name = f"nova_assets_{kind}_{uuid.uuid4().hex[:8]}"
     yield name
     request = urllib.request.Request(f"{PUSHGATEWAY_URL}/metrics/job/{name}", method="DELETE")
     urllib.request.urlopen(request, timeout=5)
+
+
+@pytest.fixture
+def grouping(pushgateway: str):
+    yield from _grouping("test")
 
 
 def test_streaks_health_and_reset_as_the_gateway_shows_them(grouping):
@@ -274,10 +279,7 @@ def samples(text: str, grouping: str) -> dict[tuple[str, tuple], float]:
 
 @pytest.fixture
 def recount_grouping(pushgateway: str):
-    name = f"nova_assets_recount_{uuid.uuid4().hex[:8]}"
-    yield name
-    request = urllib.request.Request(f"{PUSHGATEWAY_URL}/metrics/job/{name}", method="DELETE")
-    urllib.request.urlopen(request, timeout=5)
+    yield from _grouping("recount")
 
 
 def test_ten_new_runs_after_5000_push_what_a_full_recount_pushes(
