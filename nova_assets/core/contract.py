@@ -8,7 +8,7 @@ from typing import ParamSpec, TypeVar
 
 import dagster as dg
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from redis.exceptions import AuthenticationError, AuthorizationError
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 
 STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL)
 """Transient faults retry after 1, 3, 7, 15, 31 s (Dagster's exponential backoff)."""
@@ -121,6 +121,10 @@ PERMANENT_CLICKHOUSE_CODES = {
 _CLICKHOUSE_CODE = re.compile(r"Code: (\d+)\.")
 
 
+CLUSTER_SELECT_REFUSED = "SELECT is not allowed in cluster mode"
+"""What a Redis Cluster node answers to a connection for a database other than 0."""
+
+
 def permanent_reason(exc: BaseException) -> str | None:
     """Why `exc` is permanent (fails at once, no retries), or None for a transient fault."""
     if isinstance(exc, ConfigurationError):
@@ -138,6 +142,11 @@ def permanent_reason(exc: BaseException) -> str | None:
     # Subclasses of redis' ConnectionError, but a wrong password stays wrong however often tried.
     if isinstance(exc, AuthenticationError | AuthorizationError):
         return "Redis refused the credentials; fix the user or password in REDIS_URL"
+    if isinstance(exc, ResponseError) and CLUSTER_SELECT_REFUSED in str(exc):
+        return (
+            "REDIS_URL names a database other than 0, and a Redis Cluster has only database 0; "
+            "end REDIS_URL in /0"
+        )
     return None
 
 

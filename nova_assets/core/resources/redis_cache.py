@@ -10,8 +10,11 @@ from pydantic import Field, PrivateAttr
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nova_assets.core.contract import DataContractError
+from nova_assets.core.contract import CLUSTER_SELECT_REFUSED, DataContractError
 from nova_assets.core.resources.base import REDIS_SOCKET_TIMEOUT_S, ClientResource
+
+CLUSTER_RETRIES = 10
+"""Attempts of a cluster command across a failover (slot map re-read between attempts)."""
 
 
 def json_dumps(value: Mapping[str, Any]) -> bytes:
@@ -51,7 +54,12 @@ return 1
 
 
 class RedisCacheResource(ClientResource):
-    """The Redis that serves Nova's read caches: JSON values, always written with their TTL."""
+    """The Redis that serves Nova's read caches: JSON values, always written with their TTL.
+
+    `url` may name a single Redis or any node of a Redis Cluster: the resource asks the server
+    (`INFO cluster`) and talks to a cluster through redis-py's `RedisCluster`, which routes each
+    key to its primary and follows `MOVED`/`ASK` during a failover or a slot migration.
+    """
 
     url: str = Field(description="redis://[:password@]host:port/db")
     key_prefix: str = Field(default="nova:cache:", description="Prefix of every cache key.")
@@ -62,20 +70,44 @@ class RedisCacheResource(ClientResource):
 
     _replace: Any = PrivateAttr(default=None)
 
-    def client(self) -> redis.Redis:
-        """The resource's client: timeouts and a jittered exponential retry on connection errors."""
+    def client(self) -> "redis.Redis | redis.RedisCluster":
+        """The resource's client: timeouts and a jittered exponential retry on connection errors.
+
+        A node that runs in cluster mode gets a `RedisCluster` client built from the same URL, so
+        TLS (`rediss://`) and credentials carry over.
+        """
         if self._client is None:
-            self._client = redis.Redis.from_url(
+            options: dict[str, Any] = {
+                "socket_timeout": self.socket_timeout_s,
+                "socket_connect_timeout": self.socket_timeout_s,
+                "client_name": "nova_assets",
+            }
+            single = redis.Redis.from_url(
                 self.url,
-                socket_timeout=self.socket_timeout_s,
-                socket_connect_timeout=self.socket_timeout_s,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                 health_check_interval=30,
-                client_name="nova_assets",
+                **options,
             )
+            if _runs_in_cluster_mode(single):
+                single.close()
+                self._client = redis.RedisCluster.from_url(
+                    self.url,
+                    # A failover takes the cluster's node timeout and an election: the cluster
+                    # client re-reads the slot map and tries again, backing off up to 1 s, for
+                    # about CLUSTER_RETRIES seconds in all.
+                    retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), CLUSTER_RETRIES),
+                    **options,
+                )
+            else:
+                self._client = single
             self._replace = self._client.register_script(_REPLACE_SCRIPT)
         return self._client
+
+    @property
+    def cluster(self) -> bool:
+        """True when the configured Redis is a Redis Cluster (connects on first use)."""
+        return isinstance(self.client(), redis.RedisCluster)
 
     def key(self, *parts: object) -> str:
         """A cache key under the configured prefix, e.g. nova:cache:feed:42 for ("feed", 42)."""
@@ -90,8 +122,8 @@ class RedisCacheResource(ClientResource):
 
         A value whose `items` list is empty goes through the atomic replace script in the same
         pipeline, so it never replaces a non-empty value (docs/design.md §4). Every value is
-        absolute,
-        so a pipeline resent after a reconnect rewrites the same data.
+        absolute, so a pipeline resent after a reconnect rewrites the same data. On a cluster the
+        pipeline is split by node and each part sent to its primary.
 
         Returns:
             How many values were written; the others kept a previous non-empty value.
@@ -101,10 +133,14 @@ class RedisCacheResource(ClientResource):
         count = 0
         for key, value, ttl_s in entries:
             text, ttl = json_dumps(value), _positive(ttl_s)
-            if _is_empty_ranking(value):
-                self._replace(keys=[key], args=[text, ttl, "1"], client=pipe)
-            else:
+            if not _is_empty_ranking(value):
                 pipe.set(key, text, ex=ttl)
+            elif isinstance(pipe, redis.cluster.ClusterPipeline):
+                # A cluster pipeline sends EVALSHA without first loading the script on the node
+                # that owns the key; EVAL carries the script, which the server caches by hash.
+                pipe.execute_command("EVAL", _REPLACE_SCRIPT, 1, key, text, ttl, "1")
+            else:
+                self._replace(keys=[key], args=[text, ttl, "1"], client=pipe)
             count += 1
         if not count:
             return 0
@@ -142,6 +178,21 @@ class RedisCacheResource(ClientResource):
         for key in keys:
             pipe.ttl(key)
         return [int(reply) for reply in pipe.execute()]
+
+
+def _runs_in_cluster_mode(client: redis.Redis) -> bool:
+    """Whether the server behind `client` is a Redis Cluster node (`INFO cluster`).
+
+    A server that refuses INFO (some managed services rename it) is taken as a single Redis. A
+    cluster node refusing the URL's database (`SELECT` is not allowed in cluster mode) raises:
+    `permanent_reason` names the fix.
+    """
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError as exc:
+        if CLUSTER_SELECT_REFUSED in str(exc):
+            raise
+        return False
 
 
 def _is_empty_ranking(value: Mapping[str, Any]) -> bool:
