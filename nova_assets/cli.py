@@ -25,12 +25,15 @@ from confluent_kafka import KafkaError, KafkaException
 import nova_assets
 from nova_assets.core.cache_asset import asset_pool
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, KafkaDLQResource
+from nova_assets.core.resources.clickhouse import (
+    EmbeddedEngineMissingError,
+    require_embedded_engine,
+)
 from nova_assets.core.settings import Settings, SettingsError, redact_url
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq.sensors import plan_replays
 from nova_assets.defs.schedules import job_specs, jobs_of_run
 from nova_assets.local import seed, stack
-from nova_assets.local.instance import initialize_pools, write_instance
 
 ALERT_RULES = Path(nova_assets.__file__).resolve().parents[1] / "ops" / "prometheus" / "alerts.yml"
 """The shipped alert rules, found from the package (a checkout), whatever the working directory."""
@@ -55,6 +58,8 @@ def _stack_config(settings: Settings, args: argparse.Namespace) -> stack.StackCo
         prometheus_port=args.prometheus_port or 9090,
         postgres_port=args.postgres_port or 5432,
         prometheus_rules=ALERT_RULES,
+        redis_cluster_port=args.redis_cluster_port or 7000,
+        kafka_cluster_port=args.kafka_cluster_port or 9192,
     )
 
 
@@ -64,6 +69,8 @@ def _services(settings: Settings, args: argparse.Namespace) -> int:
         stack.SERVICES
         + (("prometheus",) if args.with_prometheus else ())
         + (("postgres",) if args.with_postgres else ())
+        + (("redis-cluster",) if args.with_redis_cluster else ())
+        + (("kafka-cluster",) if args.with_kafka_cluster else ())
     )
     if args.action == "up":
         try:
@@ -74,10 +81,18 @@ def _services(settings: Settings, args: argparse.Namespace) -> int:
     elif args.action == "down":
         stack.down(config, stack.SERVICES + stack.OPTIONAL_SERVICES, log=print)
     else:
-        for service in stack.status(config):
-            state = "answering" if service.answering else "not answering"
-            owner = f"started by nova-assets, pid {service.pid}" if service.pid else "not ours"
-            print(f"{service.name:<12} {service.address:<16} {state} ({owner})")
+        rows = stack.status(config)
+        width = max(len(row.name) for row in rows)
+        for name in stack.SERVICES + stack.OPTIONAL_SERVICES:
+            own = [row for row in rows if row.service == name]
+            if len(own) > 1 and not any(row.answering or row.pid for row in own):
+                # A cluster that is not running is one line, not one per node.
+                print(f"{name:<{width}} {config.address(name):<16} not answering (not ours)")
+                continue
+            for row in own:
+                state = "answering" if row.answering else "not answering"
+                owner = f"started by nova-assets, pid {row.pid}" if row.pid else "not ours"
+                print(f"{row.name:<{width}} {row.address:<16} {state} ({owner})")
     return 0
 
 
@@ -94,6 +109,11 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
             "embedded engine only; pass --allow-server to seed (or --replace) this server.",
             file=sys.stderr,
         )
+        return 1
+    try:
+        require_embedded_engine(settings.clickhouse_url)
+    except EmbeddedEngineMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     clickhouse = ClickHouseResource(url=settings.clickhouse_url)
     try:
@@ -132,6 +152,8 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 def _instance(settings: Settings, args: argparse.Namespace) -> int:
     """Write DAGSTER_HOME/dagster.yaml from the packaged template and MAX_CONCURRENT_JOBS."""
+    from nova_assets.local.instance import initialize_pools, write_instance
+
     target = write_instance(args.home, settings.max_concurrent_jobs, args.template)
     pools = [CLICKHOUSE_POOL, *(asset_pool(s.asset, embedded=False) for s in job_specs(settings))]
     initialize_pools(args.home, pools)
@@ -283,6 +305,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--with-postgres",
         action="store_true",
         help="also run PostgreSQL on 127.0.0.1:5432, for deploy/dagster.yaml",
+    )
+    services.add_argument(
+        "--with-redis-cluster",
+        action="store_true",
+        help="also run a Redis Cluster: three primaries and three replicas on 127.0.0.1:7000-7005",
+    )
+    services.add_argument(
+        "--with-kafka-cluster",
+        action="store_true",
+        help="also run three Kafka nodes (broker and controller) in one quorum on "
+        "127.0.0.1:9192, 9194, 9196, the DLQ topic replicated on all three",
+    )
+    services.add_argument(
+        "--redis-cluster-port",
+        type=int,
+        default=None,
+        help="the first of the Redis Cluster's six consecutive ports (default 7000); each "
+        "node's cluster bus listens 10000 above its port",
+    )
+    services.add_argument(
+        "--kafka-cluster-port",
+        type=int,
+        default=None,
+        help="the first of the Kafka cluster's six consecutive ports (default 9192): brokers "
+        "on 9192, 9194, 9196, each node's controller on the port after its broker",
     )
 
     demo = commands.add_parser("seed", help="create the schema and generate demo data")

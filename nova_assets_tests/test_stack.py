@@ -1,13 +1,16 @@
 """The local stack starts real Redis, Kafka and Pushgateway processes that answer for real.
 
 Proves that `up` brings all three up and is a no-op the second time, that `down` stops what `up`
-started and nothing else, and that a failed start reports the service's own log. Every test runs
-on free ports in a temporary state folder, so the project's default stack is never touched; the
-Kafka jars are shared with the project's cache so Maven downloads them once.
+started and nothing else, and that a failed start reports the service's own log; and that the
+Redis Cluster forms once (three primaries holding every slot, three replicas), takes back a node
+killed with SIGKILL, and stops whole. Every test runs on free ports in a temporary state folder,
+so the project's default stack is never touched; the Kafka jars are shared with the project's
+cache so Maven downloads them once. The Kafka cluster has its own module, test_kafka_cluster.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,11 +25,18 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from nova_assets.local.stack import (
+    CLUSTERS,
     OPTIONAL_SERVICES,
+    REDIS_CLUSTER_BUS_OFFSET,
+    REDIS_CLUSTER_NODES,
     SERVICES,
     StackConfig,
     StackError,
     down,
+    free_port_range,
+    node_pids,
+    nodes,
+    start_node,
     started_pid,
     status,
     up,
@@ -80,9 +90,11 @@ def test_up_starts_answering_services_and_down_stops_them(config: StackConfig) -
     assert sum(message.startswith("reusing") for message in messages) == len(SERVICES)
 
     down(config)
-    assert [(s.name, s.answering, s.pid) for s in status(config)] == [
-        (name, False, None) for name in SERVICES + OPTIONAL_SERVICES
+    rows = status(config)
+    assert [(s.name, s.answering, s.pid) for s in rows if s.service not in CLUSTERS] == [
+        (name, False, None) for name in SERVICES + OPTIONAL_SERVICES if name not in CLUSTERS
     ]
+    assert not any(s.pid for s in rows)
     assert not list((config.state_dir / "run").glob("*.pid"))
 
 
@@ -167,8 +179,94 @@ def test_services_follow_a_unix_socket_redis_url(tmp_path: Path, service_binarie
         client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
         assert client.ping()
         client.close()
-        [line] = [line for line in services("status").splitlines() if line.startswith("redis")]
+        [line] = [line for line in services("status").splitlines() if line.startswith("redis ")]
         assert f"unix:{sock}" in line and " answering (started by nova-assets" in line
     finally:
         services("down")
     assert not sock.exists()
+
+
+@pytest.fixture
+def cluster_config(tmp_path: Path, service_binaries: None) -> Iterator[StackConfig]:
+    """Six ports of the test's own (and their cluster bus ports) for a Redis Cluster."""
+    first = free_port_range(REDIS_CLUSTER_NODES, bus_offset=REDIS_CLUSTER_BUS_OFFSET)
+    config = StackConfig(state_dir=tmp_path / ".nova", redis_cluster_port=first)
+    yield config
+    down(config, ("redis-cluster",))
+
+
+def _cluster_state(port: int) -> tuple[dict, dict]:
+    """CLUSTER INFO and CLUSTER NODES as the node on `port` sees them."""
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return client.cluster("INFO"), client.cluster("NODES")
+    finally:
+        client.close()
+
+
+def _roles(port: int) -> tuple[dict[str, list], dict[str, str]]:
+    """Primaries (address: slot ranges) and replicas (address: its primary's address)."""
+    _, view = _cluster_state(port)
+    by_id = {node["node_id"]: address for address, node in view.items()}
+    primaries = {a: n["slots"] for a, n in view.items() if "master" in n["flags"]}
+    replicas = {a: by_id[n["master_id"]] for a, n in view.items() if "slave" in n["flags"]}
+    return primaries, replicas
+
+
+def test_a_redis_cluster_forms_once_takes_back_a_killed_node_and_stops(
+    cluster_config: StackConfig, tmp_path: Path
+) -> None:
+    config = cluster_config
+    messages: list[str] = []
+    up(config, ("redis-cluster",), log=messages.append)
+
+    ports = [node.port for node in nodes(config, "redis-cluster")]
+    assert ports == list(range(config.redis_cluster_port, config.redis_cluster_port + 6))
+    assert sum(m.startswith("created the Redis Cluster") for m in messages) == 1
+    for port in ports:
+        info, _ = _cluster_state(port)
+        assert info["cluster_state"] == "ok", (port, info)
+        assert (info["cluster_known_nodes"], info["cluster_slots_ok"]) == ("6", "16384")
+    primaries, replicas = _roles(ports[0])
+    assert len(primaries) == 3 and len(replicas) == 3
+    assert all(primaries.values())
+    served = sorted(
+        slot for ranges in primaries.values() for lo, hi in ranges for slot in (int(lo), int(hi))
+    )
+    # Three contiguous ranges that cover 0-16383 exactly, one per primary.
+    assert served[0] == 0 and served[-1] == 16383
+    assert sum(int(hi) - int(lo) + 1 for r in primaries.values() for lo, hi in r) == 16384
+    assert set(replicas.values()) == set(primaries)
+    pids = node_pids(config, "redis-cluster")
+    assert all(pids.values()), pids
+    rows = [s for s in status(config) if s.service == "redis-cluster"]
+    assert [(s.name, s.answering, s.pid) for s in rows] == [
+        (name, True, pid) for name, pid in pids.items()
+    ]
+
+    # A replica killed with SIGKILL comes back as the replica it was.
+    victim = next(f"redis-cluster-{address.rsplit(':', 1)[1]}" for address in replicas)
+    os.kill(pids[victim], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while node_pids(config, "redis-cluster")[victim] is not None:
+        assert time.monotonic() < deadline, "the killed node is still running"
+        time.sleep(0.05)
+    restarted = start_node(config, victim)
+    assert restarted not in (None, pids[victim])
+    messages.clear()
+    up(config, ("redis-cluster",), log=messages.append)
+    assert not [m for m in messages if m.startswith(("started", "created"))], messages
+    assert _roles(ports[0])[1] == replicas
+
+    # Another stack on the same ports reuses the cluster, and its `down` leaves it alone.
+    bystander = replace(config, state_dir=tmp_path / "other")
+    messages.clear()
+    up(bystander, ("redis-cluster",), log=messages.append)
+    assert sum(m.startswith("reusing redis-cluster-") for m in messages) == 6, messages
+    down(bystander, ("redis-cluster",))
+    assert all(_redis_pings(port) for port in ports)
+
+    down(config, ("redis-cluster",))
+    assert not any(s.answering for s in status(config) if s.service == "redis-cluster")
+    assert not any(node_pids(config, "redis-cluster").values())
+    assert not list((config.state_dir / "run").glob("*.pid"))
