@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[local,dev]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -4,7 +4,8 @@
 schedules and metrics around them; Dagster's defs-folder loader collects them, as `dg` does for
 this project. Resources are bound here, once per deployment, from the validated settings (the
 URLs that may carry a secret through `dg.EnvVar`, so the UI shows only the variable's name); the
-local demo traffic joins only when ClickHouse is the embedded engine.
+local demo traffic joins only when ClickHouse is the embedded engine, imported only then: a
+production install (no `local` extra, no chdb) loads this module against a ClickHouse server.
 """
 
 import os
@@ -21,8 +22,8 @@ from nova_assets.core.resources import (
     KafkaDLQResource,
     RedisCacheResource,
 )
+from nova_assets.core.resources.clickhouse import require_embedded_engine
 from nova_assets.core.settings import Settings, load_settings
-from nova_assets.local.demo import demo_definitions
 
 
 def _secret_or(variable: str, value: str) -> str | dg.EnvVar:
@@ -72,11 +73,22 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         warnings.simplefilter("ignore", dg.PreviewWarning)
         folder = tree.build_defs()
     return dg.Definitions.merge(
-        folder,
-        # Live demo traffic only runs against the local embedded engine, never a real server.
-        demo_definitions() if settings.embedded_clickhouse else dg.Definitions(),
-        dg.Definitions(resources=build_resources(settings)),
+        folder, _local_definitions(settings), dg.Definitions(resources=build_resources(settings))
     )
+
+
+def _local_definitions(settings: Settings) -> dg.Definitions:
+    """Live demo traffic, only against the local embedded engine, never a real server.
+
+    The embedded engine must be installed (the `local` extra): without it the load fails here,
+    naming the extra, rather than every run failing on its first query.
+    """
+    if not settings.embedded_clickhouse:
+        return dg.Definitions()
+    require_embedded_engine(settings.clickhouse_url)
+    from nova_assets.local.demo import demo_definitions
+
+    return demo_definitions()
 
 
 defs = build_definitions(load_settings())

@@ -1,11 +1,14 @@
 """Resources against the real services: parameterised ClickHouse, atomic Redis, Kafka, Pushgateway.
 
-Proves that injection strings bound as parameters change nothing, that a reader never sees a cache
-key missing, partial or without TTL while it is replaced, that a DLQ message round-trips byte for
-byte and that publishing to a dead broker answers "not delivered" in bounded time, and that a
-metrics push reaches the Pushgateway while a push to a dead one does not raise. A gateway URL with
-user info pushes with HTTP basic auth, and a refused push or a webhook answering garbage returns
-False with a log line that shows neither password nor webhook token.
+Proves that injection strings bound as parameters change nothing, that a ClickHouse server client
+carries the query timeout and memory limits (seen in the options it is given, which
+clickhouse-connect takes as far as connecting: no server runs here) while the embedded engine
+carries none, that a reader never sees a cache key missing, partial or without TTL while it is
+replaced, that a DLQ message round-trips byte for byte and that publishing to a dead broker
+answers "not delivered" in bounded time, and that a metrics push reaches the Pushgateway while a
+push to a dead one does not raise. A gateway URL with user info pushes with HTTP basic auth, and
+a refused push or a webhook answering garbage returns False with a log line that shows neither
+password nor webhook token.
 """
 
 import base64
@@ -21,11 +24,17 @@ from urllib.parse import quote
 
 import prometheus_client
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
-from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource, KafkaDLQResource
+from nova_assets.core.resources import (
+    AlertWebhookResource,
+    ClickHouseResource,
+    JobMetricsResource,
+    KafkaDLQResource,
+)
 from nova_assets.local import seed
 from nova_assets.local.stack import down
-from nova_assets_tests.conftest import kafka_for
+from nova_assets_tests.conftest import free_ports, kafka_for
 
 INJECTIONS = ["x' OR 1=1 --", "1; DROP TABLE nova.posts", "'; TRUNCATE TABLE nova.posts; --"]
 
@@ -66,6 +75,52 @@ def test_query_df_returns_typed_columns(posts):
     frame = posts.query_df("SELECT post_id, author_id FROM nova.posts ORDER BY post_id")
     assert frame["post_id"].tolist() == [1, 2]
     assert frame["author_id"].tolist() == [10, 11]
+
+
+GIB = 1 << 30
+
+
+def test_a_server_client_carries_the_query_timeout_and_memory_limits():
+    options = ClickHouseResource(
+        url="https://nova:secret@ch.internal:8443/"
+    ).server_client_options()
+    assert options["settings"] == {
+        "max_execution_time": 120,
+        "max_memory_usage": 4 * GIB,
+        "max_bytes_before_external_group_by": 2 * GIB,
+        "max_bytes_before_external_sort": 2 * GIB,
+    }
+    # The server stops a long query itself; the client waits a little longer for its answer.
+    assert options["send_receive_timeout"] > options["settings"]["max_execution_time"]
+    # One session per client (suggestions' temporary tables), on connections of its own.
+    assert options["autogenerate_session_id"] is True
+    assert options["dedicated_pool"] is True
+
+    tuned = ClickHouseResource(
+        url="https://nova:secret@ch.internal:8443/", query_timeout_s=600, max_memory_bytes=16 * GIB
+    ).server_client_options()
+    assert tuned["settings"] == {
+        "max_execution_time": 600,
+        "max_memory_usage": 16 * GIB,
+        "max_bytes_before_external_group_by": 8 * GIB,
+        "max_bytes_before_external_sort": 8 * GIB,
+    }
+
+
+def test_clickhouse_connect_takes_every_server_option_as_far_as_connecting():
+    """An option get_client did not know would fail at once; here only the connection can."""
+    [port] = free_ports(1)
+    resource = ClickHouseResource(url=f"http://nova:secret@127.0.0.1:{port}/")
+    with pytest.raises(OperationalError, match=f"127.0.0.1:{port}"):
+        resource.client()
+
+
+def test_the_embedded_engine_runs_without_the_server_limits(clickhouse):
+    changed = clickhouse.query_rows(
+        "SELECT name FROM system.settings WHERE changed AND name IN "
+        "('max_execution_time', 'max_memory_usage', 'max_bytes_before_external_group_by')"
+    )
+    assert changed == []
 
 
 def test_set_json_writes_value_and_ttl_in_one_command(redis_cache):

@@ -5,8 +5,10 @@ unfollows and re-follows, blocks either way and unblocks, users who follow nobod
 already followed, users without events, duplicate rows), the top-20 cut and its ties, a
 randomized graph compared user by user with an independent pure-Python implementation, the
 empty-list guard, a step that fails halfway through its batches and is retried (every key stays
-whole, old or new, and ends new), each asset check failing on broken data, and the asset loading
-next to its job of the same name.
+whole, old or new, and ends new), a ClickHouse session lost mid-run (the graph is rebuilt in a new
+session and every list comes out the same; lost again and again, the step fails as a transient
+fault), each asset check failing on broken data, and the asset loading next to its job of the
+same name.
 """
 
 import json
@@ -23,18 +25,25 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import redis
-from pydantic import Field
+from clickhouse_connect.driver.exceptions import DatabaseError
+from pydantic import Field, PrivateAttr
 
-from nova_assets.core.contract import iso_z
-from nova_assets.core.resources import RedisCacheResource
+from nova_assets.core.contract import iso_z, permanent_reason
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
     ASSET_NAME,
     JOB_NAME,
+    MAX_SESSION_LOSSES,
     OP_NAME,
+    RANKING_SQL,
     Exclusions,
+    SessionLostError,
     build_suggested_users_asset,
     evaluate_checks,
     live_exclusions,
+    rank_users,
+    session_lost,
+    suggestion_graph,
 )
 from nova_assets_tests.conftest import REDIS_URL
 from nova_assets_tests.factories import ago, insert_edges, insert_events, reset
@@ -516,6 +525,93 @@ def test_a_step_failing_halfway_is_retried_and_every_key_stays_whole(ch, redis_c
     assert 200 <= states["new"] <= 300 and states["old"] == 600 - states["new"], states
     for u in users:
         assert 0 < redis_cache.ttl(redis_cache.key(ASSET_NAME, u)) <= 86_400
+
+
+# -- a ClickHouse session lost mid-run ------------------------------------------------------------
+
+
+class SessionLosingClickHouse(ClickHouseResource):
+    """The real engine, whose session is lost before chosen ranking queries.
+
+    Before the n-th ranking query named in `lose_before` (1-based, every attempt counted) the
+    resource moves to a new session, as a request does that a balancer sends to another server:
+    the query runs where the graph's temporary tables do not exist.
+    """
+
+    lose_before: list[int] = Field(description="Ranking queries preceded by a lost session.")
+    _rankings: int = PrivateAttr(default=0)
+
+    def query_rows(self, sql, parameters=None):
+        if sql == RANKING_SQL:
+            self._rankings += 1
+            if self._rankings in self.lose_before:
+                self.renew_session()
+        return super().query_rows(sql, parameters)
+
+
+def test_a_session_lost_mid_run_is_rebuilt_and_every_list_is_the_same(ch, redis_cache):
+    rng = random.Random(20261129)
+    follow_rows, block_rows, events = random_graph(rng, 480)
+    insert_edges(ch, "follows", follow_rows)
+    insert_edges(ch, "blocks", block_rows)
+    insert_events(ch, events)
+    steady = materialize(ch, redis_cache, chunk_users=70)
+    expected = {u: items(redis_cache, u) for u in range(1, 481) if served(redis_cache, u)}
+    assert len(expected) > 200
+    # Seven chunks of 70: the session is lost before chunk 2 and again before chunk 4 (the fifth
+    # ranking query, counting chunk 2's second attempt). The run writes under a prefix of its own
+    # (inside the test's, which the fixture cleans up), so every key it serves is its own.
+    forgetful = SessionLosingClickHouse(url=ch.url, lose_before=[2, 5])
+    cache = RedisCacheResource(url=REDIS_URL, key_prefix=f"{redis_cache.key_prefix}lost:")
+    instance = dg.DagsterInstance.ephemeral()
+
+    result = materialize(forgetful, cache, chunk_users=70, instance=instance)
+
+    assert result.success
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert {u: items(cache, u) for u in range(1, 481) if served(cache, u)} == expected
+    meta = metadata(result)
+    assert meta["clickhouse_sessions_lost"] == 2
+    assert metadata(steady)["clickhouse_sessions_lost"] == 0
+    assert meta["users_served"] == len(expected)
+    assert meta["live_follow_edges"] == metadata(steady)["live_follow_edges"]
+    assert all_checks_pass(result)
+    warnings = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if "session holding the graph was lost" in e.user_message
+    ]
+    assert len(warnings) == 2 and "UNKNOWN_TABLE" in warnings[0]
+    cache.close()
+
+
+def test_a_session_lost_again_and_again_fails_as_a_transient_fault(ch):
+    follows(ch, (1, 2), (2, 3))
+    forgetful = SessionLosingClickHouse(url=ch.url, lose_before=list(range(1, 100)))
+    try:
+        with suggestion_graph(forgetful) as graph:
+            with pytest.raises(SessionLostError, match="lost 3 times in a row") as raised:
+                graph.rank([1])
+            # The retry policy retries it: not a permanent fault, though UNKNOWN_TABLE caused it.
+            assert permanent_reason(raised.value) is None
+            assert permanent_reason(raised.value.__cause__) is not None
+            assert graph.sessions_lost == MAX_SESSION_LOSSES - 1
+            assert "deploy/README.md" in str(raised.value)
+    finally:
+        forgetful.close()
+
+
+def test_only_the_graphs_own_tables_missing_mean_a_lost_session(ch):
+    """A missing source table is a schema fault (permanent), not a lost session."""
+    with pytest.raises(DatabaseError) as raised:
+        ch.query_rows("SELECT count() FROM nova.no_such_table")
+    missing_source = raised.value
+    with pytest.raises(DatabaseError) as raised:
+        rank_users(ch, [1])  # no graph loaded in this session
+    missing_graph = raised.value
+    assert session_lost(missing_source) is None
+    assert permanent_reason(missing_source) is not None
+    assert "UNKNOWN_TABLE" in session_lost(missing_graph)
 
 
 # -- the checks ----------------------------------------------------------------------------------

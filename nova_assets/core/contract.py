@@ -112,6 +112,7 @@ PERMANENT_CLICKHOUSE_CODES = {
     53: "TYPE_MISMATCH",
     60: "UNKNOWN_TABLE",
     62: "SYNTAX_ERROR",
+    164: "READONLY",
     81: "UNKNOWN_DATABASE",
     192: "UNKNOWN_USER",
     193: "WRONG_PASSWORD",
@@ -119,6 +120,12 @@ PERMANENT_CLICKHOUSE_CODES = {
     516: "AUTHENTICATION_FAILED",
 }
 _CLICKHOUSE_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def clickhouse_error_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code in an exception's message (`Code: 60.` → 60), if any."""
+    match = _CLICKHOUSE_CODE.search(str(exc))
+    return int(match.group(1)) if match else None
 
 
 CLUSTER_SELECT_REFUSED = "SELECT is not allowed in cluster mode"
@@ -132,9 +139,9 @@ def permanent_reason(exc: BaseException) -> str | None:
     if isinstance(exc, DataContractError):
         return f"the data breaks the contract: {exc}"
     if isinstance(exc, ClickHouseError):
-        match = _CLICKHOUSE_CODE.search(str(exc))
-        if match and int(match.group(1)) in PERMANENT_CLICKHOUSE_CODES:
-            name = PERMANENT_CLICKHOUSE_CODES[int(match.group(1))]
+        code = clickhouse_error_code(exc)
+        if code in PERMANENT_CLICKHOUSE_CODES:
+            name = PERMANENT_CLICKHOUSE_CODES[code]
             return (
                 f"ClickHouse rejected the query ({name}); fix the schema, the query or the "
                 "credentials in CLICKHOUSE_URL"

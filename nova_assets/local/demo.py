@@ -1,7 +1,8 @@
 """Live demo traffic for the local stack: a minute of new engagement events every minute.
 
-Only the embedded engine gets it (`definitions.py` adds the job when ClickHouse is local), so the
-rankings keep moving on a laptop while a real server is never written to.
+Only the embedded engine gets it (`definitions.py` imports this module and adds the job only when
+ClickHouse is local), so the rankings keep moving on a laptop while a real server is never written
+to.
 """
 
 from datetime import UTC, datetime, timedelta

@@ -1,5 +1,11 @@
-"""ClickHouse through clickhouse-connect: the embedded chdb engine or a server over HTTP(S)."""
+"""ClickHouse through clickhouse-connect: the embedded chdb engine or a server over HTTP(S).
 
+A server is reached with `clickhouse-connect` alone. The embedded engine (chdb) is the `local`
+extra of the package, imported by clickhouse-connect only when a `chdb://` client is made, so a
+production install without it loads and runs everything against a server.
+"""
+
+import importlib.util
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +17,7 @@ from clickhouse_connect.driver.exceptions import ProgrammingError
 from pydantic import Field
 
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
-from nova_assets.core.settings import redact_url
+from nova_assets.core.settings import SettingsError, redact_url
 
 CLICKHOUSE_POOL = "clickhouse"
 """Dagster pool of every step that touches ClickHouse (one slot for the embedded engine)."""
@@ -19,18 +25,70 @@ CLICKHOUSE_POOL = "clickhouse"
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
 
+GIB = 1 << 30
+MAX_MEMORY_USAGE_BYTES = 4 * GIB
+"""What one query may use on a server: about twice the heaviest query measured (deploy/README)."""
+SERVER_WAITS_EXTRA_S = 10
+"""The client waits this much longer than the server's own limit, so the server stops a long query
+itself (TIMEOUT_EXCEEDED) rather than the client hanging up and leaving it running."""
+
+
+def server_settings(
+    query_timeout_s: int = QUERY_TIMEOUT_S, max_memory_bytes: int = MAX_MEMORY_USAGE_BYTES
+) -> dict[str, int]:
+    """The ClickHouse settings every query to a server carries (deploy/README.md, "Limits").
+
+    `max_execution_time` stops a query at the resource's timeout; `max_memory_usage` caps one
+    query's memory, and aggregations and sorts spill to disk at half of it instead of failing.
+    The embedded engine takes none of them: it runs in the run's own process, on a laptop.
+    """
+    return {
+        "max_execution_time": query_timeout_s,
+        "max_memory_usage": max_memory_bytes,
+        "max_bytes_before_external_group_by": max_memory_bytes // 2,
+        "max_bytes_before_external_sort": max_memory_bytes // 2,
+    }
+
+
+class EmbeddedEngineMissingError(SettingsError):
+    """CLICKHOUSE_URL asks for the embedded engine, and this installation has none."""
+
+
+def embedded_engine_installed() -> bool:
+    """Whether chdb can be imported (without importing it: it maps half a gigabyte)."""
+    return importlib.util.find_spec("chdb") is not None
+
+
+def require_embedded_engine(url: str) -> None:
+    """Raise `EmbeddedEngineMissingError`, naming the fix, for a chdb:// URL without chdb."""
+    if url.startswith("chdb:") and not embedded_engine_installed():
+        raise EmbeddedEngineMissingError(
+            f"CLICKHOUSE_URL={redact_url(url)} is the embedded ClickHouse engine (chdb), which is "
+            "not installed: it comes with the package's `local` extra (`pip install -e "
+            "'.[local]'` in a checkout, as `make dev` does). In production, set CLICKHOUSE_URL "
+            "to the server, http(s)://user:password@host:port/."
+        )
+
 
 class ClickHouseResource(ClientResource):
     """ClickHouse through clickhouse-connect: the embedded chdb engine or a server over HTTP(S).
 
-    Closing it (`close()`, or teardown) releases the embedded engine's data directory.
+    Every client is one ClickHouse session (temporary tables live in it): for a server, a session
+    id of its own over a connection pool of its own, so the session's requests follow each other
+    on one keep-alive connection; for the embedded engine, its connection handle. Closing it
+    (`close()`, or teardown) releases the embedded engine's data directory.
     """
 
     url: str = Field(
         description="chdb:///path/to/data for the embedded engine, or http(s)://user:pass@host:8123/"
     )
     query_timeout_s: int = Field(
-        default=QUERY_TIMEOUT_S, description="Send/receive timeout of server queries."
+        default=QUERY_TIMEOUT_S,
+        description="How long one server query may run (the server's max_execution_time).",
+    )
+    max_memory_bytes: int = Field(
+        default=MAX_MEMORY_USAGE_BYTES,
+        description="Memory one server query may use (max_memory_usage); spills at half.",
     )
     engine_wait_s: float = Field(
         default=60.0,
@@ -47,13 +105,26 @@ class ClickHouseResource(ClientResource):
             self._client = self._connect()
         return self._client
 
+    def server_client_options(self) -> dict[str, Any]:
+        """What `clickhouse_connect.get_client` is given for a server URL.
+
+        Kept apart from connecting (which contacts the server at once) so it can be inspected.
+        """
+        return {
+            "dsn": self.url,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "send_receive_timeout": self.query_timeout_s + SERVER_WAITS_EXTRA_S,
+            "settings": server_settings(self.query_timeout_s, self.max_memory_bytes),
+            # A session for the temporary tables of suggestions, on connections of this client's
+            # own: its requests go one after the other over one keep-alive connection.
+            "autogenerate_session_id": True,
+            "dedicated_pool": True,
+        }
+
     def _connect(self) -> ClickHouseClient:
         if not self.embedded:
-            return clickhouse_connect.get_client(
-                dsn=self.url,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                send_receive_timeout=self.query_timeout_s,
-            )
+            return clickhouse_connect.get_client(**self.server_client_options())
+        require_embedded_engine(self.url)
         deadline = time.monotonic() + self.engine_wait_s
         while True:
             try:
@@ -63,6 +134,16 @@ class ClickHouseResource(ClientResource):
                 if _CHDB_BUSY_MARKER not in str(exc) or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
+
+    def renew_session(self) -> None:
+        """Go on in a new ClickHouse session: a new client, the old one's temporary tables gone.
+
+        The new client is made before the old one is closed, so the embedded engine stays held.
+        """
+        old, self._client = self._client, None
+        self.client()
+        if old is not None:
+            self._release(old)
 
     def query_df(self, sql: str, parameters: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """Run a parameterised query (`{name:Type}` placeholders) and return a DataFrame."""

@@ -13,6 +13,12 @@ How the work is split:
    latest row of five million edges takes a second; doing it once instead of in every query is
    what makes the chunks cheap.
 2. `rank_users` ranks a chunk of users (2000 by default) in one query, from those tables alone.
+   A session can be lost: a balancer that sends a new connection to another server, a server
+   restart, a session expired. Its tables are then gone, and the ranking query says so
+   (`UNKNOWN_TABLE` naming them, `SESSION_NOT_FOUND`, `SESSION_IS_LOCKED`): `SessionGraph`
+   rebuilds the graph in a new session and ranks the chunk again, which gives the same lists.
+   Only when the session is lost `MAX_SESSION_LOSSES` times in a row (requests of one session
+   spread over servers) does the step fail, as a transient fault that the retry policy retries.
 3. Each chunk is written before the next is ranked: batches of 100 users, one Redis pipeline
    each, at most 10 in flight. Every key is written whole with its TTL in one command, so a run
    that stops between chunks (a failure, a retry, a termination) leaves each key either its old or
@@ -25,18 +31,18 @@ the last inserted one instead; the rule decides only while both rows are still t
 """
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 
 from nova_assets.core.cache_asset import asset_pool, cache_asset, cache_result
-from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.contract import AsOfConfig, clickhouse_error_code, epoch_ms, iso_z
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
@@ -64,6 +70,12 @@ _FOLLOWS = "suggested_users_follows"
 _BLOCKED = "suggested_users_blocked"
 _MOST_FOLLOWED = "suggested_users_most_followed"
 _TEMPORARY_TABLES = (_LIVE_FOLLOWS, _LIVE_BLOCKS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
+
+UNKNOWN_TABLE = 60
+SESSION_LOST_CODES = {372: "SESSION_NOT_FOUND", 373: "SESSION_IS_LOCKED"}
+"""ClickHouse errors that mean the session is gone or taken, whatever the query."""
+MAX_SESSION_LOSSES = 3
+"""Sessions lost in a row (no chunk ranked in between) before the step gives up and retries."""
 
 _GRAPH_STATEMENTS = (
     # The live edges (core.sources breaks ties), self-edges dropped.
@@ -225,26 +237,135 @@ def _drop_graph(clickhouse: ClickHouseResource) -> None:
         clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
 
 
+def _load_graph(clickhouse: ClickHouseResource) -> Graph:
+    """Build the graph's temporary tables in the resource's current session."""
+    _drop_graph(clickhouse)
+    for statement in _GRAPH_STATEMENTS:
+        clickhouse.command(statement)
+    [(follows, blocks, largest_exclusion)] = clickhouse.query_rows(_GRAPH_SIZE_SQL)
+    # u itself, F(u) and B(u) may all sit in the list ahead of the fill, with TOP after them.
+    pool_size = TOP_SUGGESTIONS + 1 + int(largest_exclusion or 0)
+    clickhouse.command(_MOST_FOLLOWED_STATEMENT, {"pool_size": pool_size})
+    for table in (_LIVE_FOLLOWS, _LIVE_BLOCKS):
+        clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
+    return Graph(int(follows), int(blocks), pool_size)
+
+
+def session_lost(exc: BaseException) -> str | None:
+    """Why `exc` means the graph's session is gone (its name for the log), or None.
+
+    `UNKNOWN_TABLE` counts only when it names one of the graph's own tables: a missing source
+    table (`nova.follows`) stays the permanent schema fault it is.
+    """
+    code = clickhouse_error_code(exc)
+    if code in SESSION_LOST_CODES:
+        return SESSION_LOST_CODES[code]
+    if code == UNKNOWN_TABLE and any(table in str(exc) for table in _TEMPORARY_TABLES):
+        return "UNKNOWN_TABLE: the session's temporary tables are gone"
+    return None
+
+
+class SessionLostError(RuntimeError):
+    """The session holding the graph was lost again and again. Transient: the step is retried."""
+
+
+T = TypeVar("T")
+
+
+class SessionGraph:
+    """The live graph in temporary tables of the resource's ClickHouse session.
+
+    `rank` ranks a chunk from those tables; when the session turns out to be lost, the graph is
+    rebuilt in a new session and the chunk ranked again.
+    """
+
+    def __init__(self, clickhouse: ClickHouseResource, log: Any = None) -> None:
+        self._clickhouse = clickhouse
+        self._log = log
+        self._graph: Graph | None = None
+        self.sessions_lost = 0
+        """How many times this run found its session lost and rebuilt the graph."""
+
+    @property
+    def graph(self) -> Graph:
+        """The sizes of the graph last loaded."""
+        if self._graph is None:
+            raise RuntimeError("the suggestion graph is not loaded")
+        return self._graph
+
+    @property
+    def live_follows(self) -> int:
+        return self.graph.live_follows
+
+    @property
+    def live_blocks(self) -> int:
+        return self.graph.live_blocks
+
+    @property
+    def fill_pool_size(self) -> int:
+        return self.graph.fill_pool_size
+
+    def load(self) -> Graph:
+        """Build the graph in the current session (again in a new one if that one is lost)."""
+        return self._in_session(lambda: self.graph)
+
+    def rank(self, user_ids: Sequence[int]) -> list[UserSuggestions]:
+        """`rank_users` from the graph's tables, rebuilding them when the session was lost."""
+        return self._in_session(lambda: rank_users(self._clickhouse, user_ids))
+
+    def drop(self) -> None:
+        """Drop the graph's tables; a lost session has taken them already."""
+        self._graph = None
+        try:
+            _drop_graph(self._clickhouse)
+        except Exception as exc:
+            if session_lost(exc) is None:
+                raise
+
+    def _in_session(self, action: Callable[[], T]) -> T:
+        losses = 0
+        while True:
+            try:
+                if self._graph is None:
+                    self._graph = _load_graph(self._clickhouse)
+                return action()
+            except Exception as exc:
+                reason = session_lost(exc)
+                if reason is None:
+                    raise
+                losses += 1
+                if losses >= MAX_SESSION_LOSSES:
+                    raise SessionLostError(
+                        f"{ASSET_NAME}: the ClickHouse session holding the follow graph was lost "
+                        f"{losses} times in a row ({reason}). The requests of one session must "
+                        "reach one server: point CLICKHOUSE_URL at one server or replica, or at "
+                        "a balancer that keeps a connection, or the session_id parameter, on one "
+                        "server (deploy/README.md)."
+                    ) from exc
+                self.sessions_lost += 1
+                self._graph = None
+                if self._log is not None:
+                    self._log.warning(
+                        f"{ASSET_NAME}: the ClickHouse session holding the graph was lost "
+                        f"({reason}); rebuilding it in a new session and ranking the chunk again."
+                    )
+                self._clickhouse.renew_session()
+
+
 @contextmanager
-def suggestion_graph(clickhouse: ClickHouseResource) -> Iterator[Graph]:
+def suggestion_graph(clickhouse: ClickHouseResource, log: Any = None) -> Iterator[SessionGraph]:
     """Load the live follow and block graph into temporary tables for `rank_users`.
 
     The tables belong to the resource's ClickHouse session (the embedded engine's connection, or
-    the HTTP session clickhouse-connect opens) and are dropped on exit.
+    the HTTP session clickhouse-connect opens) and are dropped on exit. Rank through the yielded
+    graph's `rank` to survive a lost session.
     """
-    _drop_graph(clickhouse)
+    graph = SessionGraph(clickhouse, log)
     try:
-        for statement in _GRAPH_STATEMENTS:
-            clickhouse.command(statement)
-        [(follows, blocks, largest_exclusion)] = clickhouse.query_rows(_GRAPH_SIZE_SQL)
-        # u itself, F(u) and B(u) may all sit in the list ahead of the fill, with TOP after them.
-        pool_size = TOP_SUGGESTIONS + 1 + int(largest_exclusion or 0)
-        clickhouse.command(_MOST_FOLLOWED_STATEMENT, {"pool_size": pool_size})
-        for table in (_LIVE_FOLLOWS, _LIVE_BLOCKS):
-            clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
-        yield Graph(int(follows), int(blocks), pool_size)
+        graph.load()
+        yield graph
     finally:
-        _drop_graph(clickhouse)
+        graph.drop()
 
 
 def active_users(clickhouse: ClickHouseResource, as_of: datetime) -> list[int]:
@@ -479,6 +600,7 @@ class _Progress:
     needing_fill: int = 0
     kept_previous: int = 0
     batches: int = 0
+    sessions_lost: int = 0
 
     def add(self, chunk: Sequence[UserSuggestions], results: Sequence[BatchResult]) -> None:
         self.users += len(chunk)
@@ -513,7 +635,7 @@ def suggest_all(
     # Connect once here, so the writer threads share one client and its connection pool.
     redis_cache.client()
     with (
-        suggestion_graph(clickhouse) as graph,
+        suggestion_graph(clickhouse, log) as graph,
         ThreadPoolExecutor(WRITERS_IN_FLIGHT) as writers,
     ):
         graph_s = time.perf_counter() - started
@@ -527,11 +649,13 @@ def suggest_all(
         # boundary where a run can stop (or fail) with every key whole, old or new.
         for start in range(0, len(users), chunk_users):
             ranked_at = time.perf_counter()
-            chunk = rank_users(clickhouse, users[start : start + chunk_users])
+            chunk = graph.rank(users[start : start + chunk_users])
             progress.ranking_s += time.perf_counter() - ranked_at
             progress.add(chunk, write_chunk(redis_cache, writers, chunk, as_of, ttl_sec))
             log.info(progress.describe())
-    return graph, progress
+        # The sizes of the graph the last chunk was ranked from (rebuilt if a session was lost).
+        loaded, progress.sessions_lost = graph.graph, graph.sessions_lost
+    return loaded, progress
 
 
 def build_suggested_users_asset(
@@ -608,6 +732,7 @@ def build_suggested_users_asset(
                 "as_of": iso_z(as_of),
                 "live_follow_edges": graph.live_follows,
                 "live_block_edges": graph.live_blocks,
+                "clickhouse_sessions_lost": progress.sessions_lost,
                 "sample": dg.MetadataValue.md(_sample_table(served)),
             },
             verdicts,
