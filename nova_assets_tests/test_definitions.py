@@ -1,6 +1,7 @@
 """The code location loads with every resource bound, and its instance config is the design's."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from nova_assets import definitions
 from nova_assets.core.resources import CLICKHOUSE_POOL
 from nova_assets.defs.schedules import JOB_TAG
+from nova_assets.local.instance import initialize_pools, write_instance
 
 ROOT = Path(__file__).parents[1]
 
@@ -152,6 +154,39 @@ def test_two_runs_on_the_embedded_engine_are_serialised_by_the_pool(clickhouse, 
     assert [success for success, _ in outcomes] == [True, True]
     spans = sorted((m["started"].value, m["ended"].value) for _, m in outcomes)
     assert spans[0][1] <= spans[1][0], f"the two steps overlapped: {spans}"
+
+
+def _claim_slot(home: str, run: int, barrier, claimed) -> None:
+    instance = dg.DagsterInstance.from_config(home)
+    barrier.wait()
+    status = instance.event_log_storage.claim_concurrency_slot(CLICKHOUSE_POOL, f"run{run}", "s")
+    claimed.put(status.is_claimed)
+    instance.dispose()
+
+
+def test_processes_claiming_the_engine_slot_at_once_get_it_one_at_a_time(tmp_path):
+    """Six processes claim the `clickhouse` slot at the same instant: exactly one gets it.
+
+    On Dagster's plain SQLite storage the same trial hands the one slot to two or more processes
+    in about half of the attempts (SQLite ignores `SELECT … FOR UPDATE`); the local instance's
+    storage takes a file lock around every claim.
+    """
+    context = multiprocessing.get_context("fork")
+    for trial in range(5):
+        home = tmp_path / str(trial)
+        write_instance(home, max_concurrent_jobs=5)  # as `nova-assets instance` does
+        initialize_pools(home, [CLICKHOUSE_POOL])
+        barrier, claimed = context.Barrier(6), context.Queue()
+        workers = [
+            context.Process(target=_claim_slot, args=(str(home), run, barrier, claimed))
+            for run in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert [worker.exitcode for worker in workers] == [0] * 6
+        assert sorted(claimed.get(timeout=5) for _ in workers) == [False] * 5 + [True]
 
 
 def test_every_asset_fails_freshness_after_three_missed_intervals():
