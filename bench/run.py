@@ -12,7 +12,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-FAMILIES = ("trending.py", "suggestions.py", "feeds.py", "metrics.py")
+FAMILIES = (
+    "trending.py",
+    "suggestions.py",
+    "feeds.py",
+    "metrics.py",
+    "redis_cluster.py",
+    "kafka_cluster.py",
+)
 
 
 def main() -> None:

@@ -12,17 +12,30 @@ the tests that need no service and nobody has to remember a marker.
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
+from redis.crc import key_slot
 
 from nova_assets.core.resources import ClickHouseResource, KafkaDLQResource, RedisCacheResource
-from nova_assets.local.stack import StackConfig, down, started_pid, up
+from nova_assets.local.stack import (
+    REDIS_CLUSTER_BUS_OFFSET,
+    REDIS_CLUSTER_NODES,
+    StackConfig,
+    down,
+    free_port_range,
+    node_pids,
+    start_node,
+    started_pid,
+    up,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 KAFKA_BROKERS = "127.0.0.1:9092"
@@ -40,6 +53,7 @@ SERVICE_FIXTURES = {
     "redis_url",
     "service_binaries",
     "dagster_dev",
+    "redis_cluster",
 }
 """Fixtures that need a running service, or the binaries the stack installs (root, network)."""
 
@@ -174,8 +188,92 @@ def private_kafka(tmp_path: Path, service_binaries: None) -> Iterator[StackConfi
     down(config, services=("kafka",))
 
 
+@dataclass
+class RedisCluster:
+    """A local Redis Cluster of the tests' own: three primaries, three replicas."""
+
+    config: StackConfig
+    ports: list[int]
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL as an operator would give it: one node, any of them."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def _view(self) -> redis.Redis:
+        """A node that answers, to read the cluster's view from."""
+        for port in self.ports:
+            client = self.node(port)
+            try:
+                client.ping()
+                return client
+            except redis.ConnectionError:
+                client.close()
+        raise AssertionError("no node of the cluster answers")
+
+    def primary_port_of(self, key: str) -> int:
+        """The port of the primary that serves `key`'s slot now."""
+        slot = key_slot(key.encode())
+        for start, end, primary, *_ in self._view().cluster("SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+        raise AssertionError(f"slot {slot} is served by no node")
+
+    def primary_ids(self) -> list[str]:
+        """Node ids of the primaries that hold slots."""
+        nodes = self._view().cluster("NODES")
+        return [
+            info["node_id"]
+            for info in nodes.values()
+            if "master" in info["flags"] and info["slots"] and "fail" not in info["flags"]
+        ]
+
+    def pid_of(self, port: int) -> int:
+        return int(self.node(port).info("server")["process_id"])
+
+    def wait_ok(self, timeout_s: float = 60.0) -> None:
+        """Until every node answers and reports cluster_state:ok with all slots served."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                infos = [self.node(port).cluster("INFO") for port in self.ports]
+                if all(
+                    info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384
+                    for info in infos
+                ):
+                    return
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "the cluster did not return to cluster_state:ok"
+            time.sleep(0.2)
+
+    def restore(self) -> None:
+        """Restart any node that was killed (it rejoins as a replica), then wait until ok."""
+        for name, pid in node_pids(self.config, "redis-cluster").items():
+            if pid is None:
+                start_node(self.config, name)
+        self.wait_ok()
+
+
 def kafka_for(config: StackConfig) -> KafkaDLQResource:
     """The DLQ resource on a private broker, with a short delivery timeout."""
     return KafkaDLQResource(
         brokers=f"127.0.0.1:{config.kafka_port}", topic=config.dlq_topic, delivery_timeout_s=3.0
     )
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory, service_binaries: None
+) -> Iterator[RedisCluster]:
+    """A Redis Cluster of the module's own (three primaries, three replicas) on free ports."""
+    first = free_port_range(REDIS_CLUSTER_NODES, bus_offset=REDIS_CLUSTER_BUS_OFFSET)
+    config = StackConfig(
+        state_dir=tmp_path_factory.mktemp("redis-cluster"), redis_cluster_port=first
+    )
+    up(config, services=("redis-cluster",))
+    yield RedisCluster(config, [first + n for n in range(REDIS_CLUSTER_NODES)])
+    down(config, services=("redis-cluster",))
