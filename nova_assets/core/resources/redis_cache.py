@@ -1,20 +1,31 @@
 """The Redis that serves Nova's read caches: JSON values, always written with their TTL."""
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import orjson
 import redis
 from pydantic import Field, PrivateAttr
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from nova_assets.core.contract import CLUSTER_SELECT_REFUSED, DataContractError
 from nova_assets.core.resources.base import REDIS_SOCKET_TIMEOUT_S, ClientResource
 
-CLUSTER_RETRIES = 10
-"""Attempts of a cluster command across a failover (slot map re-read between attempts)."""
+CLUSTER_RETRIES = 12
+"""Attempts of a cluster command across a failover, backing off from 0.1 s to 1 s: about 10 s."""
+_CLUSTER_RETRY = Retry(
+    ExponentialBackoff(cap=1.0, base=0.1),
+    CLUSTER_RETRIES,
+    supported_errors=(
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+    ),
+)
+T = TypeVar("T")
 
 
 def json_dumps(value: Mapping[str, Any]) -> bytes:
@@ -93,10 +104,9 @@ class RedisCacheResource(ClientResource):
                 single.close()
                 self._client = redis.RedisCluster.from_url(
                     self.url,
-                    # A failover takes the cluster's node timeout and an election: the cluster
-                    # client re-reads the slot map and tries again, backing off up to 1 s, for
-                    # about CLUSTER_RETRIES seconds in all.
-                    retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), CLUSTER_RETRIES),
+                    # redis-py's own attempts re-read the slot map at once; `_call` spaces
+                    # further attempts out across a failover.
+                    retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), self.retries),
                     **options,
                 )
             else:
@@ -113,9 +123,23 @@ class RedisCacheResource(ClientResource):
         """A cache key under the configured prefix, e.g. nova:cache:feed:42 for ("feed", 42)."""
         return self.key_prefix + ":".join(str(p) for p in parts)
 
+    def _call(self, command: Callable[[], T]) -> T:
+        """Run `command`; on a cluster, again across a failover or a slot map in flux.
+
+        redis-py's cluster client re-reads the slot map and tries again at once, so all its
+        attempts can fall inside the seconds a failover takes. Here each new attempt waits longer
+        (0.1 s doubling to 1 s, about ten seconds in all over CLUSTER_RETRIES attempts). Every
+        command is absolute (a SET with its TTL, the replace script, a read), so sending one again
+        gives the same result.
+        """
+        if not self.cluster:
+            return command()
+        return _CLUSTER_RETRY.call_with_retry(command, lambda _: None)
+
     def set_json(self, key: str, value: Mapping[str, Any], ttl_s: int) -> None:
         """Write one JSON value with its TTL in the same command."""
-        self.client().set(key, json_dumps(value), ex=_positive(ttl_s))
+        text, ttl = json_dumps(value), _positive(ttl_s)
+        self._call(lambda: self.client().set(key, text, ex=ttl))
 
     def set_many_json(self, entries: Iterable[tuple[str, Mapping[str, Any], int]]) -> int:
         """Write many JSON values, each with its TTL, in one pipeline round trip.
@@ -128,12 +152,19 @@ class RedisCacheResource(ClientResource):
         Returns:
             How many values were written; the others kept a previous non-empty value.
         """
-        client = self.client()
-        pipe = client.pipeline(transaction=False)
-        count = 0
-        for key, value, ttl_s in entries:
-            text, ttl = json_dumps(value), _positive(ttl_s)
-            if not _is_empty_ranking(value):
+        prepared = [
+            (key, json_dumps(value), _positive(ttl_s), _is_empty_ranking(value))
+            for key, value, ttl_s in entries
+        ]
+        if not prepared:
+            return 0
+        # SET answers True; the script 1 when it wrote, 0 when it kept the previous value.
+        return sum(1 for reply in self._call(lambda: self._send(prepared)) if reply)
+
+    def _send(self, prepared: Sequence[tuple[str, bytes, int, bool]]) -> list[Any]:
+        pipe = self.client().pipeline(transaction=False)
+        for key, text, ttl, empty in prepared:
+            if not empty:
                 pipe.set(key, text, ex=ttl)
             elif isinstance(pipe, redis.cluster.ClusterPipeline):
                 # A cluster pipeline sends EVALSHA without first loading the script on the node
@@ -141,11 +172,7 @@ class RedisCacheResource(ClientResource):
                 pipe.execute_command("EVAL", _REPLACE_SCRIPT, 1, key, text, ttl, "1")
             else:
                 self._replace(keys=[key], args=[text, ttl, "1"], client=pipe)
-            count += 1
-        if not count:
-            return 0
-        # SET answers True; the script 1 when it wrote, 0 when it kept the previous value.
-        return sum(1 for reply in pipe.execute() if reply)
+        return pipe.execute()
 
     def replace_ranking(self, key: str, value: Mapping[str, Any], ttl_s: int) -> bool:
         """Atomically replace a ranking; an empty `items` list never replaces a non-empty one.
@@ -154,16 +181,16 @@ class RedisCacheResource(ClientResource):
             True if the value was written, False if the previous non-empty value was kept.
         """
         self.client()
-        empty = "1" if _is_empty_ranking(value) else "0"
-        return bool(self._replace(keys=[key], args=[json_dumps(value), _positive(ttl_s), empty]))
+        args = [json_dumps(value), _positive(ttl_s), "1" if _is_empty_ranking(value) else "0"]
+        return bool(self._call(lambda: self._replace(keys=[key], args=args)))
 
     def get_json(self, key: str) -> dict[str, Any] | None:
-        raw = self.client().get(key)
+        raw = self._call(lambda: self.client().get(key))
         return None if raw is None else json.loads(raw)
 
     def ttl(self, key: str) -> int:
         """Seconds left on `key`: -1 without a TTL, -2 when missing (Redis semantics)."""
-        return int(self.client().ttl(key))
+        return int(self._call(lambda: self.client().ttl(key)))
 
     def ttls(self, keys: Sequence[str]) -> list[int]:
         """`ttl` of every key, in one pipeline round trip; with no key, a PING.
@@ -174,10 +201,14 @@ class RedisCacheResource(ClientResource):
         if not keys:
             self.client().ping()
             return []
-        pipe = self.client().pipeline(transaction=False)
-        for key in keys:
-            pipe.ttl(key)
-        return [int(reply) for reply in pipe.execute()]
+
+        def read() -> list[Any]:
+            pipe = self.client().pipeline(transaction=False)
+            for key in keys:
+                pipe.ttl(key)
+            return pipe.execute()
+
+        return [int(reply) for reply in self._call(read)]
 
 
 def _runs_in_cluster_mode(client: redis.Redis) -> bool:
