@@ -3,7 +3,13 @@
 import statistics
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
+
+AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+"""The fixed instant every benchmark's data ends at and its runs are computed for."""
+REDIS_URL = "redis://127.0.0.1:6379/15"
+"""The local Redis, database 15: benchmark keys never meet the dev loop's."""
 
 
 def timed(function: Callable[[], Any], repeat: int) -> tuple[float, Any]:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-from common import timed
+from common import AS_OF, REDIS_URL, timed
 
 from nova_assets.core.contract import epoch_ms, iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource, json_dumps
@@ -44,8 +44,6 @@ from nova_assets.defs.feeds.assets import (
 )
 from nova_assets.local import seed
 
-AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-REDIS_URL = "redis://127.0.0.1:6379/15"
 ONE_WAY_MS = 0.1
 """Delay the proxy adds each way; with its own forwarding, a round trip of about half a ms."""
 KEY_PREFIX = "bench:feeds:"

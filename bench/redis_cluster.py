@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common import AS_OF, REDIS_URL
+
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
     DEFAULT_TTL_SEC,
@@ -29,8 +31,6 @@ from nova_assets.defs.suggestions.assets import (
 )
 from nova_assets.local import stack
 
-AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-SINGLE_URL = "redis://127.0.0.1:6379/15"
 REPEAT = 5
 
 
@@ -70,7 +70,7 @@ def main() -> None:
         stack.up(config, ("redis-cluster",))
         try:
             cluster_url = f"redis://127.0.0.1:{config.redis_cluster_port}/0"
-            single = write_all(SINGLE_URL, values)
+            single = write_all(REDIS_URL, values)
             cluster = write_all(cluster_url, values)
         finally:
             stack.down(config, ("redis-cluster",))

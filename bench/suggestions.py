@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+from common import AS_OF, REDIS_URL
 
 from nova_assets.core.contract import iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
@@ -36,8 +36,6 @@ from nova_assets.defs.suggestions.assets import (
 )
 from nova_assets.local import seed
 
-AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY_PREFIX = "bench:suggestions:"
 SPEC = seed.SeedSpec(
     seed=11,

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
-from common import timed
+from common import AS_OF, REDIS_URL, timed
 
 from nova_assets.core.contract import epoch_ms, iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
@@ -33,9 +33,6 @@ from nova_assets.defs.trending.assets import (
     windows,
 )
 from nova_assets.local import seed
-
-AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 def pandas_trending(clickhouse: ClickHouseResource, window, as_of: datetime) -> list[tuple]:
