@@ -13,7 +13,6 @@ user at a time on a sample: both must give the same lists, and the ratio is the 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
-from common import AS_OF, REDIS_URL
+from common import AS_OF, REDIS_URL, peak_rss_mib
 
 from nova_assets.core.contract import iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
@@ -72,7 +71,7 @@ def materialize_in_this_process(url: str) -> None:
             {
                 "success": result.success,
                 "wall_seconds": wall,
-                "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_mib": peak_rss_mib(),
                 "checks_passed": all(e.passed for e in result.get_asset_check_evaluations()),
                 **{
                     name: meta[name].value

@@ -10,7 +10,6 @@ reports its peak memory.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-from common import AS_OF, REDIS_URL, timed
+from common import AS_OF, REDIS_URL, peak_rss_mib, timed
 
 from nova_assets.core.contract import epoch_ms, iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
@@ -86,7 +85,7 @@ def materialize_peak_memory(url: str) -> None:
         run_config={"ops": {asset.op.name: {"config": {"as_of": iso_z(AS_OF)}}}},
     )
     elapsed = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss_mib()
     print(json.dumps({"success": result.success, "seconds": elapsed, "peak_mib": peak_mib}))
 
 

@@ -62,7 +62,9 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     }
 
 
-def build_definitions(settings: Settings) -> dg.Definitions:
+def build_definitions(
+    settings: Settings, executor: dg.ExecutorDefinition = dg.in_process_executor
+) -> dg.Definitions:
     # The package itself is the project root: no pyproject.toml is needed at run time, so an
     # installed image loads the same folder as a checkout.
     tree = dg.ComponentTree.from_module(
@@ -72,8 +74,13 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         # Modules of plain helpers (no definitions) go through a loader Dagster marks preview.
         warnings.simplefilter("ignore", dg.PreviewWarning)
         folder = tree.build_defs()
+    # Every job runs its steps in the run's own process by default: each job is one step, so a
+    # process per step would buy no parallelism and cost a Python start-up and a code load per
+    # run (README, "Run execution"). The benchmarks pass the multiprocess executor to compare.
     return dg.Definitions.merge(
-        folder, _local_definitions(settings), dg.Definitions(resources=build_resources(settings))
+        folder,
+        _local_definitions(settings),
+        dg.Definitions(resources=build_resources(settings), executor=executor),
     )
 
 

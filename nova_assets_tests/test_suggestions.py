@@ -21,6 +21,7 @@ import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
@@ -45,7 +46,7 @@ from nova_assets.defs.suggestions.assets import (
     session_lost,
     suggestion_graph,
 )
-from nova_assets_tests.conftest import REDIS_URL
+from nova_assets_tests.conftest import REDIS_URL, GateProxy
 from nova_assets_tests.factories import ago, insert_edges, insert_events, reset
 
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -676,8 +677,11 @@ def test_each_check_fails_on_broken_data(ch, redis_cache, raw_redis):
 def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: bool, sig: int):
     """Run the suggestions job in a worker process of its own and interrupt it mid-way.
 
-    Every active user starts with an "old" value; returns the finished run, the instance's home,
-    and how many users hold a new value, after checking every key is whole and has its TTL.
+    The run writes to Redis through a proxy that the test holds once the first new value is
+    there, so the run is stopped mid-way by construction, however fast it is; the signal goes
+    while it is held, and the run's writes go on after it. Every active user starts with an "old"
+    value; returns the finished run and how many users hold a new value, after checking every key
+    is whole and has its TTL.
     """
     from nova_assets.defs.suggestions.assets import active_users
     from nova_assets.local import seed
@@ -698,10 +702,11 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     run_config = tmp_path / "run_config.json"
     run_config.write_text(json.dumps({"ops": {OP_NAME: {"config": {"as_of": iso_z(AS_OF)}}}}))
+    gate = GateProxy(urlsplit(REDIS_URL).port)
     env = os.environ | {
         "DAGSTER_HOME": str(tmp_path),
         "CLICKHOUSE_URL": ch.url,
-        "REDIS_URL": REDIS_URL,
+        "REDIS_URL": REDIS_URL.replace(":6379/", f":{gate.port}/"),
         "REDIS_KEY_PREFIX": redis_cache.key_prefix,
     }
     worker = subprocess.Popen(
@@ -724,18 +729,24 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
                 pipe.ttl(key)
             return pipe.execute()
 
+    # Users are written in ascending order: the first one's key turns new with the first batch.
+    first = keys[0]
     deadline = time.monotonic() + 120
     while worker.poll() is None and time.monotonic() < deadline:
-        if any(b'"generation":"old"' not in raw for raw in read_all()[::2]):
+        if b'"generation":"old"' not in client.get(first):
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
+    gate.hold()
+    assert worker.poll() is None, "the run ended before the test could interrupt it"
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         [started] = instance.get_runs()
         if request_termination:
             # What Dagster's termination (the UI, `run_launcher.terminate`) does first.
             instance.report_run_canceling(started)
     worker.send_signal(sig)
+    gate.release()
     worker.wait(timeout=120)
+    gate.close()
 
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         [run] = instance.get_runs()

@@ -1,13 +1,14 @@
 """What every cache family shares (docs/design.md §3, §5): `as_of`, times, step policies, faults."""
 
 import functools
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import ParamSpec, TypeVar
 
 import dagster as dg
-from clickhouse_connect.driver.exceptions import ClickHouseError
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 
 STEP_RETRY_POLICY = dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL)
@@ -134,6 +135,9 @@ CLUSTER_SELECT_REFUSED = "SELECT is not allowed in cluster mode"
 
 def permanent_reason(exc: BaseException) -> str | None:
     """Why `exc` is permanent (fails at once, no retries), or None for a transient fault."""
+    # Imported here, as the ClickHouse resource does: only a step that failed needs it.
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
     if isinstance(exc, ConfigurationError):
         return f"the run configuration is invalid: {exc}"
     if isinstance(exc, DataContractError):
@@ -164,13 +168,22 @@ def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
     left to the step's RetryPolicy. Permanent (a missing table or column, a query ClickHouse
     cannot run, credentials ClickHouse or Redis refuse, data breaking the contract) become a
     `dg.Failure` that allows no retries. Bad configuration never gets this far: it fails the
-    code location's load or the run's config.
+    code location's load or the run's config. An interrupt (termination) stops the step too.
     """
 
-    @functools.wraps(compute)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+    @contextmanager
+    def judged() -> Iterator[None]:
         try:
-            return compute(*args, **kwargs)
+            yield
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
+            # Dagster turns an interrupt inside a step with a RetryPolicy into a retry. Run in
+            # the run's own process (the in-process executor), that would start the step again
+            # after a termination request; as a failure allowing no retries, the run ends
+            # CANCELED when termination was requested, and FAILURE (so the DLQ) when it was not.
+            raise dg.Failure(
+                description="Interrupted: the run was terminated or its process was signalled.",
+                allow_retries=False,
+            ) from exc
         except Exception as exc:
             reason = permanent_reason(exc)
             if reason is None:
@@ -179,5 +192,19 @@ def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
                 description=f"Permanent fault, not retried: {reason}. {type(exc).__name__}: {exc}",
                 allow_retries=False,
             ) from exc
+
+    if inspect.isgeneratorfunction(compute):
+
+        @functools.wraps(compute)
+        def guarded_events(*args: P.args, **kwargs: P.kwargs) -> R:
+            with judged():
+                yield from compute(*args, **kwargs)
+
+        return guarded_events  # type: ignore[return-value]
+
+    @functools.wraps(compute)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        with judged():
+            return compute(*args, **kwargs)
 
     return guarded

@@ -2,22 +2,25 @@
 
 A server is reached with `clickhouse-connect` alone. The embedded engine (chdb) is the `local`
 extra of the package, imported by clickhouse-connect only when a `chdb://` client is made, so a
-production install without it loads and runs everything against a server.
+production install without it loads and runs everything against a server. clickhouse-connect
+itself (and pandas, which it imports) is imported on first connect, not when the code location
+loads: together they are about half of the location's import time, and most Dagster processes
+(the webserver, the daemon, a sensor's evaluation) never query ClickHouse.
 """
 
 import importlib.util
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import clickhouse_connect
-import pandas as pd
-from clickhouse_connect.driver.client import Client as ClickHouseClient
-from clickhouse_connect.driver.exceptions import ProgrammingError
 from pydantic import Field
 
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
 from nova_assets.core.settings import SettingsError, redact_url
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from clickhouse_connect.driver.client import Client as ClickHouseClient
 
 CLICKHOUSE_POOL = "clickhouse"
 """Dagster pool of every step that touches ClickHouse (one slot for the embedded engine)."""
@@ -99,7 +102,7 @@ class ClickHouseResource(ClientResource):
     def embedded(self) -> bool:
         return self.url.startswith("chdb:")
 
-    def client(self) -> ClickHouseClient:
+    def client(self) -> "ClickHouseClient":
         """The resource's client, connected on first use."""
         if self._client is None:
             self._client = self._connect()
@@ -121,7 +124,10 @@ class ClickHouseResource(ClientResource):
             "dedicated_pool": True,
         }
 
-    def _connect(self) -> ClickHouseClient:
+    def _connect(self) -> "ClickHouseClient":
+        import clickhouse_connect
+        from clickhouse_connect.driver.exceptions import ProgrammingError
+
         if not self.embedded:
             return clickhouse_connect.get_client(**self.server_client_options())
         require_embedded_engine(self.url)
@@ -145,7 +151,7 @@ class ClickHouseResource(ClientResource):
         if old is not None:
             self._release(old)
 
-    def query_df(self, sql: str, parameters: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    def query_df(self, sql: str, parameters: Mapping[str, Any] | None = None) -> "pd.DataFrame":
         """Run a parameterised query (`{name:Type}` placeholders) and return a DataFrame."""
         return self.client().query_df(sql, parameters=dict(parameters or {}))
 
