@@ -34,6 +34,7 @@ from common import REDIS_URL
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
 from nova_assets.local import instance as local_instance
 from nova_assets.local import seed
+from nova_assets.local.demo import SCHEDULED_AT_TAG
 
 HERE = Path(__file__).parent
 DAGSTER = Path(sys.executable).parent / "dagster"
@@ -42,11 +43,11 @@ VARIANTS = {
     "a process per step (before)": ["-f", str(HERE / "multiprocess_location.py")],
 }
 JOBS = {"trending_1h": "trending_posts_1h", "cache_warmer": "warmed_feeds"}
-SCHEDULED_AT = "dagster/scheduled_execution_time"
+SCHEDULED_AT = SCHEDULED_AT_TAG
 TARGET_P50_S = 5.0
 TARGET_CPU_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-RUN_ID = re.compile(r"run_id\W+([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+RUN_PID = re.compile(r"process for run \(pid: (\d+)\)")
 
 
 def free_port() -> int:
@@ -55,45 +56,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RunProcesses:
-    """CPU time of each run's processes: the worker (`dagster api execute_run`) and its children.
+class Processes:
+    """CPU time of every process on the machine, and its parent, read from /proc while it lives.
 
-    A process is read from /proc while it lives, so up to one polling interval of its CPU at the
-    very end is not counted.
+    A process's last reading is kept after it exits, so up to one polling interval of its CPU at
+    the very end is not counted.
     """
 
     def __init__(self) -> None:
-        self.run_of: dict[int, str | None] = {}
-        self.first_seen: dict[int, float] = {}
         self.cpu_s: dict[int, float] = {}
+        self.parent: dict[int, int] = {}
 
     def poll(self) -> None:
-        now = time.monotonic()
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
-            pid = int(name)
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                ppid, ticks = int(fields[1]), int(fields[11]) + int(fields[12])
-                # A forked process shows its parent's command line until it execs: look again
-                # during its first second.
-                if self.run_of.get(pid) is None and now - self.first_seen.setdefault(pid, now) < 1:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                    match = RUN_ID.search(cmdline) if "execute_run" in cmdline else None
-                    self.run_of[pid] = match.group(1) if match else self.run_of.get(ppid)
-            except (FileNotFoundError, ProcessLookupError, ValueError):
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
                 continue
-            if self.run_of.get(pid):
-                self.cpu_s[pid] = ticks / CLOCK_TICKS
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid = int(name)
+            self.parent[pid] = int(fields[1])
+            self.cpu_s[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
-    def by_run(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for pid, seconds in self.cpu_s.items():
-            run_id = self.run_of[pid]
-            totals[run_id] = totals.get(run_id, 0.0) + seconds
-        return totals
+    def tree_cpu_s(self, pid: int) -> float:
+        """CPU-seconds of `pid` and every process descended from it."""
+        children: dict[int, list[int]] = {}
+        for child, parent in self.parent.items():
+            children.setdefault(parent, []).append(child)
+        total, todo = 0.0, [pid]
+        while todo:
+            current = todo.pop()
+            total += self.cpu_s.get(current, 0.0)
+            todo += children.get(current, [])
+        return total
+
+
+def run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The run worker's pid, from the run's "Started process for run (pid: N)" event."""
+    for entry in instance.all_logs(run_id):
+        match = RUN_PID.search(entry.message or "")
+        if match:
+            return int(match.group(1))
+    return None
 
 
 @dataclass
@@ -154,7 +160,7 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
         "trending_1h": KeyWatch(prefix + "trending:1h"),
         "cache_warmer": KeyWatch(None),
     }
-    processes = RunProcesses()
+    processes = Processes()
     loads = []
     started = time.time()
     next_process_poll = next_load = 0.0
@@ -175,7 +181,7 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
                         watches["cache_warmer"].key = feed_key(instance)
                     next_load = now + 5
                 time.sleep(0.02)
-            figures = collect(instance, watches, processes.by_run(), started)
+            figures = collect(instance, watches, processes, started)
     finally:
         os.killpg(dev.pid, 15)
         try:
@@ -191,7 +197,7 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
 def collect(
     instance: dg.DagsterInstance,
     watches: dict[str, KeyWatch],
-    cpu_by_run: dict[str, float],
+    processes: Processes,
     since: float,
 ) -> dict[str, JobFigures]:
     figures = {}
@@ -217,8 +223,9 @@ def collect(
             fresh = watches[job].fresh_at(record.start_time, record.end_time or time.time())
             if fresh is not None:
                 job_figures.latencies.append(fresh - tick)
-            if record.dagster_run.run_id in cpu_by_run:
-                job_figures.cpu.append(cpu_by_run[record.dagster_run.run_id])
+            pid = run_pid(instance, record.dagster_run.run_id)
+            if pid is not None:
+                job_figures.cpu.append(processes.tree_cpu_s(pid))
         figures[job] = job_figures
     return figures
 

@@ -1,7 +1,8 @@
 """What the code location exposes, as plain data: the snapshot `test_definitions` compares.
 
-Asset keys with their groups, op names (under which run config goes), pools, retry policies and
-checks; jobs with their tags and selections; schedules with their crons; sensors; resource keys.
+Asset keys with their groups, node names (under which run config goes), each step's pool and
+retry policy, checks; jobs with their tags and selections; schedules with their crons; sensors;
+resource keys.
 Regenerate the stored snapshot after an intended change with
 `python -m nova_assets_tests.snapshot > nova_assets_tests/code_location.json`.
 """
@@ -22,20 +23,24 @@ def _freshness(policy: Any) -> list[float] | None:
     ]
 
 
+def _retry(policy: dg.RetryPolicy | None) -> list[Any] | None:
+    return None if policy is None else [policy.max_retries, policy.delay, policy.backoff.value]
+
+
 def snapshot(defs: dg.Definitions) -> dict[str, Any]:
     repository = defs.get_repository_def()
     assets: dict[str, Any] = {}
     for assets_def in repository.asset_graph.assets_defs:
-        policy = assets_def.op.retry_policy
+        steps = {
+            op.name: {"pool": op.pool, "retry": _retry(op.retry_policy)}
+            for op in assets_def.node_def.iterate_op_defs()
+        }
         for spec in assets_def.specs:
             assets[spec.key.to_user_string()] = {
                 "group": spec.group_name,
                 "kinds": sorted(spec.kinds),
-                "op": assets_def.op.name,
-                "pool": assets_def.op.pool,
-                "retry": None
-                if policy is None
-                else [policy.max_retries, policy.delay, policy.backoff.value],
+                "op": assets_def.node_def.name,
+                "steps": dict(sorted(steps.items())),
                 "checks": sorted(c.name for c in assets_def.check_specs if c.asset_key == spec.key),
                 "required_resources": sorted(assets_def.required_resource_keys),
                 "freshness_s": _freshness(spec.freshness_policy),

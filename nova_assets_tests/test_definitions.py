@@ -59,8 +59,9 @@ def test_a_bad_setting_fails_the_load_naming_the_variable():
 def test_every_step_touching_clickhouse_declares_the_pool_and_every_job_its_tag():
     repository = definitions.defs.get_repository_def()
     for assets_def in repository.asset_graph.assets_defs:
-        if "clickhouse" in assets_def.required_resource_keys:
-            assert assets_def.op.pool == CLICKHOUSE_POOL, assets_def.key
+        for op in assets_def.node_def.iterate_op_defs():
+            if "clickhouse" in op.required_resource_keys:
+                assert op.pool == CLICKHOUSE_POOL, (assets_def.key, op.name)
     for job in repository.get_all_jobs():
         if not job.name.startswith("__"):
             assert job.tags[JOB_TAG] == job.name
@@ -273,16 +274,31 @@ def test_with_a_clickhouse_server_each_asset_has_a_one_slot_pool_of_its_own(tmp_
     """However a run was launched, two never materialize one asset at once (docs/design.md §5)."""
     probe = (
         "import json, nova_assets.definitions as d;"
-        "print(json.dumps({s.key.to_user_string(): a.op.pool "
-        "for a in d.defs.get_repository_def().asset_graph.assets_defs for s in a.specs}))"
+        "r = d.defs.get_repository_def();"
+        "print(json.dumps({"
+        "'pools': {s.key.to_user_string(): {o.name: o.pool for o in a.node_def.iterate_op_defs()}"
+        " for a in r.asset_graph.assets_defs for s in a.specs},"
+        "'executors': {j.name: j.executor_def.name for j in r.get_all_jobs()}}))"
     )
     completed = _fresh_python(
         "-c", probe, CLICKHOUSE_URL="https://user:pw@clickhouse.example:8443/"
     )
     assert completed.returncode == 0, completed.stderr
-    pools = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert pools == {asset: f"clickhouse/{asset}" for asset in pools}
+    probed = json.loads(completed.stdout.strip().splitlines()[-1])
+    pools = probed["pools"]
     assert len(pools) == 5
+    for asset in set(pools) - {"suggested_users"}:
+        assert pools[asset] == {asset: f"clickhouse/{asset}"}
+    # Suggestions: the plan and the finish hold the asset's pool; the shards run side by side,
+    # as many as the job's multiprocess executor allows.
+    assert pools["suggested_users"] == {
+        "plan_suggestions": "clickhouse/suggested_users",
+        "rank_suggestions": None,
+        "finish_suggestions": "clickhouse/suggested_users",
+    }
+    executors = probed["executors"]
+    assert executors.pop("suggested_users") == "multiprocess"
+    assert set(executors.values()) == {"in_process"}
 
     config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
     config["storage"] = {"sqlite": {"base_dir": str(tmp_path / "storage")}}

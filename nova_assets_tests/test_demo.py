@@ -20,7 +20,7 @@ def test_demo_traffic_appends_a_minute_of_realistic_events(clickhouse):
     result = demo.demo_traffic.execute_in_process(
         resources={"clickhouse": clickhouse},
         run_config={"ops": {"append_demo_traffic": {"config": {"events_per_minute": 500}}}},
-        tags={"dagster/scheduled_execution_time": end.isoformat()},
+        tags={demo.SCHEDULED_AT_TAG: end.isoformat()},
     )
     assert result.success
     [(count, known, live_posts, types)] = clickhouse.query_rows(

@@ -33,10 +33,14 @@ from nova_assets.core.contract import iso_z, permanent_reason
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
     ASSET_NAME,
+    FINISH_OP,
     JOB_NAME,
     MAX_SESSION_LOSSES,
     OP_NAME,
+    PLAN_OP,
     RANKING_SQL,
+    SHARD_OP,
+    SHARD_USERS,
     Exclusions,
     SessionLostError,
     build_suggested_users_asset,
@@ -114,11 +118,15 @@ def test_the_asset_and_its_job_load_together(clickhouse, redis_cache):
     defs = dg.Definitions(assets=[asset], jobs=[job], resources=resources)
     defs.get_repository_def().load_all_definitions()
     assert asset.key == dg.AssetKey(ASSET_NAME)
-    assert asset.op.name == OP_NAME != JOB_NAME
+    assert asset.node_def.name == OP_NAME != JOB_NAME
     assert asset.group_names_by_key[asset.key] == "suggestions"
     assert asset.specs_by_key[asset.key].kinds == {"clickhouse", "redis"}
-    assert asset.op.retry_policy.max_retries == 5
-    assert asset.op.pool == "clickhouse"
+    # Every step retries and takes the ClickHouse slot: the plan, each shard, the finish.
+    steps = {op.name: op for op in asset.node_def.iterate_op_defs()}
+    assert set(steps) == {PLAN_OP, SHARD_OP, FINISH_OP}
+    for op in steps.values():
+        assert op.retry_policy.max_retries == 5
+        assert op.pool == "clickhouse"
     assert asset.specs_by_key[asset.key].metadata["ttl_seconds"] == 600
     assert {k.name for k in asset.check_keys} == {
         "no_excluded_suggestions",
@@ -729,11 +737,12 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
                 pipe.ttl(key)
             return pipe.execute()
 
-    # Users are written in ascending order: the first one's key turns new with the first batch.
-    first = keys[0]
+    # Each shard writes its users in ascending order: a shard's first key turns new with its
+    # first batch, whichever shard runs first.
+    firsts = keys[::SHARD_USERS]
     deadline = time.monotonic() + 120
     while worker.poll() is None and time.monotonic() < deadline:
-        if b'"generation":"old"' not in client.get(first):
+        if any(b'"generation":"old"' not in raw for raw in client.mget(firsts)):
             break
         time.sleep(0.01)
     gate.hold()
@@ -751,27 +760,30 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         [run] = instance.get_runs()
     replies = read_all()
-    written = 0
+    written = []
     for user, raw, ttl in zip(users, replies[::2], replies[1::2], strict=True):
         value = json.loads(raw)
         assert value["user_id"] == user and 0 < ttl <= 86400
         if value.get("generation") != "old":
-            written += 1
+            written.append(user)
             assert value["as_of"] == iso_z(AS_OF)
             assert 0 < len(value["items"]) <= 20
-    assert 0 < written < len(users)
-    return run, written
+    assert 0 < len(written) < len(users)
+    shards = [set(users[i : i + SHARD_USERS]) for i in range(0, len(users), SHARD_USERS)]
+    assert len(shards) == 3
+    return run, [len(shard.intersection(written)) for shard in shards], [len(s) for s in shards]
 
 
 def test_a_terminated_run_stops_at_a_batch_boundary_and_ends_canceled(ch, redis_cache, tmp_path):
     from nova_assets.defs.suggestions.assets import BATCH_USERS
 
-    run, written = _interrupt_a_real_run(
+    run, written, sizes = _interrupt_a_real_run(
         ch, redis_cache, tmp_path, request_termination=True, sig=signal.SIGINT
     )
     assert run.status == dg.DagsterRunStatus.CANCELED
-    # Whole batches only: the run stopped between batches, never inside one.
-    assert written % BATCH_USERS == 0
+    # Whole batches only: each shard stopped between batches, never inside one (or finished).
+    for done, size in zip(written, sizes, strict=True):
+        assert done % BATCH_USERS == 0 or done == size
 
 
 def test_a_worker_killed_without_a_request_ends_failed_and_reaches_the_dlq(
@@ -780,7 +792,7 @@ def test_a_worker_killed_without_a_request_ends_failed_and_reaches_the_dlq(
     from nova_assets.core.resources import AlertWebhookResource
     from nova_assets.defs.dlq import sensors
 
-    run, _ = _interrupt_a_real_run(
+    run, _, _ = _interrupt_a_real_run(
         ch, redis_cache, tmp_path, request_termination=False, sig=signal.SIGTERM
     )
     assert run.status == dg.DagsterRunStatus.FAILURE

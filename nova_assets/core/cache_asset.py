@@ -71,14 +71,8 @@ def cache_asset(
         retry_policy: The step's retry policy (tests shorten it).
         pool: The step's pool (`asset_pool`).
     """
-    key = dg.AssetKey(name)
-    spec = dg.AssetSpec(
-        key,
-        group_name=group,
-        kinds=CACHE_KINDS,
-        description=description,
-        metadata=dict(metadata),
-        freshness_policy=freshness_policy(refresh_sec),
+    spec = cache_asset_spec(
+        name=name, group=group, description=description, refresh_sec=refresh_sec, metadata=metadata
     )
 
     def decorate(compute: Callable[..., dg.MaterializeResult]) -> dg.AssetsDefinition:
@@ -87,13 +81,53 @@ def cache_asset(
             specs=[spec],
             pool=pool,
             retry_policy=retry_policy,
-            check_specs=[
-                dg.AssetCheckSpec(check, asset=key, description=text)
-                for check, text in checks.items()
-            ],
+            check_specs=check_specs(spec.key, checks),
         )(_says_why(fail_fast_on_permanent_faults(compute)))
 
     return decorate
+
+
+def cache_asset_spec(
+    *, name: str, group: str, description: str, refresh_sec: int, metadata: Mapping[str, Any]
+) -> dg.AssetSpec:
+    """A cache asset's spec: its group, kinds, description, metadata and freshness policy."""
+    return dg.AssetSpec(
+        dg.AssetKey(name),
+        group_name=group,
+        kinds=CACHE_KINDS,
+        description=description,
+        metadata=dict(metadata),
+        freshness_policy=freshness_policy(refresh_sec),
+    )
+
+
+def asset_out(spec: dg.AssetSpec) -> dg.AssetOut:
+    """The same asset as an output of a graph-backed asset."""
+    return dg.AssetOut(
+        key=spec.key,
+        group_name=spec.group_name,
+        kinds=set(spec.kinds),
+        description=spec.description,
+        metadata=dict(spec.metadata),
+        freshness_policy=spec.freshness_policy,
+    )
+
+
+def check_specs(key: dg.AssetKey, checks: Mapping[str, str]) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(check, asset=key, description=text) for check, text in checks.items()]
+
+
+def with_reason(
+    context: dg.OpExecutionContext, result: dg.MaterializeResult
+) -> dg.MaterializeResult:
+    """The materialization of a run tagged with a reason (`nova/reason`), recording it."""
+    reason = context.run.tags.get(REASON_TAG)
+    if reason is None:
+        return result
+    return dg.MaterializeResult(
+        metadata={**(result.metadata or {}), "reason": reason},
+        check_results=result.check_results,
+    )
 
 
 def _says_why(compute: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
@@ -101,14 +135,7 @@ def _says_why(compute: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.
 
     @functools.wraps(compute)
     def materialize(context: dg.AssetExecutionContext, *args, **kwargs) -> dg.MaterializeResult:
-        result = compute(context, *args, **kwargs)
-        reason = context.run.tags.get(REASON_TAG)
-        if reason is None:
-            return result
-        return dg.MaterializeResult(
-            metadata={**(result.metadata or {}), "reason": reason},
-            check_results=result.check_results,
-        )
+        return with_reason(context, compute(context, *args, **kwargs))
 
     return materialize
 

@@ -24,9 +24,11 @@ class JobSpec:
     asset: str
     cron: str
     op: str | None = None
-    """The asset's op (its step key), when it is not named like the asset."""
+    """The asset's node (its op, or its graph of steps), when it is not named like the asset."""
     interval_sec: int = 0
     """The schedule's interval; 0 for a job with no cache asset."""
+    executor: dg.ExecutorDefinition | None = None
+    """The job's own executor; None for the code location's (steps in the run's process)."""
 
     @property
     def step(self) -> str:
@@ -47,7 +49,11 @@ def build_job(spec: JobSpec) -> Any:
     if spec.interval_sec:
         tags[MAX_RUNTIME_TAG] = str(spec.max_runtime_sec)
     return dg.define_asset_job(
-        spec.name, selection=[spec.asset], tags=tags, description=f"Materializes {spec.asset}."
+        spec.name,
+        selection=[spec.asset],
+        tags=tags,
+        description=f"Materializes {spec.asset}.",
+        executor_def=spec.executor,
     )
 
 
@@ -73,7 +79,7 @@ def active_run(instance: dg.DagsterInstance, spec: "JobSpec") -> dg.RunRecord | 
     )
     for record in records:
         run = record.dagster_run
-        if run.job_name == spec.name or spec.step in planned_steps(instance, run):
+        if run.job_name == spec.name or executes(planned_steps(instance, run), spec.step):
             return record
     return None
 
@@ -84,6 +90,14 @@ def planned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> frozenset
         return frozenset()
     snapshot = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
     return frozenset(snapshot.step_keys_to_execute) if snapshot else frozenset()
+
+
+def executes(steps: frozenset[str], node: str) -> bool:
+    """Whether `steps` include the node's: its op's step, or any step inside its graph.
+
+    A graph's steps are keyed under its name: `compute_suggested_users.rank_suggestions[shard_0]`.
+    """
+    return node in steps or any(step.startswith(f"{node}.") for step in steps)
 
 
 COUNTS_FOR_PREFIX = "nova/counts_for."
@@ -102,7 +116,7 @@ def jobs_of_run(
     if run.job_name in {spec.name for spec in specs}:
         return [run.job_name]
     steps = planned_steps(instance, run)
-    return [spec.name for spec in specs if spec.step in steps]
+    return [spec.name for spec in specs if executes(steps, spec.step)]
 
 
 def build_schedule(spec: JobSpec, job: Any) -> dg.ScheduleDefinition:
@@ -140,11 +154,18 @@ def job_specs(settings: Settings) -> list[JobSpec]:
             spec(w.job_name, w.asset_name, w.refresh_sec)
             for w in windows(settings.trending_interval_sec)
         ),
-        spec(
+        JobSpec(
             suggestions.JOB_NAME,
             suggestions.ASSET_NAME,
-            settings.suggestion_interval_sec,
+            interval_to_cron(settings.suggestion_interval_sec),
             op=suggestions.OP_NAME,
+            interval_sec=settings.suggestion_interval_sec,
+            # On a server the shards of a run go side by side, each in a process of its own.
+            executor=None
+            if settings.embedded_clickhouse
+            else dg.multiprocess_executor.configured(
+                {"max_concurrent": suggestions.SHARDS_IN_PARALLEL}
+            ),
         ),
         spec(feeds.JOB_NAME, feeds.ASSET_NAME, feeds.REFRESH_SEC),
     ]

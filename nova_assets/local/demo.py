@@ -67,6 +67,10 @@ def append_traffic(
     return clickhouse.query_rows(f"SELECT count() FROM {ENGAGEMENT_EVENTS}")[0][0] - before
 
 
+SCHEDULED_AT_TAG = ".dagster/scheduled_execution_time"
+"""The tick's time, which Dagster puts on every run a schedule launches (a hidden tag)."""
+
+
 class DemoTrafficConfig(dg.Config):
     events_per_minute: int = DEMO_EVENTS_PER_MINUTE
 
@@ -75,7 +79,7 @@ class DemoTrafficConfig(dg.Config):
 def append_demo_traffic(
     context: dg.OpExecutionContext, config: DemoTrafficConfig, clickhouse: ClickHouseResource
 ) -> None:
-    scheduled = context.run.tags.get("dagster/scheduled_execution_time")
+    scheduled = context.run.tags.get(SCHEDULED_AT_TAG)
     end = datetime.fromisoformat(scheduled) if scheduled else datetime.now(UTC)
     written = append_traffic(
         clickhouse, end, events=config.events_per_minute, span=timedelta(minutes=1)

@@ -5,24 +5,36 @@ their followees, ranked by mutuals (how many of their followees follow the candi
 the candidate's followers, then by user id; topped up, when fewer than 20, with the most followed
 users. Nobody is suggested themselves, someone they follow, or anyone blocked either way.
 
-How the work is split:
+How the work is split, in three kinds of step of one run (a graph-backed asset; run config
+goes to the graph, `{"ops": {OP_NAME: {"config": {"as_of": …}}}}`, and on to its first step):
 
-1. Once per run, `suggestion_graph` loads the live graph into temporary tables of the ClickHouse
-   session: each user's followees (with their follower counts) and blocked users in `Join` tables
-   that `joinGet` reads like a dictionary, and the most followed users for the fill. Resolving the
-   latest row of five million edges takes a second; doing it once instead of in every query is
-   what makes the chunks cheap.
-2. `rank_users` ranks a chunk of users (2000 by default) in one query, from those tables alone.
-   A session can be lost: a balancer that sends a new connection to another server, a server
-   restart, a session expired. Its tables are then gone, and the ranking query says so
-   (`UNKNOWN_TABLE` naming them, `SESSION_NOT_FOUND`, `SESSION_IS_LOCKED`): `SessionGraph`
-   rebuilds the graph in a new session and ranks the chunk again, which gives the same lists.
-   Only when the session is lost `MAX_SESSION_LOSSES` times in a row (requests of one session
-   spread over servers) does the step fail, as a transient fault that the retry policy retries.
-3. Each chunk is written before the next is ranked: batches of 100 users, one Redis pipeline
-   each, at most 10 in flight. Every key is written whole with its TTL in one command, so a run
-   that stops between chunks (a failure, a retry, a termination) leaves each key either its old or
-   its new value; a retried step rewrites every key from scratch.
+1. `plan_suggestions` finds the active users and builds the run's graph once, into tables of its
+   own in WORK_DATABASE named after the run: each user's followees with each followee's follower
+   count alongside (two arrays per user, 16 bytes per edge), the blocked users either way, and
+   the most followed users for the fill. Resolving the latest row of five million edges is the
+   expensive part; it is done once per run, not once per shard. It then splits the users, in
+   ascending order, into shards of SHARD_USERS.
+2. One `rank_suggestions` step per shard (Dagster's dynamic fan-out) copies the graph into Join
+   tables of its ClickHouse session, which `joinGet` reads like a dictionary, and ranks its users
+   in chunks of CHUNK_USERS, one query each, from those tables alone. A session can be lost (a
+   balancer that sends a new connection to another server, a server restart, a session expired):
+   its tables are then gone, and the ranking query says so (`UNKNOWN_TABLE` naming them,
+   `SESSION_NOT_FOUND`, `SESSION_IS_LOCKED`); `SessionGraph` copies the graph into a new session
+   and ranks the chunk again, which gives the same lists. Only when the session is lost
+   `MAX_SESSION_LOSSES` times in a row does the step fail, as a transient fault that the retry
+   policy retries; a failed shard is retried alone.
+3. `finish_suggestions` adds the shards up, checks a sample of the values Redis serves, and drops
+   the run's graph (a run that never gets there leaves it to the next run's plan, which drops the
+   graphs of finished runs).
+
+Every step takes a slot of the ClickHouse pool and lets it go when done, closing its connection:
+on the embedded engine, which admits one process at a time, the every-minute jobs run between
+shards. On a server the shards take no slot and run side by side, SHARDS_IN_PARALLEL at once.
+
+Each chunk is written before the next is ranked: batches of 100 users, one Redis pipeline each,
+at most 10 in flight. Every key is written whole with its TTL in one command, so a shard that
+stops between chunks (a failure, a retry, a termination) leaves each key either its old or its
+new value; a retried shard rewrites its keys from scratch.
 
 Edges are the latest row of each pair, as of now (like posts in trending, see the README): the
 graph has no history to rewind to `as_of`. Ties of `updated_at` follow `core.sources`: when in
@@ -30,7 +42,9 @@ doubt, claim no follow and suggest no one across a block. (A background merge of
 the last inserted one instead; the rule decides only while both rows are still there.)
 """
 
+import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,8 +55,22 @@ from typing import Any, TypeVar
 
 import dagster as dg
 
-from nova_assets.core.cache_asset import asset_pool, cache_asset, cache_result
-from nova_assets.core.contract import AsOfConfig, clickhouse_error_code, epoch_ms, iso_z
+from nova_assets.core.cache_asset import (
+    asset_out,
+    asset_pool,
+    cache_asset_spec,
+    cache_result,
+    check_specs,
+    with_reason,
+)
+from nova_assets.core.contract import (
+    STEP_RETRY_POLICY,
+    AsOfConfig,
+    clickhouse_error_code,
+    epoch_ms,
+    fail_fast_on_permanent_faults,
+    iso_z,
+)
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
@@ -50,26 +78,45 @@ from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_wind
 ASSET_NAME = "suggested_users"
 JOB_NAME = "suggested_users"
 OP_NAME = "compute_suggested_users"
-"""The asset's op, under which run config goes: {"ops": {OP_NAME: {"config": {"as_of": …}}}}."""
+"""The asset's graph of steps, under which run config goes:
+{"ops": {OP_NAME: {"config": {"as_of": …}}}}, handed on to its first step."""
+PLAN_OP = "plan_suggestions"
+SHARD_OP = "rank_suggestions"
+FINISH_OP = "finish_suggestions"
 
 TOP_SUGGESTIONS = 20
 ACTIVE_WINDOW = timedelta(days=7)
 DEFAULT_TTL_SEC = 86_400
 CHUNK_USERS = 2000
 """Users ranked per ClickHouse query; a chunk is written completely before the next is ranked."""
+SHARD_USERS = 20_000
+"""Users per shard: one step that takes the ClickHouse slot, ranks and writes them, and lets it
+go, so on the embedded engine the every-minute jobs run between shards (about 10 s each)."""
+SHARDS_IN_PARALLEL = 4
+"""Shards ranked at once against a ClickHouse server (the suggestions job's executor)."""
 BATCH_USERS = 100
 """Users per Redis pipeline."""
 WRITERS_IN_FLIGHT = 10
 CHECK_SAMPLE_USERS = 100
 SAMPLE_LISTS = 3
 
-# Temporary tables of the ClickHouse session, alive for one run (names are constants, never input).
-_LIVE_FOLLOWS = "suggested_users_live_follows"
-_LIVE_BLOCKS = "suggested_users_live_blocks"
+# The graph is built once per run into tables of its own (WORK_DATABASE, named after the run), so
+# every shard, in whatever process or session it runs, ranks from the same graph without building
+# it again; each shard copies it into Join tables of its session, which `joinGet` reads like a
+# dictionary. Names are constants and a run id's hex digits, never input.
+WORK_DATABASE = "nova_work"
+"""Where runs keep their graph between shards; dropped by the run's last step, or by a later run
+once the run that built it has finished."""
+_GRAPH_PREFIX = f"{ASSET_NAME}_graph_"
+_GRAPH_PARTS = ("follows", "blocked", "most_followed")
+_GRAPH_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# The session's tables: the follower counts while building, the graph's Join tables while ranking.
+_COUNTS = "suggested_users_follower_counts"
 _FOLLOWS = "suggested_users_follows"
 _BLOCKED = "suggested_users_blocked"
 _MOST_FOLLOWED = "suggested_users_most_followed"
-_TEMPORARY_TABLES = (_LIVE_FOLLOWS, _LIVE_BLOCKS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
+_TEMPORARY_TABLES = (_COUNTS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
 
 UNKNOWN_TABLE = 60
 SESSION_LOST_CODES = {372: "SESSION_NOT_FOUND", 373: "SESSION_IS_LOCKED"}
@@ -77,66 +124,107 @@ SESSION_LOST_CODES = {372: "SESSION_NOT_FOUND", 373: "SESSION_IS_LOCKED"}
 MAX_SESSION_LOSSES = 3
 """Sessions lost in a row (no chunk ranked in between) before the step gives up and retries."""
 
-_GRAPH_STATEMENTS = (
-    # The live edges (core.sources breaks ties), self-edges dropped.
-    f"CREATE TEMPORARY TABLE {_LIVE_FOLLOWS} ENGINE = Memory AS {FOLLOWS.live_edges()}",
-    f"CREATE TEMPORARY TABLE {_LIVE_BLOCKS} ENGINE = Memory AS {BLOCKS.live_edges()}",
-    # Each user's followees, with each followee's live follower count alongside.
-    f"""
-    CREATE TEMPORARY TABLE {_FOLLOWS}
-    (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt64))
-    ENGINE = Join(ANY, LEFT, user_id) AS
-    SELECT follower_id, arrayMap(e -> e.1, edges), arrayMap(e -> e.2, edges)
-    FROM (
-        SELECT follower_id, groupArray((followee_id, followers)) AS edges
-        FROM {_LIVE_FOLLOWS}
-        INNER JOIN (
-            SELECT followee_id, count() AS followers FROM {_LIVE_FOLLOWS} GROUP BY followee_id
-        ) AS counts USING followee_id
-        GROUP BY follower_id
-    )""",
-    # Everyone a user blocked or was blocked by.
-    f"""
-    CREATE TEMPORARY TABLE {_BLOCKED} (user_id UInt64, blocked Array(UInt64))
-    ENGINE = Join(ANY, LEFT, user_id) AS
-    SELECT user_id, groupUniqArray(other)
-    FROM (
-        SELECT blocker_id AS user_id, blocked_id AS other FROM {_LIVE_BLOCKS}
-        UNION ALL
-        SELECT blocked_id, blocker_id FROM {_LIVE_BLOCKS}
-    )
-    GROUP BY user_id""",
-)
+_LIVE_FOLLOWS_SQL = FOLLOWS.live_edges()
+_LIVE_BLOCKS_SQL = BLOCKS.live_edges()
 
-_GRAPH_SIZE_SQL = f"""
-SELECT
-    (SELECT count() FROM {_LIVE_FOLLOWS}),
-    (SELECT count() FROM {_LIVE_BLOCKS}),
-    (SELECT max(n) FROM (
-        SELECT user_id, count() AS n
+
+def graph_table(graph_id: str, part: str) -> str:
+    """The table holding one part of a run's graph (`part` is one of _GRAPH_PARTS)."""
+    if not _GRAPH_ID.match(graph_id) or part not in _GRAPH_PARTS:
+        raise ValueError(f"not a suggestion graph table: {graph_id!r}, {part!r}")
+    return f"{WORK_DATABASE}.{_GRAPH_PREFIX}{graph_id}_{part}"
+
+
+def _build_statements(graph_id: str) -> list[str]:
+    """The statements that build a run's graph tables, in order (after any old ones are dropped).
+
+    Each user's followees come with each followee's live follower count alongside, looked up in a
+    small Join table of counts: one array pair per user, 16 bytes per edge, grouped in the order
+    of the follows table's key.
+    """
+    follows, blocked = graph_table(graph_id, "follows"), graph_table(graph_id, "blocked")
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {WORK_DATABASE}",
+        f"DROP TEMPORARY TABLE IF EXISTS {_COUNTS}",
+        f"""
+        CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt64)
+        ENGINE = Join(ANY, LEFT, user_id) AS
+        SELECT followee_id, count() FROM ({_LIVE_FOLLOWS_SQL}) GROUP BY followee_id""",
+        f"""
+        CREATE TABLE {follows}
+        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt64))
+        ENGINE = MergeTree ORDER BY user_id AS
+        SELECT
+            follower_id,
+            groupArray(followee_id) AS followees,
+            arrayMap(f -> joinGet('{_COUNTS}', 'followers', f), followees)
+        FROM ({_LIVE_FOLLOWS_SQL})
+        GROUP BY follower_id
+        SETTINGS optimize_aggregation_in_order = 1""",
+        # Everyone a user blocked or was blocked by.
+        f"""
+        CREATE TABLE {blocked} (user_id UInt64, blocked Array(UInt64))
+        ENGINE = MergeTree ORDER BY user_id AS
+        SELECT user_id, groupUniqArray(other)
         FROM (
-            SELECT follower_id AS user_id FROM {_LIVE_FOLLOWS}
-            UNION ALL SELECT blocker_id FROM {_LIVE_BLOCKS}
-            UNION ALL SELECT blocked_id FROM {_LIVE_BLOCKS}
+            SELECT blocker_id AS user_id, blocked_id AS other FROM ({_LIVE_BLOCKS_SQL})
+            UNION ALL
+            SELECT blocked_id, blocker_id FROM ({_LIVE_BLOCKS_SQL})
         )
-        GROUP BY user_id
-    ))
-"""
+        GROUP BY user_id""",
+    ]
+
+
+def _graph_size_sql(graph_id: str) -> str:
+    follows, blocked = graph_table(graph_id, "follows"), graph_table(graph_id, "blocked")
+    return f"""
+    SELECT
+        (SELECT sum(length(followees)) FROM {follows}),
+        (SELECT count() FROM ({_LIVE_BLOCKS_SQL})),
+        (SELECT max(n) FROM (
+            SELECT user_id, sum(n) AS n
+            FROM (
+                SELECT user_id, length(followees) AS n FROM {follows}
+                UNION ALL SELECT user_id, length(blocked) FROM {blocked}
+            )
+            GROUP BY user_id
+        ))
+    """
+
 
 # The fill's source, best first: a user's fill comes from the first TOP + |excluded| entries
 # (at worst every excluded user is among them), so the list needs no more than the largest
 # exclusion list; `fill_pool_size` below says how many that is.
-_MOST_FOLLOWED_STATEMENT = f"""
-CREATE TEMPORARY TABLE {_MOST_FOLLOWED} ENGINE = Memory AS
-SELECT arraySort(x -> (-x.2, x.1), groupArray((user_id, followers))) AS most_followed
-FROM (
-    SELECT followee_id AS user_id, count() AS followers
-    FROM {_LIVE_FOLLOWS}
-    GROUP BY followee_id
-    ORDER BY followers DESC, user_id ASC
-    LIMIT {{pool_size:UInt64}}
-)
-"""
+def _most_followed_statement(graph_id: str) -> str:
+    return f"""
+    CREATE TABLE {graph_table(graph_id, "most_followed")} ENGINE = MergeTree ORDER BY tuple() AS
+    SELECT arraySort(x -> (-x.2, x.1), groupArray((user_id, followers))) AS most_followed
+    FROM (
+        SELECT user_id, followers
+        FROM {_COUNTS}
+        ORDER BY followers DESC, user_id ASC
+        LIMIT {{pool_size:UInt64}}
+    )
+    """
+
+
+def _load_statements(graph_id: str) -> list[str]:
+    """The statements that copy a run's graph into Join tables of the current session."""
+    return [
+        f"""
+        CREATE TEMPORARY TABLE {_FOLLOWS}
+        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt64))
+        ENGINE = Join(ANY, LEFT, user_id) AS
+        SELECT user_id, followees, followee_followers FROM {graph_table(graph_id, "follows")}""",
+        f"""
+        CREATE TEMPORARY TABLE {_BLOCKED} (user_id UInt64, blocked Array(UInt64))
+        ENGINE = Join(ANY, LEFT, user_id) AS
+        SELECT user_id, blocked FROM {graph_table(graph_id, "blocked")}""",
+        f"""
+        CREATE TEMPORARY TABLE {_MOST_FOLLOWED} ENGINE = Memory AS
+        SELECT most_followed FROM {graph_table(graph_id, "most_followed")}""",
+    ]
+
 
 ACTIVE_USERS_SQL = f"""
 SELECT DISTINCT user_id
@@ -211,7 +299,7 @@ SETTINGS max_block_size = 128
 
 @dataclass(frozen=True)
 class Graph:
-    """What `suggestion_graph` loaded for the run."""
+    """The sizes of a run's graph, as `build_graph` built it."""
 
     live_follows: int
     live_blocks: int
@@ -232,23 +320,45 @@ class UserSuggestions:
         return self.ranked < TOP_SUGGESTIONS
 
 
-def _drop_graph(clickhouse: ClickHouseResource) -> None:
+def build_graph(clickhouse: ClickHouseResource, graph_id: str) -> Graph:
+    """Build a run's graph tables from the live edges: the expensive part, once per run."""
+    drop_graph(clickhouse, graph_id)
+    for statement in _build_statements(graph_id):
+        clickhouse.command(statement)
+    [(follows, blocks, largest_exclusion)] = clickhouse.query_rows(_graph_size_sql(graph_id))
+    # u itself, F(u) and B(u) may all sit in the list ahead of the fill, with TOP after them.
+    pool_size = TOP_SUGGESTIONS + 1 + int(largest_exclusion or 0)
+    clickhouse.command(_most_followed_statement(graph_id), {"pool_size": pool_size})
+    clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {_COUNTS}")
+    return Graph(int(follows or 0), int(blocks), pool_size)
+
+
+def drop_graph(clickhouse: ClickHouseResource, graph_id: str) -> None:
+    for part in _GRAPH_PARTS:
+        clickhouse.command(f"DROP TABLE IF EXISTS {graph_table(graph_id, part)}")
+
+
+def graphs_in_storage(clickhouse: ClickHouseResource) -> set[str]:
+    """The ids of every run graph in WORK_DATABASE (none if the database does not exist yet)."""
+    rows = clickhouse.query_rows(
+        "SELECT name FROM system.tables "
+        "WHERE database = {db:String} AND startsWith(name, {p:String})",
+        {"db": WORK_DATABASE, "p": _GRAPH_PREFIX},
+    )
+    ids = {str(name)[len(_GRAPH_PREFIX) :].rsplit("_", 1)[0] for (name,) in rows}
+    return {graph_id for graph_id in ids if _GRAPH_ID.match(graph_id)}
+
+
+def _drop_session_tables(clickhouse: ClickHouseResource) -> None:
     for table in _TEMPORARY_TABLES:
         clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
 
 
-def _load_graph(clickhouse: ClickHouseResource) -> Graph:
-    """Build the graph's temporary tables in the resource's current session."""
-    _drop_graph(clickhouse)
-    for statement in _GRAPH_STATEMENTS:
+def _load_graph(clickhouse: ClickHouseResource, graph_id: str) -> None:
+    """Copy a run's graph into Join tables of the resource's current session."""
+    _drop_session_tables(clickhouse)
+    for statement in _load_statements(graph_id):
         clickhouse.command(statement)
-    [(follows, blocks, largest_exclusion)] = clickhouse.query_rows(_GRAPH_SIZE_SQL)
-    # u itself, F(u) and B(u) may all sit in the list ahead of the fill, with TOP after them.
-    pool_size = TOP_SUGGESTIONS + 1 + int(largest_exclusion or 0)
-    clickhouse.command(_MOST_FOLLOWED_STATEMENT, {"pool_size": pool_size})
-    for table in (_LIVE_FOLLOWS, _LIVE_BLOCKS):
-        clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
-    return Graph(int(follows), int(blocks), pool_size)
 
 
 def session_lost(exc: BaseException) -> str | None:
@@ -273,51 +383,33 @@ T = TypeVar("T")
 
 
 class SessionGraph:
-    """The live graph in temporary tables of the resource's ClickHouse session.
+    """A run's graph in Join tables of the resource's ClickHouse session.
 
     `rank` ranks a chunk from those tables; when the session turns out to be lost, the graph is
-    rebuilt in a new session and the chunk ranked again.
+    copied again into a new session and the chunk ranked again.
     """
 
-    def __init__(self, clickhouse: ClickHouseResource, log: Any = None) -> None:
+    def __init__(self, clickhouse: ClickHouseResource, graph_id: str, log: Any = None) -> None:
         self._clickhouse = clickhouse
+        self._graph_id = graph_id
         self._log = log
-        self._graph: Graph | None = None
+        self._loaded = False
         self.sessions_lost = 0
-        """How many times this run found its session lost and rebuilt the graph."""
+        """How many times this shard found its session lost and copied the graph again."""
 
-    @property
-    def graph(self) -> Graph:
-        """The sizes of the graph last loaded."""
-        if self._graph is None:
-            raise RuntimeError("the suggestion graph is not loaded")
-        return self._graph
-
-    @property
-    def live_follows(self) -> int:
-        return self.graph.live_follows
-
-    @property
-    def live_blocks(self) -> int:
-        return self.graph.live_blocks
-
-    @property
-    def fill_pool_size(self) -> int:
-        return self.graph.fill_pool_size
-
-    def load(self) -> Graph:
-        """Build the graph in the current session (again in a new one if that one is lost)."""
-        return self._in_session(lambda: self.graph)
+    def load(self) -> None:
+        """Copy the graph into the current session (again into a new one if that one is lost)."""
+        self._in_session(lambda: None)
 
     def rank(self, user_ids: Sequence[int]) -> list[UserSuggestions]:
-        """`rank_users` from the graph's tables, rebuilding them when the session was lost."""
+        """`rank_users` from the session's tables, copying them again when the session was lost."""
         return self._in_session(lambda: rank_users(self._clickhouse, user_ids))
 
     def drop(self) -> None:
-        """Drop the graph's tables; a lost session has taken them already."""
-        self._graph = None
+        """Drop the session's tables; a lost session has taken them already."""
+        self._loaded = False
         try:
-            _drop_graph(self._clickhouse)
+            _drop_session_tables(self._clickhouse)
         except Exception as exc:
             if session_lost(exc) is None:
                 raise
@@ -326,8 +418,9 @@ class SessionGraph:
         losses = 0
         while True:
             try:
-                if self._graph is None:
-                    self._graph = _load_graph(self._clickhouse)
+                if not self._loaded:
+                    _load_graph(self._clickhouse, self._graph_id)
+                    self._loaded = True
                 return action()
             except Exception as exc:
                 reason = session_lost(exc)
@@ -343,29 +436,41 @@ class SessionGraph:
                         "server (deploy/README.md)."
                     ) from exc
                 self.sessions_lost += 1
-                self._graph = None
+                self._loaded = False
                 if self._log is not None:
                     self._log.warning(
                         f"{ASSET_NAME}: the ClickHouse session holding the graph was lost "
-                        f"({reason}); rebuilding it in a new session and ranking the chunk again."
+                        f"({reason}); copying it into a new session and ranking the chunk again."
                     )
                 self._clickhouse.renew_session()
 
 
 @contextmanager
-def suggestion_graph(clickhouse: ClickHouseResource, log: Any = None) -> Iterator[SessionGraph]:
-    """Load the live follow and block graph into temporary tables for `rank_users`.
-
-    The tables belong to the resource's ClickHouse session (the embedded engine's connection, or
-    the HTTP session clickhouse-connect opens) and are dropped on exit. Rank through the yielded
-    graph's `rank` to survive a lost session.
-    """
-    graph = SessionGraph(clickhouse, log)
+def session_graph(
+    clickhouse: ClickHouseResource, graph_id: str, log: Any = None
+) -> Iterator[SessionGraph]:
+    """A run's graph (`build_graph`) copied into the session for `rank_users`; dropped on exit."""
+    graph = SessionGraph(clickhouse, graph_id, log)
     try:
         graph.load()
         yield graph
     finally:
         graph.drop()
+
+
+@contextmanager
+def suggestion_graph(clickhouse: ClickHouseResource, log: Any = None) -> Iterator[SessionGraph]:
+    """Build a graph of its own and load it into the session, as a shard would.
+
+    Both are dropped on exit. For rankings outside a run: the tests, the benchmarks.
+    """
+    graph_id = uuid.uuid4().hex
+    try:
+        build_graph(clickhouse, graph_id)
+        with session_graph(clickhouse, graph_id, log) as graph:
+            yield graph
+    finally:
+        drop_graph(clickhouse, graph_id)
 
 
 def active_users(clickhouse: ClickHouseResource, as_of: datetime) -> list[int]:
@@ -587,13 +692,30 @@ def _sample_table(served: Mapping[int, Mapping[str, Any] | None]) -> str:
 # -- the asset ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Progress:
-    """Running totals of a materialization, logged after every chunk."""
+@dataclass(frozen=True)
+class Shard:
+    """One step's share of a run: users to rank from the run's graph, as of one instant."""
 
-    total: int
+    index: int
+    count: int
+    graph_id: str
+    graph: Graph
+    as_of: datetime
+    user_ids: tuple[int, ...]
     started: float
-    graph_s: float = 0.0
+    """When the run's plan began (epoch seconds): the materialization's time counts from it."""
+    graph_s: float
+
+    @property
+    def name(self) -> str:
+        return f"shard {self.index + 1}/{self.count}"
+
+
+@dataclass
+class ShardResult:
+    """What one shard ranked and wrote; the last step adds them up."""
+
+    shard: Shard
     ranking_s: float = 0.0
     users: int = 0
     suggestions: int = 0
@@ -601,6 +723,7 @@ class _Progress:
     kept_previous: int = 0
     batches: int = 0
     sessions_lost: int = 0
+    sample: tuple[int, ...] = ()
 
     def add(self, chunk: Sequence[UserSuggestions], results: Sequence[BatchResult]) -> None:
         self.users += len(chunk)
@@ -609,53 +732,93 @@ class _Progress:
         self.kept_previous += sum(r.kept_previous for r in results)
         self.batches += len(results)
 
-    def describe(self) -> str:
-        elapsed = time.perf_counter() - self.started
+    def describe(self, started: float) -> str:
+        elapsed = time.perf_counter() - started
         rate = self.users / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.users) / rate if rate > 0 else 0.0
+        total = len(self.shard.user_ids)
+        left = (total - self.users) / rate if rate > 0 else 0.0
         return (
-            f"{ASSET_NAME}: {self.users:,}/{self.total:,} users written "
-            f"({self.users / max(self.total, 1):.0%}), {rate:,.0f} users/s, "
-            f"about {left:,.0f} s left"
+            f"{ASSET_NAME} {self.shard.name}: {self.users:,}/{total:,} users written "
+            f"({self.users / max(total, 1):.0%}), {rate:,.0f} users/s, about {left:,.0f} s left"
         )
 
 
-def suggest_all(
+def plan_shards(
+    users: Sequence[int],
+    graph_id: str,
+    graph: Graph,
+    as_of: datetime,
+    *,
+    shard_users: int,
+    started: float,
+    graph_s: float,
+) -> list[Shard]:
+    """Split the active users (ascending) into shards of at most `shard_users`, at least one."""
+    starts = range(0, max(len(users), 1), shard_users)
+    return [
+        Shard(
+            i,
+            len(starts),
+            graph_id,
+            graph,
+            as_of,
+            tuple(users[a : a + shard_users]),
+            started,
+            graph_s,
+        )
+        for i, a in enumerate(starts)
+    ]
+
+
+def suggest_shard(
     log: Any,
     clickhouse: ClickHouseResource,
     redis_cache: RedisCacheResource,
-    users: Sequence[int],
-    as_of: datetime,
+    shard: Shard,
     *,
     ttl_sec: int,
     chunk_users: int,
-) -> tuple[Graph, _Progress]:
-    """Rank and write every user's suggestions, chunk by chunk; log progress after each."""
-    started = time.perf_counter()
+) -> ShardResult:
+    """Rank and write a shard's users, chunk by chunk, from the run's graph; log after each."""
+    result = ShardResult(shard)
     # Connect once here, so the writer threads share one client and its connection pool.
     redis_cache.client()
+    users = shard.user_ids
     with (
-        suggestion_graph(clickhouse, log) as graph,
+        session_graph(clickhouse, shard.graph_id, log) as graph,
         ThreadPoolExecutor(WRITERS_IN_FLIGHT) as writers,
     ):
-        graph_s = time.perf_counter() - started
-        log.info(
-            f"{ASSET_NAME}: {len(users):,} active users as of {iso_z(as_of)}; live graph of "
-            f"{graph.live_follows:,} follows and {graph.live_blocks:,} blocks loaded in "
-            f"{graph_s:.1f} s"
-        )
-        progress = _Progress(total=len(users), started=time.perf_counter(), graph_s=graph_s)
+        started = time.perf_counter()
         # A chunk is ranked, then written completely, before the next one is ranked: the
         # boundary where a run can stop (or fail) with every key whole, old or new.
         for start in range(0, len(users), chunk_users):
             ranked_at = time.perf_counter()
             chunk = graph.rank(users[start : start + chunk_users])
-            progress.ranking_s += time.perf_counter() - ranked_at
-            progress.add(chunk, write_chunk(redis_cache, writers, chunk, as_of, ttl_sec))
-            log.info(progress.describe())
-        # The sizes of the graph the last chunk was ranked from (rebuilt if a session was lost).
-        loaded, progress.sessions_lost = graph.graph, graph.sessions_lost
-    return loaded, progress
+            result.ranking_s += time.perf_counter() - ranked_at
+            result.add(chunk, write_chunk(redis_cache, writers, chunk, shard.as_of, ttl_sec))
+            log.info(result.describe(started))
+        result.sessions_lost = graph.sessions_lost
+    result.sample = tuple(check_sample(users, -(-CHECK_SAMPLE_USERS // shard.count)))
+    return result
+
+
+def drop_finished_graphs(
+    clickhouse: ClickHouseResource, instance: dg.DagsterInstance, keep: str, log: Any
+) -> None:
+    """Drop the graphs of runs that have finished, or that this instance does not know.
+
+    A run that failed or was killed before its last step leaves its graph behind.
+    """
+    for graph_id in graphs_in_storage(clickhouse) - {keep}:
+        run = instance.get_run_by_id(str(uuid.UUID(graph_id)))
+        if run is None or run.is_finished:
+            drop_graph(clickhouse, graph_id)
+            log.info(f"{ASSET_NAME}: dropped the graph left by run {uuid.UUID(graph_id)}.")
+
+
+def _check_outputs() -> dict[str, str]:
+    """Check name → the graph output that carries its result."""
+    return {check: f"{ASSET_NAME}_{check}" for check in CHECKS}
 
 
 def build_suggested_users_asset(
@@ -663,83 +826,192 @@ def build_suggested_users_asset(
     *,
     refresh_sec: int = 600,
     chunk_users: int = CHUNK_USERS,
+    shard_users: int = SHARD_USERS,
     pool: str = CLICKHOUSE_POOL,
+    shard_pool: str | None = CLICKHOUSE_POOL,
+    retry_policy: dg.RetryPolicy = STEP_RETRY_POLICY,
 ) -> dg.AssetsDefinition:
-    """The asset that keeps `{prefix}suggested_users:{user_id}` fresh for every active user."""
-    if ttl_sec <= 0 or chunk_users <= 0:
-        raise ValueError(
-            f"suggested_users needs a positive TTL and chunk size, got ttl_sec={ttl_sec}, "
-            f"chunk_users={chunk_users} (SUGGESTION_TTL_SEC sets the TTL)"
-        )
+    """The asset that keeps `{prefix}suggested_users:{user_id}` fresh for every active user.
 
-    # The op is named apart from the asset: the job is called suggested_users too (docs/design.md
-    # §5), and Dagster wants op and job names distinct within a code location.
-    @cache_asset(
+    Three kinds of step, each taking a slot of `pool` (the shards of `shard_pool`) and letting it
+    go when done: `plan_suggestions` finds the active users and builds the run's graph; one
+    `rank_suggestions` per shard of users ranks and writes them; `finish_suggestions` adds up,
+    checks a sample and drops the graph. Between steps other runs take the slot, so the
+    every-minute jobs go on during a long run, and a failed shard is retried alone.
+    """
+    if ttl_sec <= 0 or chunk_users <= 0 or shard_users <= 0:
+        raise ValueError(
+            f"suggested_users needs a positive TTL, chunk and shard size, got ttl_sec={ttl_sec}, "
+            f"chunk_users={chunk_users}, shard_users={shard_users} (SUGGESTION_TTL_SEC sets the "
+            "TTL)"
+        )
+    spec = cache_asset_spec(
         name=ASSET_NAME,
-        op_name=OP_NAME,
         group="suggestions",
         description=f"Up to {TOP_SUGGESTIONS} users to follow for everyone active in the last 7 "
         "days: followees of their followees by mutuals, then the most followed.",
         refresh_sec=refresh_sec,
-        checks=CHECKS,
         metadata={"cache_key_pattern": f"{ASSET_NAME}:{{user_id}}", "ttl_seconds": ttl_sec},
-        pool=pool,
     )
-    def _suggested_users(
-        context: dg.AssetExecutionContext,
-        config: AsOfConfig,
+    check_outputs = _check_outputs()
+
+    @dg.op(
+        name=PLAN_OP,
+        out=dg.DynamicOut(Shard),
+        pool=pool,
+        retry_policy=retry_policy,
+        description="Finds the active users and builds the run's follow graph, once per run.",
+    )
+    @fail_fast_on_permanent_faults
+    def plan(
+        context: dg.OpExecutionContext, config: AsOfConfig, clickhouse: ClickHouseResource
+    ) -> list[dg.DynamicOutput]:
+        started = time.time()
+        try:
+            as_of = config.resolve(context)
+            users = active_users(clickhouse, as_of)
+            graph_id = context.run_id.replace("-", "")
+            drop_finished_graphs(clickhouse, context.instance, graph_id, context.log)
+            built_at = time.perf_counter()
+            graph = build_graph(clickhouse, graph_id)
+            graph_s = time.perf_counter() - built_at
+        finally:
+            clickhouse.close()  # the embedded engine is free for other runs between steps
+        shards = plan_shards(
+            users,
+            graph_id,
+            graph,
+            as_of,
+            shard_users=shard_users,
+            started=started,
+            graph_s=graph_s,
+        )
+        context.log.info(
+            f"{ASSET_NAME}: {len(users):,} active users as of {iso_z(as_of)} in {len(shards)} "
+            f"shards; live graph of {graph.live_follows:,} follows and {graph.live_blocks:,} "
+            f"blocks built in {graph_s:.1f} s"
+        )
+        return [dg.DynamicOutput(s, mapping_key=f"shard_{s.index}") for s in shards]
+
+    @dg.op(
+        name=SHARD_OP,
+        pool=shard_pool,
+        retry_policy=retry_policy,
+        description="Ranks and writes one shard of the active users from the run's graph.",
+    )
+    @fail_fast_on_permanent_faults
+    def rank_shard(
+        context: dg.OpExecutionContext,
+        shard: Shard,
         clickhouse: ClickHouseResource,
         redis_cache: RedisCacheResource,
-    ) -> dg.MaterializeResult:
-        as_of = config.resolve(context)
-        started = time.perf_counter()
-        users = active_users(clickhouse, as_of)
-        graph, progress = suggest_all(
-            context.log,
-            clickhouse,
-            redis_cache,
-            users,
-            as_of,
-            ttl_sec=ttl_sec,
-            chunk_users=chunk_users,
-        )
-        seconds = time.perf_counter() - started
-        if progress.kept_previous:
-            context.log.warning(
-                f"{progress.kept_previous:,} users' suggestions came out empty; their previous "
-                "non-empty values were kept."
+    ) -> ShardResult:
+        try:
+            return suggest_shard(
+                context.log,
+                clickhouse,
+                redis_cache,
+                shard,
+                ttl_sec=ttl_sec,
+                chunk_users=chunk_users,
             )
+        finally:
+            clickhouse.close()
 
-        sample = check_sample(users)
-        served = {u: redis_cache.get_json(redis_cache.key(ASSET_NAME, u)) for u in sample}
-        verdicts = evaluate_checks(
-            served,
-            exclusions=live_exclusions(clickhouse, sample),
-            ttls={u: redis_cache.ttl(redis_cache.key(ASSET_NAME, u)) for u in sample},
-        )
-        return cache_result(
-            {
-                "dagster/row_count": progress.users,
-                "users_served": progress.users,
-                "suggestions_written": progress.suggestions,
-                "users_needing_fill": progress.needing_fill,
-                "users_kept_previous": progress.kept_previous,
-                "batches": progress.batches,
-                "seconds": round(seconds, 2),
-                "graph_load_seconds": round(progress.graph_s, 2),
-                "ranking_seconds": round(progress.ranking_s, 2),
-                "users_per_second": round(progress.users / seconds, 1) if seconds else 0.0,
-                "as_of": iso_z(as_of),
-                "live_follow_edges": graph.live_follows,
-                "live_block_edges": graph.live_blocks,
-                "clickhouse_sessions_lost": progress.sessions_lost,
-                "sample": dg.MetadataValue.md(_sample_table(served)),
-            },
-            verdicts,
-            keys=[redis_cache.key(ASSET_NAME, u) for u in sample],
-        )
+    @dg.op(
+        name=FINISH_OP,
+        out={"result": dg.Out(dg.Nothing)}
+        | {output: dg.Out(dg.Nothing) for output in check_outputs.values()},
+        pool=pool,
+        retry_policy=retry_policy,
+        description="Adds up the shards, checks a sample of the values and drops the graph.",
+    )
+    @fail_fast_on_permanent_faults
+    def finish(
+        context: dg.OpExecutionContext,
+        results: list[ShardResult],
+        clickhouse: ClickHouseResource,
+        redis_cache: RedisCacheResource,
+    ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+        try:
+            materialization = _finish(context, results, clickhouse, redis_cache)
+        finally:
+            clickhouse.close()
+        yield dg.Output(None, "result", metadata=materialization.metadata)
+        yield from materialization.check_results or []
 
-    return _suggested_users
+    @dg.config_mapping
+    def as_of_for_plan(config: AsOfConfig) -> dict[str, Any]:
+        return {PLAN_OP: {"config": {"as_of": config.as_of}}}
+
+    # The graph is named apart from the asset: the job is called suggested_users too
+    # (docs/design.md §5), and Dagster wants node and job names distinct within a location.
+    @dg.graph_multi_asset(
+        name=OP_NAME,
+        outs={"result": asset_out(spec)},
+        group_name=spec.group_name,
+        check_specs=check_specs(spec.key, CHECKS),
+        config=as_of_for_plan,
+    )
+    def _suggested_users() -> dict[str, Any]:
+        outputs = finish(plan().map(rank_shard).collect())
+        return {"result": outputs[0]} | {
+            name: outputs[i] for i, name in enumerate(check_outputs.values(), start=1)
+        }
+
+    # A graph's outputs do not carry the new-style freshness policy over: set it on the spec.
+    return _suggested_users.map_asset_specs(
+        lambda s: s.replace_attributes(freshness_policy=spec.freshness_policy)
+    )
+
+
+def _finish(
+    context: dg.OpExecutionContext,
+    results: Sequence[ShardResult],
+    clickhouse: ClickHouseResource,
+    redis_cache: RedisCacheResource,
+) -> dg.MaterializeResult:
+    shards = sorted(results, key=lambda r: r.shard.index)
+    first = shards[0].shard
+    drop_graph(clickhouse, first.graph_id)
+    users = sum(r.users for r in shards)
+    kept_previous = sum(r.kept_previous for r in shards)
+    seconds = time.time() - first.started
+    if kept_previous:
+        context.log.warning(
+            f"{kept_previous:,} users' suggestions came out empty; their previous non-empty "
+            "values were kept."
+        )
+    sample = [u for r in shards for u in r.sample]
+    served = {u: redis_cache.get_json(redis_cache.key(ASSET_NAME, u)) for u in sample}
+    verdicts = evaluate_checks(
+        served,
+        exclusions=live_exclusions(clickhouse, sample),
+        ttls={u: redis_cache.ttl(redis_cache.key(ASSET_NAME, u)) for u in sample},
+    )
+    result = cache_result(
+        {
+            "dagster/row_count": users,
+            "users_served": users,
+            "suggestions_written": sum(r.suggestions for r in shards),
+            "users_needing_fill": sum(r.needing_fill for r in shards),
+            "users_kept_previous": kept_previous,
+            "batches": sum(r.batches for r in shards),
+            "shards": len(shards),
+            "seconds": round(seconds, 2),
+            "graph_load_seconds": round(first.graph_s, 2),
+            "ranking_seconds": round(sum(r.ranking_s for r in shards), 2),
+            "users_per_second": round(users / seconds, 1) if seconds else 0.0,
+            "as_of": iso_z(first.as_of),
+            "live_follow_edges": first.graph.live_follows,
+            "live_block_edges": first.graph.live_blocks,
+            "clickhouse_sessions_lost": sum(r.sessions_lost for r in shards),
+            "sample": dg.MetadataValue.md(_sample_table(served)),
+        },
+        verdicts,
+        keys=[redis_cache.key(ASSET_NAME, u) for u in sample],
+    )
+    return with_reason(context, result)
 
 
 @dg.definitions
@@ -751,6 +1023,9 @@ def defs() -> dg.Definitions:
                 settings.suggestion_ttl_sec,
                 refresh_sec=settings.suggestion_interval_sec,
                 pool=asset_pool(ASSET_NAME, embedded=settings.embedded_clickhouse),
+                # On a server the shards run side by side (the job's executor bounds how many);
+                # the embedded engine takes them one at a time, between other runs' steps.
+                shard_pool=CLICKHOUSE_POOL if settings.embedded_clickhouse else None,
             )
         ]
     )
