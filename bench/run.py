@@ -19,6 +19,8 @@ FAMILIES = (
     "metrics.py",
     "redis_cluster.py",
     "kafka_cluster.py",
+    "scale.py",
+    "tick_to_fresh.py",
 )
 
 

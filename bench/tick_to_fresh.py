@@ -12,9 +12,15 @@ of the run's processes (its worker and any step process it starts, read from /pr
 The demo traffic job keeps appending events every minute, as under `make dev`, and the 24h window
 runs every five minutes; suggestions move to daily, so a long run of theirs does not fall into one
 variant's minutes and not the other's (the 7d window still runs on the hour).
+
+Then, on a dataset of `--sharing-users` users (56 follows and 50 events each, ending now), it
+launches one suggestions run under `dagster dev` and reports, for the every-minute ticks that fall
+during it, whether their runs succeeded and how long after the tick their keys were fresh, and
+how many sampled warmed feeds were found expired (checked every second).
 """
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,16 +136,70 @@ class JobFigures:
     failed: int = 0
 
 
-def feed_key(instance: dg.DagsterInstance) -> str | None:
-    """A feed key the last `warmed_feeds` materialization wrote (from its healing sample)."""
+def feed_keys(instance: dg.DagsterInstance) -> list[str]:
+    """The feed keys the last `warmed_feeds` materialization recorded (a sample of 20)."""
     event = instance.get_latest_materialization_event(dg.AssetKey("warmed_feeds"))
     if event is None or event.asset_materialization is None:
-        return None
+        return []
     keys = event.asset_materialization.metadata.get("healing_keys")
-    return keys.value[0] if keys and keys.value else None
+    return list(keys.value) if keys and keys.value else []
 
 
-def run_variant(name: str, location: list[str], url: str, minutes: float, work: Path) -> dict:
+_LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def launch(port: int, location: str, job: str, deadline_s: float = 120) -> str:
+    """Launch `job` as the UI's Launch button does, once the webserver answers."""
+    params = {
+        "selector": {
+            "repositoryLocationName": location,
+            "repositoryName": "__repository__",
+            "jobName": job,
+        },
+        "mode": "default",
+        "executionMetadata": {"tags": []},
+    }
+    body = json.dumps({"query": _LAUNCH, "variables": {"params": params}}).encode()
+    deadline = time.monotonic() + deadline_s
+    while True:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/graphql",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                launched = json.load(response)["data"]["launchPipelineExecution"]
+            if launched["__typename"] == "LaunchRunSuccess":
+                return launched["run"]["runId"]
+        except (OSError, KeyError, TypeError):
+            launched = None
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"could not launch {job}: {launched}")
+        time.sleep(1)
+
+
+def run_variant(
+    name: str,
+    location: list[str],
+    url: str,
+    minutes: float,
+    work: Path,
+    *,
+    suggestions: bool = False,
+) -> dict:
+    """Run `dagster dev` for `minutes` and measure.
+
+    With `suggestions`, run it instead until a suggestions run it launches has ended, counting
+    meanwhile the sampled warmed feeds found expired.
+    """
     home = work / re.sub(r"\W+", "-", name) / "dagster"
     local_instance.write_instance(home, max_concurrent_jobs=5)
     local_instance.initialize_pools(home, [CLICKHOUSE_POOL])
@@ -151,7 +212,8 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
         "SUGGESTION_INTERVAL_SEC": "86400",
     }
     log = (home.parent / "dagster-dev.log").open("wb")
-    command = [str(DAGSTER), "dev", *location, "--host", "127.0.0.1", "--port", str(free_port())]
+    port = free_port()
+    command = [str(DAGSTER), "dev", *location, "--host", "127.0.0.1", "--port", str(port)]
     dev = subprocess.Popen(
         command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -164,9 +226,25 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
     loads = []
     started = time.time()
     next_process_poll = next_load = 0.0
+    suggestions_run, feeds, expired = None, [], 0
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            while time.time() - started < minutes * 60:
+            if suggestions:
+                suggestions_run = launch(port, location[1], "suggested_users")
+
+            ended: list[float] = []
+
+            def going() -> bool:
+                if suggestions_run is None:
+                    return time.time() - started < minutes * 60
+                # Then 30 s more, for the runs of the ticks during it to finish.
+                if not ended:
+                    run = instance.get_run_by_id(suggestions_run)
+                    if run is not None and run.is_finished:
+                        ended.append(time.time())
+                return not ended or time.time() < ended[0] + 30
+
+            while going():
                 if dev.poll() is not None:
                     raise SystemExit(f"dagster dev exited; see {log.name}")
                 for watch in watches.values():
@@ -178,10 +256,18 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
                 if now >= next_load:
                     loads.append(os.getloadavg()[0])
                     if watches["cache_warmer"].key is None:
-                        watches["cache_warmer"].key = feed_key(instance)
-                    next_load = now + 5
+                        feeds = feed_keys(instance)
+                        watches["cache_warmer"].key = feeds[0] if feeds else None
+                    elif feeds:
+                        expired += len(feeds) - client.exists(*feeds)
+                    next_load = now + 1
                 time.sleep(0.02)
-            figures = collect(instance, watches, processes, started)
+            since, until = started, time.time()
+            if suggestions_run is not None:
+                record = instance.get_run_record_by_id(suggestions_run)
+                since, until = record.start_time or started, record.end_time or until
+                status = record.dagster_run.status.value
+            figures = collect(instance, watches, processes, since, until)
     finally:
         os.killpg(dev.pid, 15)
         try:
@@ -191,7 +277,15 @@ def run_variant(name: str, location: list[str], url: str, minutes: float, work: 
             dev.wait()
         client.close()
         log.close()
-    return {"figures": figures, "load": statistics.mean(loads) if loads else 0.0}
+    result = {"figures": figures, "load": statistics.mean(loads) if loads else 0.0}
+    if suggestions_run is not None:
+        result |= {
+            "span_s": until - since,
+            "status": status,
+            "expired": expired,
+            "watched": len(feeds),
+        }
+    return result
 
 
 def collect(
@@ -199,7 +293,9 @@ def collect(
     watches: dict[str, KeyWatch],
     processes: Processes,
     since: float,
+    until: float,
 ) -> dict[str, JobFigures]:
+    """Each job's scheduled runs whose tick fell in [since, until]."""
     figures = {}
     for job in JOBS:
         job_figures = JobFigures()
@@ -214,7 +310,7 @@ def collect(
             if SCHEDULED_AT not in tags or record.start_time is None:
                 continue
             tick = datetime.fromisoformat(tags[SCHEDULED_AT]).timestamp()
-            if tick < since:
+            if not since <= tick <= until:
                 continue
             job_figures.runs += 1
             if record.dagster_run.status != dg.DagsterRunStatus.SUCCESS:
@@ -266,24 +362,51 @@ def report(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def seed_now(data_dir: Path, events: int) -> str:
+def seed_now(data_dir: Path, events: int, users: int = 100_000, follows: int = 30) -> str:
     url = f"chdb://{data_dir}"
     clickhouse = ClickHouseResource(url=url)
     try:
         if seed.is_empty(clickhouse):
             spec = seed.SeedSpec(
                 seed=7,
-                users=100_000,
+                users=users,
                 posts=events // 10,
                 events=events,
                 days=7,
+                follows_per_user=follows,
                 as_of=datetime.now(UTC),
             )
             summary = seed.generate(clickhouse, spec)
-            print(f"seeded {events:,} events ending now in {summary.elapsed_s:.1f} s")
+            print(
+                f"seeded {users:,} users and {events:,} events ending now in "
+                f"{summary.elapsed_s:.1f} s"
+            )
     finally:
         clickhouse.close()
     return url
+
+
+def sharing_report(result: dict) -> list[str]:
+    lines = [
+        f"A suggestions run launched under `dagster dev`: {result['status']} after "
+        f"{result['span_s']:.0f} s. Every-minute ticks that fell during it "
+        f"(load {result['load']:.2f}):",
+        "",
+        "| job | ticks during the run | failed | tick → fresh p50 (s) | max (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for job in JOBS:
+        f = result["figures"][job]
+        worst = max(f.latencies) if f.latencies else float("nan")
+        lines.append(
+            f"| {job} | {f.runs} | {f.failed} | {percentile(f.latencies, 0.5):.2f} | {worst:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Warmed feeds found expired during the run: {result['expired']} "
+        f"(of {result['watched']} sampled keys, checked every second)."
+    )
+    return lines
 
 
 def main() -> None:
@@ -291,6 +414,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--keep", type=Path, help="seeded data directory to create or reuse")
+    parser.add_argument(
+        "--sharing-users",
+        type=int,
+        default=300_000,
+        help="users of the sharing run's dataset (0 to skip it)",
+    )
     args = parser.parse_args()
     print("\n## Tick to fresh cache\n")
     with tempfile.TemporaryDirectory() as scratch:
@@ -302,6 +431,15 @@ def main() -> None:
         }
     print(f"{args.minutes:g} minutes each, {args.events:,} events, {os.cpu_count()} cores.\n")
     print("\n".join(report(results)))
+    if args.sharing_users:
+        print(f"\n## Sharing the engine with a suggestions run on {args.sharing_users:,} users\n")
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            users = args.sharing_users
+            url = seed_now(work / "clickhouse", 50 * users, users=users, follows=56)
+            location = VARIANTS["in process (now)"]
+            result = run_variant("sharing", location, url, 0, work, suggestions=True)
+        print("\n".join(sharing_report(result)))
 
 
 if __name__ == "__main__":

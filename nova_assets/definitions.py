@@ -10,6 +10,7 @@ production install (no `local` extra, no chdb) loads this module against a Click
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -63,8 +64,15 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def build_definitions(
-    settings: Settings, executor: dg.ExecutorDefinition = dg.in_process_executor
+    settings: Settings,
+    executor: dg.ExecutorDefinition = dg.in_process_executor,
+    resources: Mapping[str, dg.ConfigurableResource] | None = None,
 ) -> dg.Definitions:
+    """The code location: the `defs/` folder, the local demo and the resources.
+
+    `resources` are those of `build_resources` unless given: tests and benchmarks bind others,
+    and pass another executor.
+    """
     # The package itself is the project root: no pyproject.toml is needed at run time, so an
     # installed image loads the same folder as a checkout.
     tree = dg.ComponentTree.from_module(
@@ -80,7 +88,10 @@ def build_definitions(
     return dg.Definitions.merge(
         folder,
         _local_definitions(settings),
-        dg.Definitions(resources=build_resources(settings), executor=executor),
+        dg.Definitions(
+            resources=dict(build_resources(settings) if resources is None else resources),
+            executor=executor,
+        ),
     )
 
 

@@ -49,10 +49,10 @@ def test_every_asset_carries_the_production_retry_policy():
     assets = [a for a in repository.asset_graph.assets_defs if a.is_executable]
     assert assets
     for assets_def in assets:
-        policy = assets_def.op.retry_policy
-        assert policy == dg.RetryPolicy(max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL), (
-            assets_def.key
-        )
+        for op in assets_def.node_def.iterate_op_defs():
+            assert op.retry_policy == dg.RetryPolicy(
+                max_retries=5, delay=1, backoff=dg.Backoff.EXPONENTIAL
+            ), (assets_def.key, op.name)
     assert STEP_RETRY_POLICY.max_retries == 5
 
 

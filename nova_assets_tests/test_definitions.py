@@ -102,7 +102,11 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
     assert runs["tag_concurrency_limits"] == [
         {"key": JOB_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
     ]
-    assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
+    assert config["concurrency"]["pools"] == {
+        "default_limit": 1,
+        "granularity": "op",
+        "op_granularity_run_buffer": 3,
+    }
     assert config["telemetry"]["enabled"] is False
     assert config["run_monitoring"]["enabled"] is True
     assert config["freshness"]["enabled"] is True
@@ -114,6 +118,8 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
         queue = instance.get_concurrency_config().run_queue_config
         assert queue.max_concurrent_runs == 3
         assert len(queue.tag_concurrency_limits) == 1
+        # Runs whose steps all wait for a slot still start, and wait for it in line.
+        assert queue.op_concurrency_slot_buffer == 3
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     finally:
         instance.dispose()

@@ -30,6 +30,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from nova_assets.core.settings import Settings
 from nova_assets.defs.schedules import job_specs
+from nova_assets.local.demo import SCHEDULED_AT_TAG
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
 
@@ -173,6 +174,7 @@ class Dev:
     redis_port: int | None = None
     """The private Redis of a failure test (down until the test starts it)."""
     process: subprocess.Popen | None = None
+    workspace: Path = ROOT / "workspace.yaml"
 
     def start(self) -> None:
         """Start `dagster dev` (again) on the same homes, as `make dev` does."""
@@ -180,7 +182,7 @@ class Dev:
             self.process = subprocess.Popen(
                 [
                     str(BIN / "dagster"),
-                    *("dev", "-w", str(ROOT / "workspace.yaml"), "--host", "127.0.0.1"),
+                    *("dev", "-w", str(self.workspace), "--host", "127.0.0.1"),
                     *("--port", str(self.port)),
                 ],
                 cwd=self.home,
@@ -228,13 +230,15 @@ def dagster_dev(tmp_path, request):
     `"instance": "postgres"` runs it on the production instance config (deploy/dagster.yaml) with
     a PostgreSQL of the test's own; `"failing_redis": True` points it at a Redis of the test's
     own on a free port, down until the test starts it; `"private_gateway": True` gives it a
-    Pushgateway of its own, so its metrics are not overwritten by another test's.
+    Pushgateway of its own, so its metrics are not overwritten by another test's; `"location":
+    "module"` loads that module as the code location in place of the project's.
     """
     param = dict(getattr(request, "param", {}))
     on_postgres = param.pop("instance", "local") == "postgres"
     failing_redis = param.pop("failing_redis", False)
     seed_args = param.pop("seed_args", [])
     private_gateway = param.pop("private_gateway", False)
+    location = param.pop("location", None)
     port, redis_port, gateway_port = free_ports(3)
     prefix = f"e2e:{uuid.uuid4().hex[:8]}:"
     nova_home = tmp_path / ".nova"
@@ -283,6 +287,14 @@ def dagster_dev(tmp_path, request):
         home=dagster_home,
         redis_port=redis_port if failing_redis else None,
     )
+    if location is not None:
+        dev.workspace = tmp_path / "workspace.yaml"
+        dev.workspace.write_text(
+            "load_from:\n  - python_module:\n"
+            f"      module_name: {location}\n"
+            "      location_name: nova_assets\n"
+            f"      working_directory: {ROOT}\n"
+        )
     try:
         dev.start()
         yield dev
@@ -818,13 +830,15 @@ def test_after_a_hard_kill_the_orphaned_run_fails_frees_its_slot_and_reaches_the
     def in_flight() -> bool:
         [run] = [r for r in _runs(port) if r["runId"] == run_id]
         assert run["status"] not in ("SUCCESS", "FAILURE"), "the run ended before the kill"
-        return any(
-            s["stepKey"] == "compute_suggested_users" and s["startTime"] and not s["endTime"]
+        running = any(
+            s["stepKey"].startswith("compute_suggested_users.")
+            and s["startTime"]
+            and not s["endTime"]
             for s in run["stepStats"]
         )
+        return running and any(slot["runId"] == run_id for slot in _claimed_slots(port))
 
-    _poll("the suggestions step running", in_flight, log, timeout_s=180, every_s=0.3)
-    assert any(slot["runId"] == run_id for slot in _claimed_slots(port))
+    _poll("a suggestions step running, holding a slot", in_flight, log, timeout_s=180, every_s=0.3)
     dev.stop(signal.SIGKILL)
     dev.start()
     restarted = time.monotonic()
@@ -860,3 +874,82 @@ def test_after_a_hard_kill_the_orphaned_run_fails_frees_its_slot_and_reaches_the
         log,
         timeout_s=180,
     )
+
+
+SHARING_DELAY_S = 7
+"""How long each ranking query of the slowed location holds the slot: two per shard."""
+
+
+@pytest.mark.parametrize(
+    "dagster_dev",
+    [
+        {
+            "location": "nova_assets_tests.slow_shards",
+            "SUGGESTION_SHARD_USERS": "3000",
+            "NOVA_TEST_RANKING_DELAY_S": str(SHARING_DELAY_S),
+        }
+    ],
+    indirect=True,
+)
+def test_every_minute_runs_go_on_between_the_shards_of_a_long_suggestions_run(dagster_dev):
+    """A suggestions run of six shards, each holding the engine's one slot for 14 s or more.
+
+    Every `cache_warmer` tick during it gives a run that succeeds within 30 s of the tick, its
+    step runs between two shards (never beside one), and no warmed feed expires meanwhile.
+    """
+    port, prefix, log = dagster_dev.port, dagster_dev.prefix, dagster_dev.log
+    client = redis.Redis.from_url(REDIS_URL)
+    run_id = _launch_job(port, "suggested_users")
+
+    def the_run() -> dict:
+        return next(r for r in _runs(port) if r["runId"] == run_id)
+
+    # Feeds written by the first cache_warmer run are watched until the suggestions run ends.
+    watched: list[bytes] = []
+    while the_run()["status"] not in ("SUCCESS", "FAILURE", "CANCELED"):
+        if not watched:
+            watched = list(client.scan_iter(match=f"{prefix}feed:*", count=1000))[:50]
+        elif client.exists(*watched) != len(watched):
+            raise AssertionError("a warmed feed expired during the suggestions run")
+        time.sleep(0.5)
+    run = the_run()
+    assert run["status"] == "SUCCESS", log.read_text()[-4000:]
+    shards = sorted(
+        (s["startTime"], s["endTime"])
+        for s in run["stepStats"]
+        if s["stepKey"].startswith("compute_suggested_users.rank_suggestions")
+    )
+    assert len(shards) == 6
+    began, ended = shards[0][0], shards[-1][1]
+    assert ended - began >= 6 * 2 * SHARING_DELAY_S
+    assert watched, "no feed was written during the suggestions run"
+
+    # The tick's time is a hidden tag, which the GraphQL API leaves out: read the instance.
+    def warmer_runs(instance: dg.DagsterInstance) -> list[tuple[float, dg.DagsterRun]]:
+        runs = []
+        for record in instance.get_run_records(dg.RunsFilter(job_name="cache_warmer")):
+            scheduled = record.dagster_run.tags.get(SCHEDULED_AT_TAG)
+            tick = datetime.fromisoformat(scheduled).timestamp() if scheduled else None
+            if tick is not None and began <= tick <= ended:
+                runs.append((tick, record.dagster_run))
+        return runs
+
+    with dg.DagsterInstance.from_config(str(dagster_dev.home)) as instance:
+        # A tick just before the shards ended may still have its run in flight: wait for it
+        # (it must be done within 30 s of its tick anyway).
+        _poll(
+            "the cache_warmer runs of ticks during the suggestions run finished",
+            lambda: all(run.is_finished for _, run in warmer_runs(instance)),
+            log,
+            timeout_s=45,
+            every_s=1,
+        )
+        ticks = []
+        for tick, other in warmer_runs(instance):
+            ticks.append(tick)
+            assert other.status == dg.DagsterRunStatus.SUCCESS, other.run_id
+            [step] = instance.get_run_step_stats(other.run_id)
+            assert step.end_time - tick <= 30, f"cache_warmer ran {step.end_time - tick:.1f} s"
+            # One slot: the feeds step ran between two shards, never beside one.
+            assert all(step.end_time <= a or b <= step.start_time for a, b in shards)
+    assert ticks, "no cache_warmer tick fell during the suggestions run"

@@ -80,7 +80,7 @@ def materialize(assets, clickhouse, redis_cache) -> dg.ExecuteInProcessResult:
         assets,
         resources={"clickhouse": clickhouse, "redis_cache": redis_cache},
         run_config={
-            "ops": {a.op.name: {"config": {"as_of": iso_z(AS_OF)}} for a in assets},
+            "ops": {a.node_def.name: {"config": {"as_of": iso_z(AS_OF)}} for a in assets},
         },
     )
 
@@ -332,11 +332,11 @@ def test_a_database_other_than_0_fails_at_once_naming_the_fix(seeded, redis_clus
     result = dg.materialize(
         [asset],
         resources={"clickhouse": seeded, "redis_cache": resource},
-        run_config={"ops": {asset.op.name: {"config": {"as_of": iso_z(AS_OF)}}}},
+        run_config={"ops": {asset.node_def.name: {"config": {"as_of": iso_z(AS_OF)}}}},
         raise_on_error=False,
     )
     assert not result.success
-    failure = result.failure_data_for_node(asset.op.name)
+    failure = result.failure_data_for_node(asset.node_def.name)
     assert "end REDIS_URL in /0" in failure.error.message
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert retries == []

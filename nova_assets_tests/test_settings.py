@@ -5,6 +5,7 @@ import pytest
 from nova_assets.core.settings import (
     INTERVAL_RANGE_SEC,
     MAX_CONCURRENT_JOBS_RANGE,
+    SHARD_USERS_RANGE,
     TTL_RANGE_SEC,
     Settings,
     SettingsError,
@@ -69,6 +70,8 @@ def test_intervals_without_a_cadence_are_rejected(seconds):
         ("SUGGESTION_TTL_SEC", "2592001", "from 1 to 2592000"),
         ("SUGGESTION_TTL_SEC", "99999999999999999999999", "from 1 to 2592000"),
         ("SUGGESTION_TTL_SEC", "9" * 5000, "from 1 to 2592000"),  # beyond int()'s digit limit
+        ("SUGGESTION_SHARD_USERS", "99", "from 100 to 1000000"),
+        ("SUGGESTION_SHARD_USERS", "2e4", "from 100 to 1000000"),
         ("TRENDING_INTERVAL_SEC", "172800", "from 60 to 86400"),
         ("TRENDING_INTERVAL_SEC", "1" + "0" * 4400, "from 60 to 86400"),
         ("REDIS_URL", "redis://h:99999/0", "port must be a number from 1 to 65535"),
@@ -201,8 +204,10 @@ def test_numbers_at_the_ends_of_their_ranges_are_accepted():
             "MAX_CONCURRENT_JOBS": str(MAX_CONCURRENT_JOBS_RANGE[1]),
             "TRENDING_INTERVAL_SEC": str(INTERVAL_RANGE_SEC[1]),
             "SUGGESTION_INTERVAL_SEC": "0060",
+            "SUGGESTION_SHARD_USERS": str(SHARD_USERS_RANGE[0]),
         }
     )
+    assert settings.suggestion_shard_users == 100
     assert (settings.suggestion_ttl_sec, settings.feed_ttl_sec) == (2_592_000, 1)
     assert settings.max_concurrent_jobs == 100
     assert (settings.trending_interval_sec, settings.suggestion_interval_sec) == (86_400, 60)

@@ -34,6 +34,8 @@ INTERVAL_RANGE_SEC = (60, 86_400)
 """`TRENDING_INTERVAL_SEC`, `SUGGESTION_INTERVAL_SEC`: one minute to a day, on a cron cadence."""
 MAX_CONCURRENT_JOBS_RANGE = (1, 100)
 """`MAX_CONCURRENT_JOBS`: runs the instance lets run at once."""
+SHARD_USERS_RANGE = (100, 1_000_000)
+"""`SUGGESTION_SHARD_USERS`: users one suggestions step ranks while it holds the ClickHouse slot."""
 
 _SHOWN_MAX_CHARS = 80
 """A value echoed in an error is cut to this length: enough to recognise it, never a flood."""
@@ -186,6 +188,8 @@ class Settings:
     dagster_ui_url: str
     cache_healing: bool = True
     """Whether `cache_healer` runs by default (CACHE_HEALING); the UI can turn it on either way."""
+    suggestion_shard_users: int = 20_000
+    """Users per suggestions shard (SUGGESTION_SHARD_USERS)."""
 
     @property
     def embedded_clickhouse(self) -> bool:
@@ -356,6 +360,7 @@ class _Parser:
             redis_key_prefix=prefix,
             cache_healing=healing != "off",
             suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400, TTL_RANGE_SEC),
+            suggestion_shard_users=self._int("SUGGESTION_SHARD_USERS", 20_000, SHARD_USERS_RANGE),
             feed_ttl_sec=self._int("FEED_TTL_SEC", 120, TTL_RANGE_SEC),
             alert_webhook_url=(
                 self._url(

@@ -19,6 +19,7 @@ def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None =
     """Write `home/dagster.yaml` from the template, allowing `max_concurrent_jobs` runs at once."""
     config = yaml.safe_load(template.read_text() if template else template_text())
     config["concurrency"]["runs"]["max_concurrent_runs"] = max_concurrent_jobs
+    config["concurrency"]["pools"]["op_granularity_run_buffer"] = max_concurrent_jobs
     # Dagster's own SQLite event log and folder (DAGSTER_HOME/history/runs), with pool slots
     # claimed one process at a time (nova_assets/local/storage.py).
     config["event_log_storage"] = {

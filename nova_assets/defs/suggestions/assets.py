@@ -90,8 +90,9 @@ DEFAULT_TTL_SEC = 86_400
 CHUNK_USERS = 2000
 """Users ranked per ClickHouse query; a chunk is written completely before the next is ranked."""
 SHARD_USERS = 20_000
-"""Users per shard: one step that takes the ClickHouse slot, ranks and writes them, and lets it
-go, so on the embedded engine the every-minute jobs run between shards (about 10 s each)."""
+"""Users per shard (SUGGESTION_SHARD_USERS): one step that takes the ClickHouse slot, ranks and
+writes them, and lets it go, so on the embedded engine the every-minute jobs run between shards
+(about 10 s each on two cores)."""
 SHARDS_IN_PARALLEL = 4
 """Shards ranked at once against a ClickHouse server (the suggestions job's executor)."""
 BATCH_USERS = 100
@@ -144,7 +145,6 @@ def _build_statements(graph_id: str) -> list[str]:
     """
     follows, blocked = graph_table(graph_id, "follows"), graph_table(graph_id, "blocked")
     return [
-        f"CREATE DATABASE IF NOT EXISTS {WORK_DATABASE}",
         f"DROP TEMPORARY TABLE IF EXISTS {_COUNTS}",
         f"""
         CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt64)
@@ -322,6 +322,7 @@ class UserSuggestions:
 
 def build_graph(clickhouse: ClickHouseResource, graph_id: str) -> Graph:
     """Build a run's graph tables from the live edges: the expensive part, once per run."""
+    ensure_work_database(clickhouse)
     drop_graph(clickhouse, graph_id)
     for statement in _build_statements(graph_id):
         clickhouse.command(statement)
@@ -331,6 +332,18 @@ def build_graph(clickhouse: ClickHouseResource, graph_id: str) -> Graph:
     clickhouse.command(_most_followed_statement(graph_id), {"pool_size": pool_size})
     clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {_COUNTS}")
     return Graph(int(follows or 0), int(blocks), pool_size)
+
+
+def ensure_work_database(clickhouse: ClickHouseResource) -> None:
+    """Create WORK_DATABASE unless it exists.
+
+    On a server an operator may have created it and granted no `CREATE DATABASE`.
+    """
+    [(exists,)] = clickhouse.query_rows(
+        "SELECT count() FROM system.databases WHERE name = {db:String}", {"db": WORK_DATABASE}
+    )
+    if not exists:
+        clickhouse.command(f"CREATE DATABASE IF NOT EXISTS {WORK_DATABASE}")
 
 
 def drop_graph(clickhouse: ClickHouseResource, graph_id: str) -> None:
@@ -372,6 +385,9 @@ def session_lost(exc: BaseException) -> str | None:
         return SESSION_LOST_CODES[code]
     if code == UNKNOWN_TABLE and any(table in str(exc) for table in _TEMPORARY_TABLES):
         return "UNKNOWN_TABLE: the session's temporary tables are gone"
+    if code == UNKNOWN_TABLE and _GRAPH_PREFIX in str(exc):
+        # Built on one server, asked for on another: the session's requests reach two servers.
+        return "UNKNOWN_TABLE: the run's graph is not on this server"
     return None
 
 
@@ -1022,6 +1038,7 @@ def defs() -> dg.Definitions:
             build_suggested_users_asset(
                 settings.suggestion_ttl_sec,
                 refresh_sec=settings.suggestion_interval_sec,
+                shard_users=settings.suggestion_shard_users,
                 pool=asset_pool(ASSET_NAME, embedded=settings.embedded_clickhouse),
                 # On a server the shards run side by side (the job's executor bounds how many);
                 # the embedded engine takes them one at a time, between other runs' steps.
