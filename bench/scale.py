@@ -93,6 +93,8 @@ def seed_size(kind: str, size: int, data_dir: Path) -> tuple[str, float]:
     url = f"chdb://{data_dir}"
     clickhouse = ClickHouseResource(url=url)
     try:
+        if not seed.is_empty(clickhouse):
+            return url, 0.0  # kept from an earlier run (--keep): merged, not fresh
         if kind == "suggestions":
             spec = seed.SeedSpec(
                 seed=11,

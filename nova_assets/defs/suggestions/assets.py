@@ -147,12 +147,12 @@ def _build_statements(graph_id: str) -> list[str]:
     return [
         f"DROP TEMPORARY TABLE IF EXISTS {_COUNTS}",
         f"""
-        CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt64)
+        CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt32)
         ENGINE = Join(ANY, LEFT, user_id) AS
         SELECT followee_id, count() FROM ({_LIVE_FOLLOWS_SQL}) GROUP BY followee_id""",
         f"""
         CREATE TABLE {follows}
-        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt64))
+        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt32))
         ENGINE = MergeTree ORDER BY user_id AS
         SELECT
             follower_id,
@@ -213,7 +213,7 @@ def _load_statements(graph_id: str) -> list[str]:
     return [
         f"""
         CREATE TEMPORARY TABLE {_FOLLOWS}
-        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt64))
+        (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt32))
         ENGINE = Join(ANY, LEFT, user_id) AS
         SELECT user_id, followees, followee_followers FROM {graph_table(graph_id, "follows")}""",
         f"""
