@@ -210,6 +210,8 @@ def run_variant(
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
         "SUGGESTION_INTERVAL_SEC": "86400",
+        # Steady state: at start the healer would fill all five caches at once.
+        "CACHE_HEALING": "off",
     }
     log = (home.parent / "dagster-dev.log").open("wb")
     port = free_port()
@@ -420,10 +422,21 @@ def main() -> None:
         default=300_000,
         help="users of the sharing run's dataset (0 to skip it)",
     )
+    parser.add_argument(
+        "--logs", type=Path, help="keep the instances and `dagster dev` logs in this directory"
+    )
+    parser.add_argument("--skip-ticks", action="store_true", help="only the sharing run")
     args = parser.parse_args()
+    if not args.skip_ticks:
+        tick_to_fresh(args)
+    if args.sharing_users:
+        sharing(args)
+
+
+def tick_to_fresh(args: argparse.Namespace) -> None:
     print("\n## Tick to fresh cache\n")
     with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
+        work = args.logs or Path(scratch)
         url = seed_now(args.keep or work / "clickhouse", args.events)
         results = {
             name: run_variant(name, location, url, args.minutes, work)
@@ -431,15 +444,17 @@ def main() -> None:
         }
     print(f"{args.minutes:g} minutes each, {args.events:,} events, {os.cpu_count()} cores.\n")
     print("\n".join(report(results)))
-    if args.sharing_users:
-        print(f"\n## Sharing the engine with a suggestions run on {args.sharing_users:,} users\n")
-        with tempfile.TemporaryDirectory() as scratch:
-            work = Path(scratch)
-            users = args.sharing_users
-            url = seed_now(work / "clickhouse", 50 * users, users=users, follows=56)
-            location = VARIANTS["in process (now)"]
-            result = run_variant("sharing", location, url, 0, work, suggestions=True)
-        print("\n".join(sharing_report(result)))
+
+
+def sharing(args: argparse.Namespace) -> None:
+    print(f"\n## Sharing the engine with a suggestions run on {args.sharing_users:,} users\n")
+    with tempfile.TemporaryDirectory() as scratch:
+        work = (args.logs / "sharing") if args.logs else Path(scratch)
+        users = args.sharing_users
+        url = seed_now(work / "clickhouse", 50 * users, users=users, follows=56)
+        location = VARIANTS["in process (now)"]
+        result = run_variant("sharing", location, url, 0, work, suggestions=True)
+    print("\n".join(sharing_report(result)))
 
 
 if __name__ == "__main__":

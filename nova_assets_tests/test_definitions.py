@@ -80,6 +80,7 @@ def test_the_production_instance_takes_its_run_limit_from_the_environment(tmp_pa
         assert queue.tag_concurrency_limits == [
             {"key": JOB_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
         ]
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
         assert instance.run_retries_enabled and instance.run_monitoring_enabled
     finally:
         instance.dispose()
@@ -120,6 +121,9 @@ def test_local_instance_limits_runs_and_the_clickhouse_pool(tmp_path):
         assert len(queue.tag_concurrency_limits) == 1
         # Runs whose steps all wait for a slot still start, and wait for it in line.
         assert queue.op_concurrency_slot_buffer == 3
+        # A tick's run leaves the queue within a second; one minute's runs launch side by side.
+        coordinator = instance.run_coordinator
+        assert coordinator.dequeue_interval_seconds == 1 and coordinator.dequeue_use_threads
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     finally:
         instance.dispose()

@@ -102,14 +102,16 @@ def cache_asset_spec(
 
 
 def asset_out(spec: dg.AssetSpec) -> dg.AssetOut:
-    """The same asset as an output of a graph-backed asset."""
+    """The same asset as an output of a graph-backed asset.
+
+    The graph keeps neither the group nor the freshness policy of its outputs: pass the group to
+    the graph and set the policy on its specs (`map_asset_specs`).
+    """
     return dg.AssetOut(
         key=spec.key,
-        group_name=spec.group_name,
         kinds=set(spec.kinds),
         description=spec.description,
         metadata=dict(spec.metadata),
-        freshness_policy=spec.freshness_policy,
     )
 
 

@@ -93,6 +93,9 @@ SHARD_USERS = 20_000
 """Users per shard (SUGGESTION_SHARD_USERS): one step that takes the ClickHouse slot, ranks and
 writes them, and lets it go, so on the embedded engine the every-minute jobs run between shards
 (about 10 s each on two cores)."""
+SHARD_PRIORITY = -1
+"""The shards' place in the pool's line: behind any step of priority 0 asking for the slot."""
+PRIORITY_TAG = "dagster/priority"
 SHARDS_IN_PARALLEL = 4
 """Shards ranked at once against a ClickHouse server (the suggestions job's executor)."""
 BATCH_USERS = 100
@@ -140,8 +143,9 @@ def _build_statements(graph_id: str) -> list[str]:
     """The statements that build a run's graph tables, in order (after any old ones are dropped).
 
     Each user's followees come with each followee's live follower count alongside, looked up in a
-    small Join table of counts: one array pair per user, 16 bytes per edge, grouped in the order
-    of the follows table's key.
+    small Join table of counts: one array pair per user, 12 bytes per edge. Resolving each edge's
+    latest row goes in the order of the follows table's key (`optimize_aggregation_in_order`), so
+    it streams instead of holding every edge in a hash table.
     """
     follows, blocked = graph_table(graph_id, "follows"), graph_table(graph_id, "blocked")
     return [
@@ -149,7 +153,8 @@ def _build_statements(graph_id: str) -> list[str]:
         f"""
         CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt32)
         ENGINE = Join(ANY, LEFT, user_id) AS
-        SELECT followee_id, count() FROM ({_LIVE_FOLLOWS_SQL}) GROUP BY followee_id""",
+        SELECT followee_id, count() FROM ({_LIVE_FOLLOWS_SQL}) GROUP BY followee_id
+        SETTINGS optimize_aggregation_in_order = 1""",
         f"""
         CREATE TABLE {follows}
         (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt32))
@@ -909,9 +914,12 @@ def build_suggested_users_asset(
         )
         return [dg.DynamicOutput(s, mapping_key=f"shard_{s.index}") for s in shards]
 
+    # A run's waiting shards all hold places in the pool's line; at a lower priority, a step of
+    # another run that asks meanwhile (an every-minute job) goes before the next shard.
     @dg.op(
         name=SHARD_OP,
         pool=shard_pool,
+        tags={PRIORITY_TAG: str(SHARD_PRIORITY)},
         retry_policy=retry_policy,
         description="Ranks and writes one shard of the active users from the run's graph.",
     )
