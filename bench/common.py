@@ -7,6 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
+
+from nova_assets.core.contract import iso_z
+from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 """The fixed instant every benchmark's data ends at and its runs are computed for."""
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -35,3 +40,25 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def materialize_as_of(
+    asset: dg.AssetsDefinition, url: str, key_prefix: str
+) -> tuple[dg.ExecuteInProcessResult, float, dict[str, Any]]:
+    """One materialization of `asset` as of AS_OF, on `url` and the bench Redis (`key_prefix`).
+
+    Returns the result, its wall seconds and its materialization's metadata values.
+    """
+    node = asset.node_def.name
+    started = time.perf_counter()
+    result = dg.materialize(
+        [asset],
+        resources={
+            "clickhouse": ClickHouseResource(url=url),
+            "redis_cache": RedisCacheResource(url=REDIS_URL, key_prefix=key_prefix),
+        },
+        run_config={"ops": {node: {"config": {"as_of": iso_z(AS_OF)}}}},
+    )
+    seconds = time.perf_counter() - started
+    [materialization] = result.asset_materializations_for_node(node)
+    return result, seconds, {k: v.value for k, v in materialization.metadata.items()}

@@ -19,15 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import dagster as dg
-from common import AS_OF, REDIS_URL, peak_rss_mib
+from common import AS_OF, materialize_as_of, peak_rss_mib
 
-from nova_assets.core.contract import iso_z
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
-from nova_assets.defs.suggestions.assets import OP_NAME, build_suggested_users_asset
+from nova_assets.core.resources import ClickHouseResource
+from nova_assets.defs.suggestions.assets import build_suggested_users_asset
 from nova_assets.defs.trending.assets import build_trending_asset, windows
 from nova_assets.local import seed
 
@@ -37,29 +34,20 @@ TABLES = ("nova.posts", "nova.engagement_events", "nova.follows", "nova.blocks")
 
 def materialize_in_this_process(kind: str, url: str) -> None:
     """Child process: one materialization; prints its figures as JSON."""
-    if kind == "suggestions":
-        asset, node = build_suggested_users_asset(), OP_NAME
-    else:
-        asset = build_trending_asset(windows()[2])
-        node = asset.node_def.name
-    started = time.perf_counter()
-    result = dg.materialize(
-        [asset],
-        resources={
-            "clickhouse": ClickHouseResource(url=url),
-            "redis_cache": RedisCacheResource(url=REDIS_URL, key_prefix=KEY_PREFIX),
-        },
-        run_config={"ops": {node: {"config": {"as_of": iso_z(AS_OF)}}}},
+    asset = (
+        build_suggested_users_asset()
+        if kind == "suggestions"
+        else build_trending_asset(windows()[2])
     )
-    meta = result.asset_materializations_for_node(node)[0].metadata
+    result, seconds, meta = materialize_as_of(asset, url, KEY_PREFIX)
     print(
         json.dumps(
             {
                 "success": result.success,
-                "seconds": time.perf_counter() - started,
+                "seconds": seconds,
                 "peak_mib": peak_rss_mib(),
-                "rows": meta["dagster/row_count"].value,
-                "edges": meta["live_follow_edges"].value if "live_follow_edges" in meta else 0,
+                "rows": meta["dagster/row_count"],
+                "edges": meta.get("live_follow_edges", 0),
             }
         )
     )

@@ -19,14 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import dagster as dg
-from common import AS_OF, REDIS_URL, peak_rss_mib
+from common import AS_OF, REDIS_URL, materialize_as_of, peak_rss_mib
 
 from nova_assets.core.contract import iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
     CHUNK_USERS,
-    OP_NAME,
     active_users,
     build_suggested_users_asset,
     check_sample,
@@ -54,18 +52,7 @@ TARGET_SPEED_UP = 20
 
 def materialize_in_this_process(url: str) -> None:
     """Child process: one materialization; prints its figures and peak RSS as JSON."""
-    asset = build_suggested_users_asset()
-    started = time.perf_counter()
-    result = dg.materialize(
-        [asset],
-        resources={
-            "clickhouse": ClickHouseResource(url=url),
-            "redis_cache": RedisCacheResource(url=REDIS_URL, key_prefix=KEY_PREFIX),
-        },
-        run_config={"ops": {OP_NAME: {"config": {"as_of": iso_z(AS_OF)}}}},
-    )
-    wall = time.perf_counter() - started
-    meta = result.asset_materializations_for_node(OP_NAME)[0].metadata
+    result, wall, meta = materialize_as_of(build_suggested_users_asset(), url, KEY_PREFIX)
     print(
         json.dumps(
             {
@@ -74,7 +61,7 @@ def materialize_in_this_process(url: str) -> None:
                 "peak_mib": peak_rss_mib(),
                 "checks_passed": all(e.passed for e in result.get_asset_check_evaluations()),
                 **{
-                    name: meta[name].value
+                    name: meta[name]
                     for name in (
                         "users_served",
                         "suggestions_written",

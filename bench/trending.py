@@ -13,16 +13,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
-from common import AS_OF, REDIS_URL, peak_rss_mib, timed
+from common import AS_OF, materialize_as_of, peak_rss_mib, timed
 
-from nova_assets.core.contract import epoch_ms, iso_z
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.contract import epoch_ms
+from nova_assets.core.resources import ClickHouseResource
 from nova_assets.core.sources import EVENT_WEIGHTS
 from nova_assets.defs.trending.assets import (
     POSTS_PER_AUTHOR,
@@ -72,19 +70,7 @@ def same_ranking(sql_items: list[dict], baseline: list[tuple]) -> bool:
 
 def materialize_peak_memory(url: str) -> None:
     """Child process: one 7d materialization; prints its peak RSS in MiB."""
-    window = windows()[2]
-    asset = build_trending_asset(window)
-    prefix = "bench:"
-    started = time.perf_counter()
-    result = dg.materialize(
-        [asset],
-        resources={
-            "clickhouse": ClickHouseResource(url=url),
-            "redis_cache": RedisCacheResource(url=REDIS_URL, key_prefix=prefix),
-        },
-        run_config={"ops": {asset.op.name: {"config": {"as_of": iso_z(AS_OF)}}}},
-    )
-    elapsed = time.perf_counter() - started
+    result, elapsed, _ = materialize_as_of(build_trending_asset(windows()[2]), url, "bench:")
     peak_mib = peak_rss_mib()
     print(json.dumps({"success": result.success, "seconds": elapsed, "peak_mib": peak_mib}))
 
