@@ -3,18 +3,25 @@
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import redis
 import yaml
 
 from nova_assets import definitions
-from nova_assets.core.resources import CLICKHOUSE_POOL
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
 from nova_assets.defs.schedules import JOB_TAG
 from nova_assets.local.instance import initialize_pools, write_instance
+from nova_assets_tests import factories
+from nova_assets_tests.conftest import free_ports
 
 ROOT = Path(__file__).parents[1]
 
@@ -165,6 +172,87 @@ def test_two_runs_on_the_embedded_engine_are_serialised_by_the_pool(clickhouse, 
     assert [success for success, _ in outcomes] == [True, True]
     spans = sorted((m["started"].value, m["ended"].value) for _, m in outcomes)
     assert spans[0][1] <= spans[1][0], f"the two steps overlapped: {spans}"
+
+
+def _run_events(home: Path, job: str) -> tuple[str, list[dg.EventLogEntry]] | None:
+    """The run of `job` in the instance at `home`, with its events so far, once it exists."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(dg.RunsFilter(job_name=job))
+        return (runs[0].run_id, list(instance.all_logs(runs[0].run_id))) if runs else None
+
+
+def _when(events: list[dg.EventLogEntry], kind: dg.DagsterEventType) -> float | None:
+    return next((e.timestamp for e in events if e.dagster_event_type == kind), None)
+
+
+def test_a_step_waiting_to_retry_leaves_the_engine_to_another_runs_step(tmp_path, redis_url):
+    """While trending_24h waits to retry (Redis refuses it), trending_1h's step uses the engine.
+
+    Both are the project's jobs, launched from the CLI with the local instance. Every step runs
+    in its run's own process, which lives on between attempts; the engine must be let go with
+    the pool slot, or the other run's step, holding the slot, cannot open it until the failing
+    run ends (its retries take a minute).
+    """
+    url = f"chdb://{tmp_path / 'clickhouse'}"
+    engine = ClickHouseResource(url=url)
+    factories.reset(engine)
+    as_of = datetime.now(UTC)
+    factories.insert_posts(engine, factories.post(1, 7, factories.ago(as_of, hours=2)))
+    factories.insert_events(engine, [(factories.ago(as_of, minutes=5), 8, 1, "like")])
+    engine.close()
+    home = tmp_path / "dagster"
+    write_instance(home, max_concurrent_jobs=5)
+    initialize_pools(home, [CLICKHOUSE_POOL])
+    dg.DagsterInstance.from_config(str(home)).dispose()
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DAGSTER_HOME": str(home),
+        "CLICKHOUSE_URL": url,
+        "REDIS_KEY_PREFIX": prefix,
+    }
+    dead_redis = f"redis://127.0.0.1:{free_ports(1)[0]}/0"
+    execute = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m"]
+    failing = subprocess.Popen(
+        [*execute, "nova_assets.definitions", "-j", "trending_24h"],
+        cwd=ROOT,
+        env=env | {"REDIS_URL": dead_redis},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            found = _run_events(home, "trending_24h")
+            if found and _when(found[1], dg.DagsterEventType.STEP_UP_FOR_RETRY):
+                break
+            assert time.monotonic() < deadline, "trending_24h never asked for a retry"
+            time.sleep(0.2)
+        served = subprocess.run(
+            [*execute, "nova_assets.definitions", "-j", "trending_1h"],
+            cwd=ROOT,
+            env=env | {"REDIS_URL": redis_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
+        _, served_events = _run_events(home, "trending_1h")
+        _, failing_events = _run_events(home, "trending_24h")
+        # The trending_1h run was done while trending_24h was still between its attempts.
+        assert _when(failing_events, dg.DagsterEventType.RUN_FAILURE) is None
+        assert _when(served_events, dg.DagsterEventType.RUN_SUCCESS) is not None
+        value = redis.Redis.from_url(redis_url).get(f"{prefix}trending:1h")
+        assert [item["post_id"] for item in json.loads(value)["items"]] == [1]
+    finally:
+        os.killpg(failing.pid, signal.SIGKILL)
+        failing.wait(timeout=30)
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
 
 
 def _claim_slot(home: str, run: int, barrier, claimed) -> None:

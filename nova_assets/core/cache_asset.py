@@ -2,8 +2,9 @@
 
 A cache family's module holds what is its own (the SQL, the ranking, the checks' logic); this
 module gives each of them the same shape: one op on the `clickhouse` pool with the production
-retry policy, permanent faults failing at once, a freshness policy sized to the schedule, checks
-declared with the asset, and a `MaterializeResult` whose check results carry their metadata.
+retry policy, the engine let go with the slot, permanent faults failing at once, a freshness
+policy sized to the schedule, checks declared with the asset, and a `MaterializeResult` whose
+check results carry their metadata.
 """
 
 import functools
@@ -19,7 +20,7 @@ from nova_assets.core.contract import (
     fail_fast_on_permanent_faults,
     freshness_policy,
 )
-from nova_assets.core.resources import CLICKHOUSE_POOL
+from nova_assets.core.resources import CLICKHOUSE_POOL, releases_engine
 
 CACHE_KINDS = {"clickhouse", "redis"}
 
@@ -82,7 +83,7 @@ def cache_asset(
             pool=pool,
             retry_policy=retry_policy,
             check_specs=check_specs(spec.key, checks),
-        )(_says_why(fail_fast_on_permanent_faults(compute)))
+        )(releases_engine(_says_why(fail_fast_on_permanent_faults(compute))))
 
     return decorate
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, releases_engine
 from nova_assets.core.sources import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
 from nova_assets.defs.schedules import JOB_TAG, JobSpec, build_schedule
 
@@ -76,6 +76,7 @@ class DemoTrafficConfig(dg.Config):
 
 
 @dg.op(pool=CLICKHOUSE_POOL, description="Appends the last minute of demo engagement events.")
+@releases_engine
 def append_demo_traffic(
     context: dg.OpExecutionContext, config: DemoTrafficConfig, clickhouse: ClickHouseResource
 ) -> None:

@@ -5,7 +5,11 @@ network timeouts from `base` and exposes small domain methods, so assets and sen
 a client library directly.
 """
 
-from nova_assets.core.resources.clickhouse import CLICKHOUSE_POOL, ClickHouseResource
+from nova_assets.core.resources.clickhouse import (
+    CLICKHOUSE_POOL,
+    ClickHouseResource,
+    releases_engine,
+)
 from nova_assets.core.resources.kafka import Delivery, KafkaDLQResource, KafkaRecord
 from nova_assets.core.resources.observability import AlertWebhookResource, JobMetricsResource
 from nova_assets.core.resources.redis_cache import RedisCacheResource, json_dumps
@@ -20,4 +24,5 @@ __all__ = [
     "KafkaRecord",
     "RedisCacheResource",
     "json_dumps",
+    "releases_engine",
 ]

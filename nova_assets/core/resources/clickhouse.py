@@ -8,10 +8,12 @@ loads: together they are about half of the location's import time, and most Dags
 (the webserver, the daemon, a sensor's evaluation) never query ClickHouse.
 """
 
+import functools
 import importlib.util
+import inspect
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pydantic import Field
 
@@ -27,6 +29,9 @@ CLICKHOUSE_POOL = "clickhouse"
 
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 GIB = 1 << 30
 MAX_MEMORY_USAGE_BYTES = 4 * GIB
@@ -166,3 +171,38 @@ class ClickHouseResource(ClientResource):
     def describe(self) -> str:
         """Where the data lives, safe to show (no password)."""
         return redact_url(self.url)
+
+
+def releases_engine(step: Callable[P, R]) -> Callable[P, R]:
+    """A step on the `clickhouse` pool: the ClickHouse clients it was given close with it.
+
+    Dagster frees the step's slot when the step ends, and before each retry; the resources live
+    as long as the run (the in-process executor runs every step in the run's own process). Without
+    this, a run waiting to retry, or doing its run-end work, would still hold the embedded engine
+    while another run's step, holding the slot, could not open it (docs/design.md §5).
+    """
+
+    def release(args: tuple, kwargs: dict) -> None:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, ClickHouseResource):
+                value.close()
+
+    if inspect.isgeneratorfunction(step):
+
+        @functools.wraps(step)
+        def released_events(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                yield from step(*args, **kwargs)
+            finally:
+                release(args, kwargs)
+
+        return released_events  # type: ignore[return-value]
+
+    @functools.wraps(step)
+    def released(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        finally:
+            release(args, kwargs)
+
+    return released

@@ -71,7 +71,12 @@ from nova_assets.core.contract import (
     fail_fast_on_permanent_faults,
     iso_z,
 )
-from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import (
+    CLICKHOUSE_POOL,
+    ClickHouseResource,
+    RedisCacheResource,
+    releases_engine,
+)
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
 
@@ -883,21 +888,19 @@ def build_suggested_users_asset(
         retry_policy=retry_policy,
         description="Finds the active users and builds the run's follow graph, once per run.",
     )
+    @releases_engine
     @fail_fast_on_permanent_faults
     def plan(
         context: dg.OpExecutionContext, config: AsOfConfig, clickhouse: ClickHouseResource
     ) -> list[dg.DynamicOutput]:
         started = time.time()
-        try:
-            as_of = config.resolve(context)
-            users = active_users(clickhouse, as_of)
-            graph_id = context.run_id.replace("-", "")
-            drop_finished_graphs(clickhouse, context.instance, graph_id, context.log)
-            built_at = time.perf_counter()
-            graph = build_graph(clickhouse, graph_id)
-            graph_s = time.perf_counter() - built_at
-        finally:
-            clickhouse.close()  # the embedded engine is free for other runs between steps
+        as_of = config.resolve(context)
+        users = active_users(clickhouse, as_of)
+        graph_id = context.run_id.replace("-", "")
+        drop_finished_graphs(clickhouse, context.instance, graph_id, context.log)
+        built_at = time.perf_counter()
+        graph = build_graph(clickhouse, graph_id)
+        graph_s = time.perf_counter() - built_at
         shards = plan_shards(
             users,
             graph_id,
@@ -923,6 +926,7 @@ def build_suggested_users_asset(
         retry_policy=retry_policy,
         description="Ranks and writes one shard of the active users from the run's graph.",
     )
+    @releases_engine
     @fail_fast_on_permanent_faults
     def rank_shard(
         context: dg.OpExecutionContext,
@@ -930,17 +934,9 @@ def build_suggested_users_asset(
         clickhouse: ClickHouseResource,
         redis_cache: RedisCacheResource,
     ) -> ShardResult:
-        try:
-            return suggest_shard(
-                context.log,
-                clickhouse,
-                redis_cache,
-                shard,
-                ttl_sec=ttl_sec,
-                chunk_users=chunk_users,
-            )
-        finally:
-            clickhouse.close()
+        return suggest_shard(
+            context.log, clickhouse, redis_cache, shard, ttl_sec=ttl_sec, chunk_users=chunk_users
+        )
 
     @dg.op(
         name=FINISH_OP,
@@ -950,6 +946,7 @@ def build_suggested_users_asset(
         retry_policy=retry_policy,
         description="Adds up the shards, checks a sample of the values and drops the graph.",
     )
+    @releases_engine
     @fail_fast_on_permanent_faults
     def finish(
         context: dg.OpExecutionContext,
@@ -957,10 +954,7 @@ def build_suggested_users_asset(
         clickhouse: ClickHouseResource,
         redis_cache: RedisCacheResource,
     ) -> Iterator[dg.Output | dg.AssetCheckResult]:
-        try:
-            materialization = _finish(context, results, clickhouse, redis_cache)
-        finally:
-            clickhouse.close()
+        materialization = _finish(context, results, clickhouse, redis_cache)
         yield dg.Output(None, "result", metadata=materialization.metadata)
         yield from materialization.check_results or []
 
