@@ -28,6 +28,7 @@ from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
 from nova_assets.defs.schedules import job_specs
+from nova_assets.defs.suggestions.assets import build_suggested_users_asset
 from nova_assets.defs.trending.assets import build_trending_asset, windows
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset
@@ -234,6 +235,41 @@ def _seeded(ch):
     insert_posts(ch, post(1, 1, ago(AS_OF, days=1)))
     insert_events(ch, [(ago(AS_OF, minutes=5), 1, 1, "like")])
     return ch
+
+
+def test_a_sharded_run_reports_the_retries_of_one_step_not_their_sum(ch, kafka_dlq):
+    """Every shard of suggestions fails with Redis down, each after its own two retries."""
+    users = range(1, 5)
+    insert_posts(ch, [row for u in users for row in post(u, u, ago(AS_OF, days=1))])
+    insert_events(ch, [(ago(AS_OF, hours=1), u, u, "like") for u in users])
+    asset = build_suggested_users_asset(shard_users=2, retry_policy=FAST)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [asset],
+            resources={"clickhouse": ch, "redis_cache": _cache(1, retries=0)},
+            run_config={
+                "ops": {"compute_suggested_users": {"config": {"as_of": "2026-11-28T12:00:00Z"}}}
+            },
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not result.success
+        _, delivered, _ = sensors.publish_failed_runs(
+            instance,
+            sensors.PublisherCursor(),
+            kafka_dlq,
+            definitions.defs.resources["alerts"],
+            dg.get_dagster_logger(),
+            job_specs(Settings.from_env({})),
+        )
+    assert delivered == 1
+    [body] = [json.loads(r.value) for r in kafka_dlq.read()]
+    assert body["job_name"] == "suggested_users"
+    assert body["failed_steps"] == [
+        "compute_suggested_users.rank_suggestions[shard_0]",
+        "compute_suggested_users.rank_suggestions[shard_1]",
+    ]
+    assert (body["retry_count"], body["max_retries"]) == (2, 5)
 
 
 def test_connection_refused_is_retried(ch):

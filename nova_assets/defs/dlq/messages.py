@@ -7,6 +7,7 @@ Dagster and Kafka.
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -115,9 +116,14 @@ def build_message(
     run = record.dagster_run
     jobs = jobs_of_run(instance, run, specs)
     error, failed_steps = _error_of(instance, run.run_id)
-    retries = instance.get_records_for_run(
-        run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
-    ).records
+    # Each step retries on its own (every shard of suggestions): the count is the step's that
+    # retried most, so it stays comparable with max_retries.
+    retries = Counter(
+        r.event_log_entry.step_key
+        for r in instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
+        ).records
+    )
     attempt = int(run.tags.get("dagster/retry_number", "0"))
     run_max_retries = int(run.tags.get("dagster/max_retries", "0"))
     started = record.start_time or record.create_timestamp.timestamp()
@@ -129,7 +135,7 @@ def build_message(
         "asset_keys": _asset_keys(instance, run),
         "failed_steps": failed_steps,
         "error": error,
-        "retry_count": len(retries),
+        "retry_count": max(retries.values(), default=0),
         "max_retries": STEP_RETRY_POLICY.max_retries,
         "run_started_at": iso_z(datetime.fromtimestamp(started, UTC)),
         "failed_at": iso_z(datetime.fromtimestamp(failed, UTC)),
