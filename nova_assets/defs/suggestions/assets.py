@@ -144,13 +144,24 @@ def graph_table(graph_id: str, part: str) -> str:
     return f"{WORK_DATABASE}.{_GRAPH_PREFIX}{graph_id}_{part}"
 
 
+_BUILD_SETTINGS = (
+    "optimize_aggregation_in_order = 1, max_block_size = 8192, "
+    "min_insert_block_size_bytes = 16777216"
+)
+"""Settings of the graph's build. Measured at 300k users (14.9M edges) on fresh data, the build's
+peak went from 1,590 to 1,018 MiB and its time from 15.3 to 11.2 s: blocks of 8,192 rows, not
+65,505, through the in-order aggregation (the counts query's peak grew 300 MiB, not 1,100), and
+rows of up to 56 followees written in blocks of at most 16 MiB, not a million rows."""
+
+
 def _build_statements(graph_id: str) -> list[str]:
     """The statements that build a run's graph tables, in order (after any old ones are dropped).
 
     Each user's followees come with each followee's live follower count alongside, looked up in a
     small Join table of counts: one array pair per user, 12 bytes per edge. Resolving each edge's
     latest row goes in the order of the follows table's key (`optimize_aggregation_in_order`), so
-    it streams instead of holding every edge in a hash table.
+    it streams instead of holding every edge in a hash table; `_BUILD_SETTINGS` keeps the blocks
+    of that stream, and of the rows written, small.
     """
     follows, blocked = graph_table(graph_id, "follows"), graph_table(graph_id, "blocked")
     return [
@@ -159,7 +170,7 @@ def _build_statements(graph_id: str) -> list[str]:
         CREATE TEMPORARY TABLE {_COUNTS} (user_id UInt64, followers UInt32)
         ENGINE = Join(ANY, LEFT, user_id) AS
         SELECT followee_id, count() FROM ({_LIVE_FOLLOWS_SQL}) GROUP BY followee_id
-        SETTINGS optimize_aggregation_in_order = 1""",
+        SETTINGS {_BUILD_SETTINGS}""",
         f"""
         CREATE TABLE {follows}
         (user_id UInt64, followees Array(UInt64), followee_followers Array(UInt32))
@@ -170,7 +181,7 @@ def _build_statements(graph_id: str) -> list[str]:
             arrayMap(f -> joinGet('{_COUNTS}', 'followers', f), followees)
         FROM ({_LIVE_FOLLOWS_SQL})
         GROUP BY follower_id
-        SETTINGS optimize_aggregation_in_order = 1""",
+        SETTINGS {_BUILD_SETTINGS}""",
         # Everyone a user blocked or was blocked by.
         f"""
         CREATE TABLE {blocked} (user_id UInt64, blocked Array(UInt64))
