@@ -237,19 +237,13 @@ def _seeded(ch):
     return ch
 
 
-def test_a_sharded_run_reports_the_retries_of_one_step_not_their_sum(ch, kafka_dlq):
-    """Every shard of suggestions fails with Redis down, each after its own two retries."""
-    users = range(1, 5)
-    insert_posts(ch, [row for u in users for row in post(u, u, ago(AS_OF, days=1))])
-    insert_events(ch, [(ago(AS_OF, hours=1), u, u, "like") for u in users])
-    asset = build_suggested_users_asset(shard_users=2, retry_policy=FAST)
+def _fail_and_publish(asset, op: str, clickhouse, cache, kafka_dlq):
+    """Materialize `asset` to failure, publish it as the DLQ sensor does: (result, message)."""
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             [asset],
-            resources={"clickhouse": ch, "redis_cache": _cache(1, retries=0)},
-            run_config={
-                "ops": {"compute_suggested_users": {"config": {"as_of": "2026-11-28T12:00:00Z"}}}
-            },
+            resources={"clickhouse": clickhouse, "redis_cache": cache},
+            run_config={"ops": {op: {"config": {"as_of": "2026-11-28T12:00:00Z"}}}},
             instance=instance,
             raise_on_error=False,
         )
@@ -260,10 +254,23 @@ def test_a_sharded_run_reports_the_retries_of_one_step_not_their_sum(ch, kafka_d
             kafka_dlq,
             definitions.defs.resources["alerts"],
             dg.get_dagster_logger(),
+            # The publisher handles this code location's runs: those of its jobs' assets.
             job_specs(Settings.from_env({})),
         )
     assert delivered == 1
     [body] = [json.loads(r.value) for r in kafka_dlq.read()]
+    return result, body
+
+
+def test_a_sharded_run_reports_the_retries_of_one_step_not_their_sum(ch, kafka_dlq):
+    """Every shard of suggestions fails with Redis down, each after its own two retries."""
+    users = range(1, 5)
+    insert_posts(ch, [row for u in users for row in post(u, u, ago(AS_OF, days=1))])
+    insert_events(ch, [(ago(AS_OF, hours=1), u, u, "like") for u in users])
+    asset = build_suggested_users_asset(shard_users=2, retry_policy=FAST)
+    _, body = _fail_and_publish(
+        asset, "compute_suggested_users", ch, _cache(1, retries=0), kafka_dlq
+    )
     assert body["job_name"] == "suggested_users"
     assert body["failed_steps"] == [
         "compute_suggested_users.rank_suggestions[shard_0]",
@@ -329,31 +336,13 @@ def test_redis_down_beyond_the_budget_fails_the_run_and_reaches_the_dlq(
     ch, private_redis, kafka_dlq
 ):
     down(private_redis, services=("redis",))
-    with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [build_trending_asset(TRENDING_1H, FAST)],
-            resources={
-                "clickhouse": _seeded(ch),
-                "redis_cache": _cache(private_redis.redis_port, retries=0),
-            },
-            run_config={
-                "ops": {"trending_posts_1h": {"config": {"as_of": "2026-11-28T12:00:00Z"}}}
-            },
-            instance=instance,
-            raise_on_error=False,
-        )
-        assert not result.success
-        _, delivered, _ = sensors.publish_failed_runs(
-            instance,
-            sensors.PublisherCursor(),
-            kafka_dlq,
-            definitions.defs.resources["alerts"],
-            dg.get_dagster_logger(),
-            # The publisher handles this code location's runs: those of its jobs' assets.
-            job_specs(Settings.from_env({})),
-        )
-    assert delivered == 1
-    [body] = [json.loads(r.value) for r in kafka_dlq.read()]
+    result, body = _fail_and_publish(
+        build_trending_asset(TRENDING_1H, FAST),
+        "trending_posts_1h",
+        _seeded(ch),
+        _cache(private_redis.redis_port, retries=0),
+        kafka_dlq,
+    )
     assert body["run_id"] == result.run_id
     assert body["retry_count"] == 2
     assert body["asset_keys"] == ["trending_posts_1h"]

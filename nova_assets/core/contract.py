@@ -4,7 +4,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import ParamSpec, TypeVar
 
@@ -161,6 +161,27 @@ def permanent_reason(exc: BaseException) -> str | None:
     return None
 
 
+def within(
+    step: Callable[P, R], scope: Callable[[tuple, dict], AbstractContextManager]
+) -> Callable[P, R]:
+    """`step` run inside `scope(args, kwargs)`; a generator step's events are yielded inside it."""
+    if inspect.isgeneratorfunction(step):
+
+        @functools.wraps(step)
+        def scoped_events(*args: P.args, **kwargs: P.kwargs) -> R:
+            with scope(args, kwargs):
+                yield from step(*args, **kwargs)
+
+        return scoped_events  # type: ignore[return-value]
+
+    @functools.wraps(step)
+    def scoped(*args: P.args, **kwargs: P.kwargs) -> R:
+        with scope(args, kwargs):
+            return step(*args, **kwargs)
+
+    return scoped
+
+
 def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
     """Decorate an asset's function: permanent faults fail at once, transient ones retry.
 
@@ -193,18 +214,4 @@ def fail_fast_on_permanent_faults(compute: Callable[P, R]) -> Callable[P, R]:
                 allow_retries=False,
             ) from exc
 
-    if inspect.isgeneratorfunction(compute):
-
-        @functools.wraps(compute)
-        def guarded_events(*args: P.args, **kwargs: P.kwargs) -> R:
-            with judged():
-                yield from compute(*args, **kwargs)
-
-        return guarded_events  # type: ignore[return-value]
-
-    @functools.wraps(compute)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        with judged():
-            return compute(*args, **kwargs)
-
-    return guarded
+    return within(compute, lambda args, kwargs: judged())

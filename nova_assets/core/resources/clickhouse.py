@@ -8,15 +8,15 @@ loads: together they are about half of the location's import time, and most Dags
 (the webserver, the daemon, a sensor's evaluation) never query ClickHouse.
 """
 
-import functools
 import importlib.util
-import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pydantic import Field
 
+from nova_assets.core.contract import within
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
 from nova_assets.core.settings import SettingsError, redact_url
 
@@ -182,27 +182,13 @@ def releases_engine(step: Callable[P, R]) -> Callable[P, R]:
     while another run's step, holding the slot, could not open it (docs/design.md §5).
     """
 
-    def release(args: tuple, kwargs: dict) -> None:
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, ClickHouseResource):
-                value.close()
-
-    if inspect.isgeneratorfunction(step):
-
-        @functools.wraps(step)
-        def released_events(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                yield from step(*args, **kwargs)
-            finally:
-                release(args, kwargs)
-
-        return released_events  # type: ignore[return-value]
-
-    @functools.wraps(step)
-    def released(*args: P.args, **kwargs: P.kwargs) -> R:
+    @contextmanager
+    def released(args: tuple, kwargs: dict) -> Iterator[None]:
         try:
-            return step(*args, **kwargs)
+            yield
         finally:
-            release(args, kwargs)
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, ClickHouseResource):
+                    value.close()
 
-    return released
+    return within(step, released)
