@@ -1,17 +1,20 @@
-"""Tick to fresh cache: the every-minute jobs under `dagster dev`, in process and process per step.
+"""Tick to fresh cache: the every-minute jobs under `dagster dev`, with each way of starting runs.
 
     .venv/bin/python bench/tick_to_fresh.py [--minutes 5] [--keep DIR]
 
 On a dataset of 10 million events ending now, `dagster dev` (webserver, daemon, code server) runs
-the code location for `--minutes` minutes, twice, one after the other on the same data: with the
-project's in-process executor, and with Dagster's multiprocess executor
-(`bench/multiprocess_location.py`), the baseline. For `trending_1h` and `cache_warmer`, both every
-minute, it reports for each scheduled run the time from the schedule's tick (the run's scheduled
-time) to the moment the Redis key holds the run's value, polled every 20 ms, and the CPU-seconds
-of the run's processes (its worker and any step process it starts, read from /proc every 50 ms).
-The demo traffic job keeps appending events every minute, as under `make dev`, and the 24h window
-runs every five minutes; suggestions move to daily, so a long run of theirs does not fall into one
-variant's minutes and not the other's (the 7d window still runs on the hour).
+the code location for `--minutes` minutes, three times, one after the other on the same data:
+with the project's run launcher (each run's worker forked from a process that has imported
+Dagster) and its in-process executor; with Dagster's default run launcher (the code server starts
+each worker as a new interpreter) and the in-process executor, the baseline; and with the default
+launcher and Dagster's multiprocess executor (`bench/multiprocess_location.py`), where the
+project started. For `trending_1h` and `cache_warmer`, both every minute, it reports for each
+scheduled run the time from the schedule's tick (the run's scheduled time) to the moment the
+Redis key holds the run's value, polled every 20 ms, and the CPU-seconds of the run's processes
+(its worker and any step process it starts, read from /proc every 50 ms). The demo traffic job
+keeps appending events every minute, as under `make dev`, and the 24h window runs every five
+minutes; suggestions move to daily, so a long run of theirs does not fall into one variant's
+minutes and not the other's (the 7d window still runs on the hour).
 
 Then, on a dataset of `--sharing-users` users (56 follows and 50 events each, ending now), it
 launches one suggestions run under `dagster dev` and reports, for the every-minute ticks that fall
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import dagster as dg
 import redis
+import yaml
 from common import REDIS_URL
 
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
@@ -45,9 +49,15 @@ from nova_assets.local.demo import SCHEDULED_AT_TAG
 
 HERE = Path(__file__).parent
 DAGSTER = Path(sys.executable).parent / "dagster"
+MODULE = ["-m", "nova_assets.definitions"]
 VARIANTS = {
-    "in process (now)": ["-m", "nova_assets.definitions"],
-    "a process per step (before)": ["-f", str(HERE / "multiprocess_location.py")],
+    # name: (the code location, whether runs use the project's preloaded run launcher)
+    "preloaded worker, in process (now)": (MODULE, True),
+    "code server's worker, in process (before)": (MODULE, False),
+    "code server's worker, a process per step (first)": (
+        ["-f", str(HERE / "multiprocess_location.py")],
+        False,
+    ),
 }
 JOBS = {"trending_1h": "trending_posts_1h", "cache_warmer": "warmed_feeds"}
 SCHEDULED_AT = SCHEDULED_AT_TAG
@@ -132,6 +142,7 @@ class KeyWatch:
 class JobFigures:
     latencies: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    workers: list[int] = field(default_factory=list)
     runs: int = 0
     failed: int = 0
 
@@ -186,9 +197,20 @@ def launch(port: int, location: str, job: str, deadline_s: float = 120) -> str:
         time.sleep(1)
 
 
+def write_instance(home: Path, preloaded: bool) -> None:
+    """The local instance; without `preloaded`, with Dagster's default run launcher."""
+    local_instance.write_instance(home, max_concurrent_jobs=5)
+    if not preloaded:
+        config_file = home / "dagster.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        del config["run_launcher"]
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    local_instance.initialize_pools(home, [CLICKHOUSE_POOL])
+
+
 def run_variant(
     name: str,
-    location: list[str],
+    variant: tuple[list[str], bool],
     url: str,
     minutes: float,
     work: Path,
@@ -200,9 +222,9 @@ def run_variant(
     With `suggestions`, run it instead until a suggestions run it launches has ended, counting
     meanwhile the sampled warmed feeds found expired.
     """
+    location, preloaded = variant
     home = work / re.sub(r"\W+", "-", name) / "dagster"
-    local_instance.write_instance(home, max_concurrent_jobs=5)
-    local_instance.initialize_pools(home, [CLICKHOUSE_POOL])
+    write_instance(home, preloaded)
     prefix = f"bench:tick:{home.parent.name}:"
     env = os.environ | {
         "DAGSTER_HOME": str(home),
@@ -280,6 +302,10 @@ def run_variant(
         client.close()
         log.close()
     result = {"figures": figures, "load": statistics.mean(loads) if loads else 0.0}
+    if preloaded:
+        # The fork server's own CPU (its imports, once, and each fork), not counted per run.
+        servers = {processes.parent.get(pid) for f in figures.values() for pid in f.workers}
+        result["fork_server_cpu_s"] = sum(processes.cpu_s.get(pid, 0.0) for pid in servers if pid)
     if suggestions_run is not None:
         result |= {
             "span_s": until - since,
@@ -324,6 +350,7 @@ def collect(
             pid = run_pid(instance, record.dagster_run.run_id)
             if pid is not None:
                 job_figures.cpu.append(processes.tree_cpu_s(pid))
+                job_figures.workers.append(pid)
         figures[job] = job_figures
     return figures
 
@@ -337,8 +364,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def report(results: dict[str, dict]) -> list[str]:
     lines = [
-        "| job | executor | runs (failed) | tick → fresh p50 (s) | p95 (s) | CPU-s per run, "
-        "median | load (1 min avg) |",
+        "| job | worker, executor | runs (failed) | tick → fresh p50 (s) | p95 (s) | "
+        "CPU-s per run, median | load (1 min avg) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for job in JOBS:
@@ -357,9 +384,15 @@ def report(results: dict[str, dict]) -> list[str]:
         p50 = percentile(f.latencies, 0.5)
         cpu = statistics.median(f.cpu) if f.cpu else float("nan")
         lines.append(
-            f"{job}, in process: p50 {p50:.2f} s (target ≤ {TARGET_P50_S:.0f} s: "
+            f"{job}, {next(iter(VARIANTS))}: p50 {p50:.2f} s (target ≤ {TARGET_P50_S:.0f} s: "
             f"{'met' if p50 <= TARGET_P50_S else '**missed**'}), {cpu:.2f} CPU-s per run "
             f"(target ≤ {TARGET_CPU_S:.0f}: {'met' if cpu <= TARGET_CPU_S else '**missed**'})"
+        )
+    server_cpu_s = results[next(iter(VARIANTS))].get("fork_server_cpu_s")
+    if server_cpu_s is not None:
+        lines.append(
+            f"The fork server the workers are forked from used {server_cpu_s:.2f} CPU-s in all "
+            "(its imports, once, and the forks), not counted in any run's CPU-s above."
         )
     return lines
 
@@ -439,8 +472,8 @@ def tick_to_fresh(args: argparse.Namespace) -> None:
         work = args.logs or Path(scratch)
         url = seed_now(args.keep or work / "clickhouse", args.events)
         results = {
-            name: run_variant(name, location, url, args.minutes, work)
-            for name, location in VARIANTS.items()
+            name: run_variant(name, variant, url, args.minutes, work)
+            for name, variant in VARIANTS.items()
         }
     print(f"{args.minutes:g} minutes each, {args.events:,} events, {os.cpu_count()} cores.\n")
     print("\n".join(report(results)))
@@ -452,8 +485,8 @@ def sharing(args: argparse.Namespace) -> None:
         work = (args.logs / "sharing") if args.logs else Path(scratch)
         users = args.sharing_users
         url = seed_now(work / "clickhouse", 50 * users, users=users, follows=56)
-        location = VARIANTS["in process (now)"]
-        result = run_variant("sharing", location, url, 0, work, suggestions=True)
+        variant = next(iter(VARIANTS.values()))
+        result = run_variant("sharing", variant, url, 0, work, suggestions=True)
     print("\n".join(sharing_report(result)))
 
 

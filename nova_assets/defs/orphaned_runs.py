@@ -12,13 +12,12 @@ failed. Run monitoring then frees its pool slots, and `dlq_publisher` publishes 
 failure. Launchers that can check their workers (Kubernetes, Docker) are left to run monitoring.
 """
 
-import os
 import re
 import time
-from pathlib import Path
 
 import dagster as dg
 
+from nova_assets.core.workers import worker_alive
 from nova_assets.defs.schedules import ACTIVE_SCAN
 
 GRACE_S = 30.0
@@ -34,36 +33,6 @@ def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
         if match:
             return int(match.group(1))
     return None
-
-
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started (unix time), from /proc; None where /proc cannot tell."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    # Fields after the command name (which may hold spaces) start at its closing parenthesis;
-    # starttime is the 22nd field, in clock ticks since boot.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def worker_alive(pid: int, run_started: float) -> bool:
-    """Whether the worker still runs: the pid exists and was not reused after the run started."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone's process; it exists
-    started = _process_start(pid)
-    # Clock ticks and the boot time are coarse: a second of slack.
-    return started is None or started <= run_started + 1.0
 
 
 def find_orphans(

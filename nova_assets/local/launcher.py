@@ -1,0 +1,115 @@
+"""The local run launcher: each run's worker is forked from a process that has imported Dagster.
+
+Dagster's default launcher asks the code server for a worker, and the code server starts each one
+as a new interpreter (multiprocessing's `spawn`) that imports Dagster and the code location before
+the run's first event: two to four seconds of a 2-core machine for an every-minute step that
+itself takes one (docs/design.md §5). This launcher keeps, in the process that launches runs (the
+daemon, under `dagster dev`), a multiprocessing fork server that has imported Dagster and the
+clients' libraries once. Each run's worker is a fork of it that runs `dagster api execute_run` for
+the run, the command Dagster's Docker and Kubernetes launchers start, so the run's events, its
+"Started process for run (pid: N)" line, its interrupts and its exit are those of that command.
+The worker imports the code location itself, so a code change reaches the next run.
+
+- The embedded engine (chdb) is not imported ahead: its import starts ClickHouse's thread pools,
+  and a fork keeps only the thread that forked.
+- Termination sends the worker SIGINT, as the code server's termination does; the worker's pid and
+  start time are a run tag, so any process of the instance (the webserver's Terminate button)
+  can, and a pid reused by another process is left alone.
+- A run of a code location in another Python environment, or one without a Python origin, is
+  launched by Dagster's default launcher.
+- Workers belong to `dagster dev`'s process group, as the code server's do: stopping or killing it
+  as a whole stops them too (the `orphaned_runs` sensor fails the runs a hard kill leaves).
+"""
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from dagster._core.launcher import DefaultRunLauncher, LaunchRunContext
+from dagster._grpc.types import ExecuteRunArgs
+from dagster._serdes import serialize_value
+
+from nova_assets.core.workers import process_start
+
+WORKER_TAG = "nova/worker"
+"""`<pid>@<process start time>` of the run's worker."""
+
+PRELOAD = (
+    "dagster",
+    "dagster._cli.api",
+    "dagster._core.execution.api",
+    "dagster._core.storage.event_log",
+    "dagster._core.storage.runs",
+    "clickhouse_connect",
+    "redis",
+    "prometheus_client",
+)
+"""What the fork server imports once for every worker: Dagster's run execution and the clients."""
+
+
+def _execute_run(command: list[str]) -> None:
+    """The worker: `dagster api execute_run <args>`, in the forked process."""
+    from dagster._cli.api import api_cli
+
+    api_cli.main(args=command, prog_name="dagster api", standalone_mode=False)
+
+
+class PreloadedRunLauncher(DefaultRunLauncher):
+    """Launches each run in a worker forked from a process that has already imported Dagster."""
+
+    def __init__(self, inst_data: Any = None) -> None:
+        super().__init__(inst_data=inst_data)
+        self._start_lock = threading.Lock()
+        self._context: multiprocessing.context.BaseContext | None = None
+
+    def _fork_server(self) -> multiprocessing.context.BaseContext:
+        if self._context is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(list(PRELOAD))
+            self._context = context
+        return self._context
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        origin = run.job_code_origin
+        if origin is None or origin.executable_path != sys.executable:
+            super().launch_run(context)
+            return
+        args = ExecuteRunArgs(
+            job_origin=origin, run_id=run.run_id, instance_ref=self._instance.get_ref()
+        )
+        command = ["execute_run", serialize_value(args)]
+        with self._start_lock:
+            worker = self._fork_server().Process(
+                target=_execute_run, args=(command,), name=f"dagster-run-{run.run_id}"
+            )
+            worker.start()
+        pid = worker.pid
+        started = process_start(pid) if pid else None
+        self._instance.add_run_tags(run.run_id, {WORKER_TAG: f"{pid}@{started}"})
+        self._run_ids.add(run.run_id)
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id) if self.has_instance else None
+        if run is None or WORKER_TAG not in run.tags:
+            return super().terminate(run_id)
+        if run.is_finished:
+            return False
+        self._instance.report_run_canceling(run)
+        pid_text, _, started = run.tags[WORKER_TAG].partition("@")
+        pid = int(pid_text)
+        try:
+            if started != str(process_start(pid)):
+                raise ProcessLookupError(pid)
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            self._instance.report_engine_event(
+                f"The run's worker (pid {pid}) is no longer running; nothing to interrupt.",
+                run,
+                cls=self.__class__,
+            )
+            return False
+        return True
