@@ -12,6 +12,7 @@ import dagster as dg
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, releases_engine
 from nova_assets.core.sources import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
 from nova_assets.defs.schedules import JOB_TAG, JobSpec, build_schedule
+from nova_assets.defs.suggestions.assets import PRIORITY_TAG, SHARD_PRIORITY
 
 DEMO_TRAFFIC_JOB = "demo_traffic"
 DEMO_EVENTS_PER_MINUTE = 300
@@ -75,7 +76,15 @@ class DemoTrafficConfig(dg.Config):
     events_per_minute: int = DEMO_EVENTS_PER_MINUTE
 
 
-@dg.op(pool=CLICKHOUSE_POOL, description="Appends the last minute of demo engagement events.")
+DEMO_PRIORITY = SHARD_PRIORITY + 1
+"""The demo's place in the engine's line: behind the caches' steps, ahead of suggestion shards."""
+
+
+@dg.op(
+    pool=CLICKHOUSE_POOL,
+    tags={PRIORITY_TAG: str(DEMO_PRIORITY)},
+    description="Appends the last minute of demo engagement events.",
+)
 @releases_engine
 def append_demo_traffic(
     context: dg.OpExecutionContext, config: DemoTrafficConfig, clickhouse: ClickHouseResource

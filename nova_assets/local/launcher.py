@@ -10,8 +10,10 @@ the run, the command Dagster's Docker and Kubernetes launchers start, so the run
 "Started process for run (pid: N)" line, its interrupts and its exit are those of that command.
 The worker imports the code location itself, so a code change reaches the next run.
 
-- The embedded engine (chdb) is not imported ahead: its import starts ClickHouse's thread pools,
-  and a fork keeps only the thread that forked.
+- The embedded engine (chdb) is not imported ahead: its import starts ClickHouse's thread pools
+  (numpy and pyarrow, which it imports, start threads too), and a fork keeps only the thread that
+  forked. The worker imports it first thing, before its run asks for the engine's one slot, so
+  the slot is held for the work alone.
 - Termination sends the worker SIGINT, as the code server's termination does; the worker's pid and
   start time are a run tag, so any process of the instance (the webserver's Terminate button)
   can, and a pid reused by another process is left alone.
@@ -26,6 +28,8 @@ import os
 import signal
 import sys
 import threading
+from importlib import import_module
+from importlib.util import find_spec
 from typing import Any
 
 from dagster._core.launcher import DefaultRunLauncher, LaunchRunContext
@@ -43,6 +47,9 @@ PRELOAD = (
     "dagster._core.execution.api",
     "dagster._core.storage.event_log",
     "dagster._core.storage.runs",
+    "dagster._core.executor.in_process",
+    "dagster._core.definitions.antlr_asset_selection.antlr_asset_selection",
+    "upath",
     "clickhouse_connect",
     "redis",
     "prometheus_client",
@@ -53,6 +60,9 @@ PRELOAD = (
 def _execute_run(command: list[str]) -> None:
     """The worker: `dagster api execute_run <args>`, in the forked process."""
     from dagster._cli.api import api_cli
+
+    if (os.environ.get("CLICKHOUSE_URL") or "chdb:").startswith("chdb:") and find_spec("chdb"):
+        import_module("chdb")
 
     api_cli.main(args=command, prog_name="dagster api", standalone_mode=False)
 

@@ -98,8 +98,9 @@ SHARD_USERS = 20_000
 """Users per shard (SUGGESTION_SHARD_USERS): one step that takes the ClickHouse slot, ranks and
 writes them, and lets it go, so on the embedded engine the every-minute jobs run between shards
 (about 10 s each on two cores)."""
-SHARD_PRIORITY = -1
-"""The shards' place in the pool's line: behind any step of priority 0 asking for the slot."""
+SHARD_PRIORITY = -2
+"""The shards' place in the pool's line: behind the caches' steps (priority 0) asking for the slot,
+and behind the local demo traffic's (-1)."""
 PRIORITY_TAG = "dagster/priority"
 SHARDS_IN_PARALLEL = 4
 """Shards ranked at once against a ClickHouse server (the suggestions job's executor)."""

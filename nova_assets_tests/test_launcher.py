@@ -1,0 +1,176 @@
+"""The local run launcher: workers forked from a preloaded process, as `dagster api execute_run`.
+
+Runs of a small code location of the test's own are launched through the local instance's
+launcher, as the daemon launches a queued run: each runs the code as it is on disk at launch, logs
+its worker's pid, and is interrupted to CANCELED by a termination asked from another process
+(the webserver's Terminate button); a pid the worker no longer holds is never signalled.
+"""
+
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.errors import DagsterInvariantViolationError
+from dagster._core.launcher import LaunchRunContext
+
+from nova_assets.core.workers import process_start
+from nova_assets.local.instance import write_instance
+from nova_assets.local.launcher import WORKER_TAG, PreloadedRunLauncher
+
+WORKER_LINE = re.compile(r"Started process for run \(pid: (\d+)\)\.")
+LOCATION = """
+import time
+from pathlib import Path
+
+import dagster as dg
+
+VERSION = "{version}"
+
+
+@dg.op
+def write_version():
+    Path(__file__).with_name("version.txt").write_text(VERSION)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def versioned():
+    write_version()
+
+
+@dg.op
+def wait():
+    while True:
+        time.sleep(0.1)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def endless():
+    wait()
+"""
+
+
+@pytest.fixture
+def local_instance(tmp_path):
+    home = tmp_path / "dagster"
+    write_instance(home, max_concurrent_jobs=5)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert isinstance(instance.run_launcher, PreloadedRunLauncher)
+        yield instance
+
+
+def _location(tmp_path: Path, version: str) -> Path:
+    path = tmp_path / "location.py"
+    path.write_text(textwrap.dedent(LOCATION.format(version=version)))
+    return path
+
+
+def _create(instance: dg.DagsterInstance, path: Path, job: str, **changes) -> dg.DagsterRun:
+    recon = ReconstructableJob.for_file(str(path), job)
+    origin = recon.get_python_origin()
+    if changes:
+        origin = origin._replace(repository_origin=origin.repository_origin._replace(**changes))
+    return instance.create_run_for_job(recon.get_definition(), job_code_origin=origin)
+
+
+def _launch(instance: dg.DagsterInstance, path: Path, job: str) -> dg.DagsterRun:
+    run = _create(instance, path, job)
+    instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+    return instance.get_run_by_id(run.run_id)
+
+
+def _wait(instance: dg.DagsterInstance, run_id: str, done, timeout_s: float = 60) -> dg.DagsterRun:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = instance.get_run_by_id(run_id)
+        if done(run):
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
+        time.sleep(0.1)
+
+
+def _logged_pid(instance: dg.DagsterInstance, run_id: str) -> int:
+    messages = [entry.message for entry in instance.all_logs(run_id)]
+    return next(int(m.group(1)) for m in map(WORKER_LINE.fullmatch, messages) if m)
+
+
+def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
+    local_instance, tmp_path
+):
+    for version in ("one", "two"):
+        path = _location(tmp_path, version)
+        run = _launch(local_instance, path, "versioned")
+        pid, _, started = run.tags[WORKER_TAG].partition("@")
+        run = _wait(local_instance, run.run_id, lambda r: r.is_finished)
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert (tmp_path / "version.txt").read_text() == version
+        assert _logged_pid(local_instance, run.run_id) == int(pid)
+        assert float(started) > 0
+
+
+def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_the_run(
+    local_instance, tmp_path
+):
+    run = _launch(local_instance, _location(tmp_path, "one"), "endless")
+
+    def step_started(r: dg.DagsterRun) -> bool:
+        return any(
+            e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_START
+            for e in local_instance.all_logs(r.run_id)
+        )
+
+    _wait(local_instance, run.run_id, step_started)
+    pid = int(run.tags[WORKER_TAG].partition("@")[0])
+    terminated = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, dagster as dg\n"
+            "with dg.DagsterInstance.from_config(sys.argv[1]) as instance:\n"
+            "    print(instance.run_launcher.terminate(sys.argv[2]))",
+            str(Path(local_instance.root_directory)),
+            run.run_id,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert terminated.stdout.strip() == "True", terminated.stderr
+    run = _wait(local_instance, run.run_id, lambda r: r.is_finished)
+    assert run.status == dg.DagsterRunStatus.CANCELED
+    deadline = time.monotonic() + 30
+    while process_start(pid) is not None:
+        assert time.monotonic() < deadline, f"worker {pid} still runs"
+        time.sleep(0.1)
+
+
+def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_path):
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = _create(local_instance, _location(tmp_path, "one"), "endless")
+        # The run's worker had this pid once, but started a minute before the process now on it.
+        started = process_start(stranger.pid) - 60
+        local_instance.add_run_tags(run.run_id, {WORKER_TAG: f"{stranger.pid}@{started}"})
+        assert local_instance.run_launcher.terminate(run.run_id) is False
+        with pytest.raises(subprocess.TimeoutExpired):
+            stranger.wait(timeout=1)
+        messages = [entry.message for entry in local_instance.all_logs(run.run_id)]
+        assert any("is no longer running; nothing to interrupt" in m for m in messages)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_run_of_another_python_goes_to_the_code_server(local_instance, tmp_path):
+    run = _create(
+        local_instance, _location(tmp_path, "one"), "versioned", executable_path="/opt/other/python"
+    )
+    # Dagster's default launcher: it needs the workspace's code server, which this call has not.
+    with pytest.raises(DagsterInvariantViolationError, match="requires a workspace"):
+        local_instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+    assert WORKER_TAG not in local_instance.get_run_by_id(run.run_id).tags
