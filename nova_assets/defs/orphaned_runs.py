@@ -1,9 +1,9 @@
 """Runs orphaned by a hard kill are failed, so they free their slots and reach the DLQ (§5).
 
-A run launched by Dagster's default run launcher executes in a worker process that the code
-server starts on this host, and the worker records its pid in the run's log ("Started process for
-run (pid: N)"). That launcher cannot report whether a worker is still alive, so when `dagster
-dev` is killed as a whole (a laptop closing, the OOM killer, a container restart) its runs stay
+A run launched by the local run launcher (or Dagster's default one) executes in a worker process
+on this host, and the worker records its pid in the run's log ("Started process for run (pid:
+N)"). Neither launcher reports whether a worker is still alive, so when `dagster dev` is killed
+as a whole (a laptop closing, the OOM killer, a container restart) its runs stay
 STARTED forever: their jobs' schedules skip every tick and their pool slots stay claimed.
 
 `orphaned_runs` looks, every 30 s, at this code location's STARTED runs: one whose worker
