@@ -128,12 +128,21 @@ def dlq_cluster(cluster: StackConfig) -> StackConfig:
 
 
 def partition(config: StackConfig, brokers: str | None = None) -> tuple[int, list[int]]:
-    """The leader and in-sync replicas of the topic's partition, as the brokers report them."""
+    """The leader and in-sync replicas of the topic's partition, as the brokers report them.
+
+    A broker whose metadata has not caught up with the controller yet lists the topic without
+    its partition: it is asked again, for up to 30 s.
+    """
     admin = AdminClient(
         {"bootstrap.servers": brokers or config.kafka_cluster_brokers, "log_level": 0}
     )
-    topic = admin.list_topics(config.dlq_topic, timeout=5).topics[config.dlq_topic]
-    return topic.partitions[0].leader, sorted(topic.partitions[0].isrs)
+    deadline = time.monotonic() + 30
+    while True:
+        topic = admin.list_topics(config.dlq_topic, timeout=5).topics[config.dlq_topic]
+        if 0 in topic.partitions:
+            return topic.partitions[0].leader, sorted(topic.partitions[0].isrs)
+        assert time.monotonic() < deadline, f"no partition listed for {config.dlq_topic}: {topic}"
+        time.sleep(0.2)
 
 
 def writable(config: StackConfig, brokers: str) -> bool:
