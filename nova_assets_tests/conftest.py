@@ -80,6 +80,19 @@ def _start_order(item: pytest.Item) -> int:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Interrupts work in the tests and the processes they start, however pytest was started.
+
+    A shell starting pytest in the background leaves SIGINT ignored, and Dagster, run in process,
+    then maps SIGTERM onto that: every process a test starts would inherit both ignored, and a
+    `dagster dev` told to stop would run on until it is killed.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))

@@ -113,10 +113,43 @@ def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
         assert float(started) > 0
 
 
+LAUNCH_WITH_SIGINT_IGNORED = """
+import os, signal, sys
+import dagster as dg
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.launcher import LaunchRunContext
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+recon = ReconstructableJob.for_file(sys.argv[2], "endless")
+with dg.DagsterInstance.from_config(sys.argv[1]) as instance:
+    run = instance.create_run_for_job(
+        recon.get_definition(), job_code_origin=recon.get_python_origin()
+    )
+    instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+    open(sys.argv[3], "w").write(run.run_id)
+# Gone at once: at exit, multiprocessing would wait for the worker it started (which never ends).
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("launcher_sigint", ["handled", "ignored"])
 def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_the_run(
-    local_instance, tmp_path
+    local_instance, tmp_path, launcher_sigint
 ):
-    run = _launch(local_instance, _location(tmp_path, "one"), "endless")
+    location = _location(tmp_path, "one")
+    if launcher_sigint == "handled":
+        run_id = _launch(local_instance, location, "endless").run_id
+    else:
+        # Launched by a process that ignores SIGINT, as a daemon a shell started in the background.
+        # (The worker it forks keeps the launcher's output open: the run id goes to a file.)
+        launched = tmp_path / "run_id"
+        launch_args = [local_instance.root_directory, str(location), str(launched)]
+        subprocess.run(
+            [sys.executable, "-c", LAUNCH_WITH_SIGINT_IGNORED, *launch_args],
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
+        run_id = launched.read_text()
 
     def step_started(r: dg.DagsterRun) -> bool:
         return any(
@@ -124,7 +157,7 @@ def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_th
             for e in local_instance.all_logs(r.run_id)
         )
 
-    _wait(local_instance, run.run_id, step_started)
+    run = _wait(local_instance, run_id, step_started)
     pid = int(run.tags[WORKER_TAG].partition("@")[0])
     terminated = subprocess.run(
         [
@@ -133,15 +166,15 @@ def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_th
             "import sys, dagster as dg\n"
             "with dg.DagsterInstance.from_config(sys.argv[1]) as instance:\n"
             "    print(instance.run_launcher.terminate(sys.argv[2]))",
-            str(Path(local_instance.root_directory)),
-            run.run_id,
+            local_instance.root_directory,
+            run_id,
         ],
         capture_output=True,
         text=True,
         check=True,
     )
     assert terminated.stdout.strip() == "True", terminated.stderr
-    run = _wait(local_instance, run.run_id, lambda r: r.is_finished)
+    run = _wait(local_instance, run_id, lambda r: r.is_finished)
     assert run.status == dg.DagsterRunStatus.CANCELED
     deadline = time.monotonic() + 30
     while process_start(pid) is not None:

@@ -14,9 +14,11 @@ The worker imports the code location itself, so a code change reaches the next r
   (numpy and pyarrow, which it imports, start threads too), and a fork keeps only the thread that
   forked. The worker imports it first thing, before its run asks for the engine's one slot, so
   the slot is held for the work alone.
-- Termination sends the worker SIGINT, as the code server's termination does; the worker's pid and
-  start time are a run tag, so any process of the instance (the webserver's Terminate button)
-  can, and a pid reused by another process is left alone.
+- Termination sends the worker SIGINT, as the code server's termination does; the command
+  installs its own handler, so it works even where the daemon was started with SIGINT ignored
+  (a shell's background command). The
+  worker's pid and start time are a run tag, so any process of the instance (the webserver's
+  Terminate button) can terminate it, and a pid reused by another process is left alone.
 - A run of a code location in another Python environment, or one without a Python origin, is
   launched by Dagster's default launcher.
 - Workers belong to `dagster dev`'s process group, as the code server's do: stopping or killing it
