@@ -199,6 +199,17 @@ def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_p
         stranger.wait()
 
 
+@pytest.mark.parametrize("tag", ["0@None", "0@0.0", "abc@1.0", "", "@", "-5@1.0", "7x@1.0"])
+def test_a_worker_tag_naming_no_process_of_its_own_is_never_signalled(
+    local_instance, tmp_path, tag
+):
+    run = _create(local_instance, _location(tmp_path, "one"), "endless")
+    local_instance.add_run_tags(run.run_id, {WORKER_TAG: tag})
+    assert local_instance.run_launcher.terminate(run.run_id) is False
+    messages = [entry.message for entry in local_instance.all_logs(run.run_id)]
+    assert any("is no longer running; nothing to interrupt" in m for m in messages)
+
+
 def test_a_run_of_another_python_goes_to_the_code_server(local_instance, tmp_path):
     run = _create(
         local_instance, _location(tmp_path, "one"), "versioned", executable_path="/opt/other/python"

@@ -112,14 +112,17 @@ class PreloadedRunLauncher(DefaultRunLauncher):
             return False
         self._instance.report_run_canceling(run)
         pid_text, _, started = run.tags[WORKER_TAG].partition("@")
-        pid = int(pid_text)
+        # Only a positive pid whose process started when the tag says: never 0 or -1 (a process
+        # group, every process), never a pid a later process took over.
+        pid = int(pid_text) if pid_text.isdigit() else 0
         try:
-            if started != str(process_start(pid)):
+            if pid <= 0 or started == str(None) or started != str(process_start(pid)):
                 raise ProcessLookupError(pid)
             os.kill(pid, signal.SIGINT)
         except ProcessLookupError:
             self._instance.report_engine_event(
-                f"The run's worker (pid {pid}) is no longer running; nothing to interrupt.",
+                f"The run's worker ({run.tags[WORKER_TAG]!r}) is no longer running; nothing to "
+                "interrupt.",
                 run,
                 cls=self.__class__,
             )
