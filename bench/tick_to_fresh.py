@@ -43,6 +43,7 @@ import yaml
 from common import REDIS_URL
 
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
+from nova_assets.defs.orphaned_runs import worker_pid
 from nova_assets.local import instance as local_instance
 from nova_assets.local import seed
 from nova_assets.local.demo import SCHEDULED_AT_TAG
@@ -64,7 +65,6 @@ SCHEDULED_AT = SCHEDULED_AT_TAG
 TARGET_P50_S = 5.0
 TARGET_CPU_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-RUN_PID = re.compile(r"process for run \(pid: (\d+)\)")
 
 
 def free_port() -> int:
@@ -108,15 +108,6 @@ class Processes:
             total += self.cpu_s.get(current, 0.0)
             todo += children.get(current, [])
         return total
-
-
-def run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The run worker's pid, from the run's "Started process for run (pid: N)" event."""
-    for entry in instance.all_logs(run_id):
-        match = RUN_PID.search(entry.message or "")
-        if match:
-            return int(match.group(1))
-    return None
 
 
 @dataclass
@@ -347,7 +338,7 @@ def collect(
             fresh = watches[job].fresh_at(record.start_time, record.end_time or time.time())
             if fresh is not None:
                 job_figures.latencies.append(fresh - tick)
-            pid = run_pid(instance, record.dagster_run.run_id)
+            pid = worker_pid(instance, record.dagster_run.run_id)
             if pid is not None:
                 job_figures.cpu.append(processes.tree_cpu_s(pid))
                 job_figures.workers.append(pid)

@@ -6,7 +6,6 @@ its worker's pid, and is interrupted to CANCELED by a termination asked from ano
 (the webserver's Terminate button); a pid the worker no longer holds is never signalled.
 """
 
-import re
 import subprocess
 import sys
 import textwrap
@@ -20,10 +19,10 @@ from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.launcher import LaunchRunContext
 
 from nova_assets.core.workers import process_start
+from nova_assets.defs.orphaned_runs import worker_pid
 from nova_assets.local.instance import write_instance
 from nova_assets.local.launcher import WORKER_TAG, PreloadedRunLauncher
 
-WORKER_LINE = re.compile(r"Started process for run \(pid: (\d+)\)\.")
 LOCATION = """
 import time
 from pathlib import Path
@@ -94,11 +93,6 @@ def _wait(instance: dg.DagsterInstance, run_id: str, done, timeout_s: float = 60
         time.sleep(0.1)
 
 
-def _logged_pid(instance: dg.DagsterInstance, run_id: str) -> int:
-    messages = [entry.message for entry in instance.all_logs(run_id)]
-    return next(int(m.group(1)) for m in map(WORKER_LINE.fullmatch, messages) if m)
-
-
 def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
     local_instance, tmp_path
 ):
@@ -109,7 +103,7 @@ def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
         run = _wait(local_instance, run.run_id, lambda r: r.is_finished)
         assert run.status == dg.DagsterRunStatus.SUCCESS
         assert (tmp_path / "version.txt").read_text() == version
-        assert _logged_pid(local_instance, run.run_id) == int(pid)
+        assert worker_pid(local_instance, run.run_id) == int(pid)
         assert float(started) > 0
 
 
