@@ -1,6 +1,7 @@
-"""A job for the pool test: its step holds the embedded ClickHouse engine for a moment.
+"""A job for the pool tests: its step holds the embedded ClickHouse engine for a moment.
 
 Loaded by path in run worker processes, so it reads the engine location from the environment.
+Its step runs in the run's own process (the in-process executor), as the project's jobs do.
 """
 
 import os
@@ -27,7 +28,7 @@ def holds_the_engine(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 
 engine_job = dg.define_asset_job("engine_job", selection=[holds_the_engine])
-defs = dg.Definitions(assets=[holds_the_engine], jobs=[engine_job])
+defs = dg.Definitions(assets=[holds_the_engine], jobs=[engine_job], executor=dg.in_process_executor)
 
 
 def engine_job_def() -> dg.JobDefinition:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from pydantic import Field
 
 from nova_assets.core.contract import within
+from nova_assets.core.pool_wait import fix_pool_wait
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
 from nova_assets.core.settings import SettingsError, redact_url
 
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 
 CLICKHOUSE_POOL = "clickhouse"
 """Dagster pool of every step that touches ClickHouse (one slot for the embedded engine)."""
+
+# Every step on a pool of ours names it from here, so any process that can run one (a run's
+# worker, `dagster job execute`, a test) has imported this module before its steps wait.
+fix_pool_wait()
 
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"

@@ -1,0 +1,61 @@
+"""A step waiting for a pool slot sleeps between its claims instead of spinning (docs/design.md §5).
+
+While a step waits for a pool slot, Dagster's executors loop on "is a step ready?" and sleep for
+`InstanceConcurrencyContext.interval_to_next_pending_claim_check()` between passes. In the
+installed Dagster that method returns `min(0, time until the next claim)`: never more than 0, so
+the loop never sleeps. The claim itself is still retried only on Dagster's schedule (after 1 s,
+then 10 % longer each time, up to 15 s); in between, the run's process spins one core through
+some 250,000 passes a second. On two cores, an every-minute run waiting its turn for the embedded
+engine took a core from the run holding the engine, and cost its own run up to three CPU-seconds.
+
+`fix_pool_wait` replaces that one method with the time until the earliest pending claim is due,
+and never less than 0: each claim is retried on the same schedule as before, and the process
+sleeps in between. It probes the method first and leaves a Dagster that already sleeps alone.
+It is applied wherever a run's steps may wait for a slot: every process that loads the code
+location, as a run's worker does before executing the run.
+"""
+
+import time
+from types import SimpleNamespace
+
+# A private module: the method is not public API. The probe below keeps the replacement to the
+# Dagster it was written for (the package pins the version).
+from dagster._core.execution.plan.instance_concurrency_context import (
+    InstanceConcurrencyContext,
+)
+
+_PROBE_WAIT_S = 60.0
+
+
+def interval_to_next_claim(self: InstanceConcurrencyContext) -> float:
+    """Seconds until the earliest pending claim is due to be tried again, at least 0."""
+    pending = self._pending_claims
+    if not pending:
+        return 0.0
+    timeouts = self._pending_timeouts
+    due = [timeouts[key] for key in pending if key in timeouts]
+    return max(0.0, min(due, default=0.0) - time.time())
+
+
+def spins(method=InstanceConcurrencyContext.interval_to_next_pending_claim_check) -> bool:
+    """Whether `method` returns no wait for a claim due a minute from now (the busy wait)."""
+    step = "probe"
+    probe = SimpleNamespace(
+        _pending_claims={step}, _pending_timeouts={step: time.time() + _PROBE_WAIT_S}
+    )
+    try:
+        return method(probe) < 1.0
+    except (AttributeError, TypeError, KeyError):
+        # Another Dagster, with other internals: not the method this fix was written for.
+        return False
+
+
+def fix_pool_wait() -> bool:
+    """Make waiting steps sleep between claims; True if the fix is (now) in place."""
+    current = InstanceConcurrencyContext.interval_to_next_pending_claim_check
+    if current is interval_to_next_claim:
+        return True
+    if not spins(current):
+        return False
+    InstanceConcurrencyContext.interval_to_next_pending_claim_check = interval_to_next_claim
+    return True
