@@ -6,6 +6,7 @@ its worker's pid, and is interrupted to CANCELED by a termination asked from ano
 (the webserver's Terminate button); a pid the worker no longer holds is never signalled.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -107,23 +108,40 @@ def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
         assert float(started) > 0
 
 
-LAUNCH_WITH_SIGINT_IGNORED = """
+LAUNCH_FROM_A_PROCESS = """
 import os, signal, sys
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.launcher import LaunchRunContext
 
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-recon = ReconstructableJob.for_file(sys.argv[2], "endless")
+if sys.argv[5:] == ["ignore-sigint"]:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+recon = ReconstructableJob.for_file(sys.argv[2], sys.argv[4])
 with dg.DagsterInstance.from_config(sys.argv[1]) as instance:
     run = instance.create_run_for_job(
         recon.get_definition(), job_code_origin=recon.get_python_origin()
     )
     instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
     open(sys.argv[3], "w").write(run.run_id)
-# Gone at once: at exit, multiprocessing would wait for the worker it started (which never ends).
+# Gone at once: at exit, multiprocessing would wait for the worker it started (which may not end).
 os._exit(0)
 """
+
+
+def _launch_from_a_process(
+    instance: dg.DagsterInstance, location: Path, job: str, *options: str, **env: str
+) -> str:
+    """Launch a run of `job` from a process of its own; its run id."""
+    # The worker it forks keeps the launching process's output open: the run id goes to a file.
+    launched = location.with_name("run_id")
+    arguments = [instance.root_directory, str(location), str(launched), job, *options]
+    subprocess.run(
+        [sys.executable, "-c", LAUNCH_FROM_A_PROCESS, *arguments],
+        stdout=subprocess.DEVNULL,
+        check=True,
+        env=os.environ | env,
+    )
+    return launched.read_text()
 
 
 @pytest.mark.parametrize("launcher_sigint", ["handled", "ignored"])
@@ -135,15 +153,7 @@ def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_th
         run_id = _launch(local_instance, location, "endless").run_id
     else:
         # Launched by a process that ignores SIGINT, as a daemon a shell started in the background.
-        # (The worker it forks keeps the launcher's output open: the run id goes to a file.)
-        launched = tmp_path / "run_id"
-        launch_args = [local_instance.root_directory, str(location), str(launched)]
-        subprocess.run(
-            [sys.executable, "-c", LAUNCH_WITH_SIGINT_IGNORED, *launch_args],
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )
-        run_id = launched.read_text()
+        run_id = _launch_from_a_process(local_instance, location, "endless", "ignore-sigint")
 
     def step_started(r: dg.DagsterRun) -> bool:
         return any(
@@ -174,6 +184,21 @@ def test_a_termination_from_another_process_interrupts_the_worker_and_cancels_th
     while process_start(pid) is not None:
         assert time.monotonic() < deadline, f"worker {pid} still runs"
         time.sleep(0.1)
+
+
+def test_a_worker_leaves_the_locations_bytecode_where_imports_write_none(local_instance, tmp_path):
+    # As in a container image that sets PYTHONDONTWRITEBYTECODE: without the launcher writing it,
+    # every worker would compile the location's modules again.
+    location = _location(tmp_path, "one")
+    run_id = _launch_from_a_process(
+        local_instance, location, "versioned", PYTHONDONTWRITEBYTECODE="1"
+    )
+    run = _wait(local_instance, run_id, lambda r: r.is_finished)
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    assert (tmp_path / "version.txt").read_text() == "one"
+    assert [p.name for p in (tmp_path / "__pycache__").glob("location.*.pyc")] == [
+        f"location.{sys.implementation.cache_tag}.pyc"
+    ]
 
 
 def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_path):
