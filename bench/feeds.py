@@ -50,7 +50,7 @@ KEY_PREFIX = "bench:feeds:"
 TARGET_MS = 1000.0
 MANY_USERS = 10_000
 
-RANK = "rank the feeds in ClickHouse (one query)"
+RANK = "rank the feeds in ClickHouse (three staging statements and one query)"
 SERIALIZE = "serialize the values to JSON (inside both writes below)"
 PIPELINED_WRITE = f"**write: pipelines of {WRITE_BATCH} keys, {WRITERS} writers**"
 PER_KEY_WRITE = "baseline write: one SET … EX round trip per key"

@@ -3,6 +3,8 @@
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+from pydantic import Field, PrivateAttr
+
 from nova_assets.core.contract import epoch_ms
 from nova_assets.core.resources import ClickHouseResource
 from nova_assets.local import seed
@@ -16,6 +18,26 @@ EDGE_COLUMNS = {
 
 
 HISTORY_TABLES = ("nova.posts", "nova.follows", "nova.blocks")
+
+
+class SessionLosingClickHouse(ClickHouseResource):
+    """The real engine, whose session is lost before chosen runs of one query.
+
+    Before the n-th run of `query` named in `lose_before` (1-based, every attempt counted) the
+    resource moves to a new session, as a request does that a balancer sends to another server:
+    the query runs where the session's temporary tables do not exist.
+    """
+
+    query: str = Field(description="The query (its exact text) before which sessions are lost.")
+    lose_before: list[int] = Field(description="Runs of `query` preceded by a lost session.")
+    _runs: int = PrivateAttr(default=0)
+
+    def query_rows(self, sql, parameters=None):
+        if sql == self.query:
+            self._runs += 1
+            if self._runs in self.lose_before:
+                self.renew_session()
+        return super().query_rows(sql, parameters)
 
 
 def reset(clickhouse: ClickHouseResource) -> None:

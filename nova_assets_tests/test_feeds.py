@@ -20,13 +20,15 @@ import dagster as dg
 import pytest
 from pydantic import PrivateAttr
 
-from nova_assets.core.contract import epoch_ms, iso_z
+from nova_assets.core.contract import epoch_ms, iso_z, permanent_reason
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.defs.feeds.assets import (
     ASSET_NAME,
     FEED_LENGTH,
+    FEEDS_SQL,
     JOB_NAME,
     WARMED_USERS,
+    FeedsSessionLostError,
     build_warmed_feeds_asset,
     contract_facts,
     evaluate_checks,
@@ -36,6 +38,7 @@ from nova_assets.defs.feeds.assets import (
 )
 from nova_assets_tests.conftest import REDIS_URL
 from nova_assets_tests.factories import (
+    SessionLosingClickHouse,
     ago,
     insert_edges,
     insert_events,
@@ -527,6 +530,55 @@ class _CountingRedisCache(RedisCacheResource):
     @property
     def peak(self) -> int:
         return self._peak
+
+
+def test_a_session_lost_mid_run_is_retried_in_a_new_session_with_the_same_feeds(ch, redis_cache):
+    """On a server, a balancer may send the ranking query where the run's tables are not.
+
+    The step then fails as a transient fault, and its retry ranks again in a new session.
+    """
+    posts, follow_rows, events = random_dataset(random.Random(20261130), AS_OF)
+    add_posts(ch, posts)
+    add_follows(ch, follow_rows)
+    insert_events(ch, events)
+    materialize(ch, redis_cache)
+    expected = {u: feed_ids(redis_cache, u) for u in warmed_users(redis_cache)}
+    assert any(expected.values())
+    forgetful = SessionLosingClickHouse(url=ch.url, query=FEEDS_SQL, lose_before=[1])
+    cache = RedisCacheResource(url=REDIS_URL, key_prefix=f"{redis_cache.key_prefix}lost:")
+    try:
+        result = materialize(forgetful, cache)
+
+        assert result.success
+        retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert len(retries) == 1
+        message = retries[0].event_specific_data.error.to_string()
+        assert "session holding the run's tables" in message and "UNKNOWN_TABLE" in message
+        assert {u: feed_ids(cache, u) for u in warmed_users(cache)} == expected
+        assert all(checks_of(result).values())
+    finally:
+        cache.close()
+        forgetful.close()
+
+
+def test_a_lost_session_is_transient_and_a_missing_source_table_permanent(ch):
+    forgetful = SessionLosingClickHouse(url=ch.url, query=FEEDS_SQL, lose_before=[1])
+    try:
+        with pytest.raises(FeedsSessionLostError) as raised:
+            rank_feeds(forgetful, AS_OF)
+    finally:
+        forgetful.close()
+    assert permanent_reason(raised.value) is None
+    assert permanent_reason(raised.value.__cause__) is not None  # UNKNOWN_TABLE, on its own
+    assert "deploy/README.md" in str(raised.value)
+    ch.command("RENAME TABLE nova.follows TO nova.follows_gone")
+    try:
+        with pytest.raises(Exception, match="UNKNOWN_TABLE") as missing:
+            rank_feeds(ch, AS_OF)
+    finally:
+        ch.command("RENAME TABLE nova.follows_gone TO nova.follows")
+    assert not isinstance(missing.value, FeedsSessionLostError)
+    assert permanent_reason(missing.value) is not None
 
 
 def test_writes_keep_at_most_20_pipelines_in_flight(redis_cache):

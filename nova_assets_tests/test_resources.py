@@ -8,7 +8,8 @@ replaced, that a DLQ message round-trips byte for byte and that publishing to a 
 answers "not delivered" in bounded time, and that a metrics push reaches the Pushgateway while a
 push to a dead one does not raise. A gateway URL with user info pushes with HTTP basic auth, and
 a refused push or a webhook answering garbage returns False with a log line that shows neither
-password nor webhook token.
+password nor webhook token. An UNKNOWN_TABLE error means a lost session only when the table it is
+about is one of the session's, whatever query text follows.
 """
 
 import base64
@@ -25,12 +26,15 @@ from urllib.parse import quote
 import prometheus_client
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nova_assets.core.resources import (
     AlertWebhookResource,
     ClickHouseResource,
     JobMetricsResource,
     KafkaDLQResource,
+    session_tables_lost,
 )
 from nova_assets.local import seed
 from nova_assets.local.stack import down
@@ -49,6 +53,33 @@ def posts(clickhouse):
         "(2, 11, '2026-11-28 10:00:00', 0, '2026-11-28 10:00:00')"
     )
     return clickhouse
+
+
+SESSION_TABLES = ["feeds_warmed", "feeds_edges"]
+UNKNOWN_TABLE_MESSAGES = [
+    "Code: 60. DB::Exception: Unknown table expression identifier '{}'. In scope {}",
+    "Code: 60. DB::Exception: Table default.{} does not exist: In scope {}",
+    "HTTPDriver for https://ch:8443 received ClickHouse error code 60\n Code: 60. DB::Exception: "
+    "Unknown table expression identifier '{}' in scope {}. (UNKNOWN_TABLE)",
+]
+
+
+@given(
+    form=st.sampled_from(UNKNOWN_TABLE_MESSAGES),
+    table=st.sampled_from([*SESSION_TABLES, "nova.follows", "follows", "feeds_warmed_old"]),
+    query=st.text(),
+)
+def test_unknown_table_means_a_lost_session_only_for_the_sessions_own_tables(form, table, query):
+    # The query text the error quotes may name the session's tables: only the missing one counts.
+    exc = RuntimeError(form.format(table, f"SELECT * FROM feeds_edges, {query}"))
+    lost = session_tables_lost(exc, SESSION_TABLES)
+    assert (lost is not None) == (table in SESSION_TABLES)
+
+
+@pytest.mark.parametrize(("code", "name"), [(372, "SESSION_NOT_FOUND"), (373, "SESSION_IS_LOCKED")])
+def test_a_session_error_is_a_lost_session_whatever_the_query(code, name):
+    exc = RuntimeError(f"Code: {code}. DB::Exception: Session not found. ({name})")
+    assert session_tables_lost(exc, SESSION_TABLES) == name
 
 
 @pytest.mark.parametrize("hostile", INJECTIONS)

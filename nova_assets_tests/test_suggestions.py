@@ -27,10 +27,10 @@ import dagster as dg
 import pytest
 import redis
 from clickhouse_connect.driver.exceptions import DatabaseError
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from nova_assets.core.contract import iso_z, permanent_reason
-from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
     ASSET_NAME,
     FINISH_OP,
@@ -51,7 +51,13 @@ from nova_assets.defs.suggestions.assets import (
     suggestion_graph,
 )
 from nova_assets_tests.conftest import REDIS_URL, GateProxy
-from nova_assets_tests.factories import ago, insert_edges, insert_events, reset
+from nova_assets_tests.factories import (
+    SessionLosingClickHouse,
+    ago,
+    insert_edges,
+    insert_events,
+    reset,
+)
 
 AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 FOLLOWED_AT = ago(AS_OF, days=30)
@@ -539,25 +545,6 @@ def test_a_step_failing_halfway_is_retried_and_every_key_stays_whole(ch, redis_c
 # -- a ClickHouse session lost mid-run ------------------------------------------------------------
 
 
-class SessionLosingClickHouse(ClickHouseResource):
-    """The real engine, whose session is lost before chosen ranking queries.
-
-    Before the n-th ranking query named in `lose_before` (1-based, every attempt counted) the
-    resource moves to a new session, as a request does that a balancer sends to another server:
-    the query runs where the graph's temporary tables do not exist.
-    """
-
-    lose_before: list[int] = Field(description="Ranking queries preceded by a lost session.")
-    _rankings: int = PrivateAttr(default=0)
-
-    def query_rows(self, sql, parameters=None):
-        if sql == RANKING_SQL:
-            self._rankings += 1
-            if self._rankings in self.lose_before:
-                self.renew_session()
-        return super().query_rows(sql, parameters)
-
-
 def test_a_session_lost_mid_run_is_rebuilt_and_every_list_is_the_same(ch, redis_cache):
     rng = random.Random(20261129)
     follow_rows, block_rows, events = random_graph(rng, 480)
@@ -570,7 +557,7 @@ def test_a_session_lost_mid_run_is_rebuilt_and_every_list_is_the_same(ch, redis_
     # Seven chunks of 70: the session is lost before chunk 2 and again before chunk 4 (the fifth
     # ranking query, counting chunk 2's second attempt). The run writes under a prefix of its own
     # (inside the test's, which the fixture cleans up), so every key it serves is its own.
-    forgetful = SessionLosingClickHouse(url=ch.url, lose_before=[2, 5])
+    forgetful = SessionLosingClickHouse(url=ch.url, query=RANKING_SQL, lose_before=[2, 5])
     cache = RedisCacheResource(url=REDIS_URL, key_prefix=f"{redis_cache.key_prefix}lost:")
     instance = dg.DagsterInstance.ephemeral()
 
@@ -596,7 +583,9 @@ def test_a_session_lost_mid_run_is_rebuilt_and_every_list_is_the_same(ch, redis_
 
 def test_a_session_lost_again_and_again_fails_as_a_transient_fault(ch):
     follows(ch, (1, 2), (2, 3))
-    forgetful = SessionLosingClickHouse(url=ch.url, lose_before=list(range(1, 100)))
+    forgetful = SessionLosingClickHouse(
+        url=ch.url, query=RANKING_SQL, lose_before=list(range(1, 100))
+    )
     try:
         with suggestion_graph(forgetful) as graph:
             with pytest.raises(SessionLostError, match="lost 3 times in a row") as raised:

@@ -7,8 +7,10 @@ a client library directly.
 
 from nova_assets.core.resources.clickhouse import (
     CLICKHOUSE_POOL,
+    UNKNOWN_TABLE,
     ClickHouseResource,
     releases_engine,
+    session_tables_lost,
 )
 from nova_assets.core.resources.kafka import Delivery, KafkaDLQResource, KafkaRecord
 from nova_assets.core.resources.observability import AlertWebhookResource, JobMetricsResource
@@ -16,6 +18,7 @@ from nova_assets.core.resources.redis_cache import RedisCacheResource, json_dump
 
 __all__ = [
     "CLICKHOUSE_POOL",
+    "UNKNOWN_TABLE",
     "AlertWebhookResource",
     "ClickHouseResource",
     "Delivery",
@@ -25,4 +28,5 @@ __all__ = [
     "RedisCacheResource",
     "json_dumps",
     "releases_engine",
+    "session_tables_lost",
 ]

@@ -9,14 +9,15 @@ loads: together they are about half of the location's import time, and most Dags
 """
 
 import importlib.util
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pydantic import Field
 
-from nova_assets.core.contract import within
+from nova_assets.core.contract import clickhouse_error_code, within
 from nova_assets.core.pool_wait import fix_pool_wait
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
 from nova_assets.core.settings import SettingsError, redact_url
@@ -31,6 +32,12 @@ CLICKHOUSE_POOL = "clickhouse"
 # Every step on a pool of ours names it from here, so any process that can run one (a run's
 # worker, `dagster job execute`, a test) has imported this module before its steps wait.
 fix_pool_wait()
+
+UNKNOWN_TABLE = 60
+_ERROR_SCOPE = re.compile(r"\s+in scope\s+", re.IGNORECASE)
+_NAME = re.compile(r"\w+")
+SESSION_LOST_CODES = {372: "SESSION_NOT_FOUND", 373: "SESSION_IS_LOCKED"}
+"""ClickHouse errors that mean the session is gone or taken, whatever the query."""
 
 # chdb admits one process per data directory; another process holding it shows up as this error.
 _CHDB_BUSY_MARKER = "Unable to open the chdb engine"
@@ -176,6 +183,32 @@ class ClickHouseResource(ClientResource):
     def describe(self) -> str:
         """Where the data lives, safe to show (no password)."""
         return redact_url(self.url)
+
+
+def session_tables_lost(exc: BaseException, tables: Iterable[str]) -> str | None:
+    """Why `exc` means the session holding the temporary `tables` is gone (for the log), or None.
+
+    A session lives on the server that opened it: a request a balancer sends to another server,
+    or one after the server restarted, finds no session or none of its tables. `UNKNOWN_TABLE`
+    counts only when it names one of `tables`: a missing source table (`nova.follows`) stays the
+    permanent schema fault it is.
+    """
+    code = clickhouse_error_code(exc)
+    if code in SESSION_LOST_CODES:
+        return SESSION_LOST_CODES[code]
+    if code == UNKNOWN_TABLE and not _named_in_error(exc).isdisjoint(tables):
+        return "UNKNOWN_TABLE: the session's temporary tables are gone"
+    return None
+
+
+def _named_in_error(exc: BaseException) -> set[str]:
+    """The names in a ClickHouse error's own words, before the query text it may go on to quote.
+
+    A query that reads a source table and the session's tables names both: only the table the
+    error is about counts.
+    """
+    head = _ERROR_SCOPE.split(str(exc), maxsplit=1)[0]
+    return set(_NAME.findall(head))
 
 
 def releases_engine(step: Callable[P, R]) -> Callable[P, R]:

