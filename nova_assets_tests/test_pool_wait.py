@@ -3,13 +3,15 @@
 The run is a `dagster job execute` process on the local instance, its step on the `clickhouse`
 pool while another run's step holds the one slot: the path of every run that waits its turn for
 the embedded engine. Dagster's executor loop would spin a core for the whole wait; the process
-must instead use next to no CPU, and take the slot once it is freed.
+must instead use next to no CPU, and take the slot once it is freed. The local instance's storage
+tells a waiting step to ask again after 0.2 s, and less often the longer it has waited.
 """
 
 import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -17,6 +19,7 @@ import dagster as dg
 from nova_assets.core import pool_wait
 from nova_assets.core.resources import CLICKHOUSE_POOL
 from nova_assets.local.instance import initialize_pools, write_instance
+from nova_assets.local.storage import FIRST_RETRY_S, LAST_RETRY_S, claim_retry_s
 
 ROOT = Path(__file__).parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -79,3 +82,22 @@ def test_the_fix_replaces_only_a_wait_that_spins():
     # Internals of another shape: not the method the fix was written for.
     assert not pool_wait.spins(lambda self: self.no_such_attribute)
     assert pool_wait.fix_pool_wait()
+
+
+def test_a_step_without_a_slot_asks_again_soon_and_less_often_as_it_waits(tmp_path):
+    write_instance(tmp_path, max_concurrent_jobs=5)
+    initialize_pools(tmp_path, [CLICKHOUSE_POOL])
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        held = storage.claim_concurrency_slot(CLICKHOUSE_POOL, "a-run", "its-step")
+        waiting = storage.claim_concurrency_slot(CLICKHOUSE_POOL, "another-run", "its-step")
+    assert held.is_claimed and held.sleep_interval is None
+    assert not waiting.is_claimed
+    assert waiting.sleep_interval == FIRST_RETRY_S
+
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    # SQLite's timestamps come without a zone: they are UTC.
+    assert claim_retry_s(datetime(2026, 11, 30, 11, 59, 30), now) == 3.0
+    assert claim_retry_s(now - timedelta(seconds=1), now) == FIRST_RETRY_S
+    assert claim_retry_s(now - timedelta(hours=1), now) == LAST_RETRY_S
+    assert claim_retry_s(None, now) == FIRST_RETRY_S
