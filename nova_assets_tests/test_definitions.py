@@ -185,7 +185,9 @@ def _when(events: list[dg.EventLogEntry], kind: dg.DagsterEventType) -> float | 
     return next((e.timestamp for e in events if e.dagster_event_type == kind), None)
 
 
-def test_a_step_waiting_to_retry_leaves_the_engine_to_another_runs_step(tmp_path, redis_url):
+def test_a_step_waiting_to_retry_leaves_the_engine_to_another_runs_step(
+    clickhouse, tmp_path, redis_url
+):
     """While trending_24h waits to retry (Redis refuses it), trending_1h's step uses the engine.
 
     Both are the project's jobs, launched from the CLI with the local instance. Every step runs
@@ -193,6 +195,8 @@ def test_a_step_waiting_to_retry_leaves_the_engine_to_another_runs_step(tmp_path
     the pool slot, or the other run's step, holding the slot, cannot open it until the failing
     run ends (its retries take a minute).
     """
+    # chdb opens one data directory per process: the tests' shared engine is let go first.
+    clickhouse.close()
     url = f"chdb://{tmp_path / 'clickhouse'}"
     engine = ClickHouseResource(url=url)
     factories.reset(engine)

@@ -22,7 +22,7 @@ from dagster._core.launcher import LaunchRunContext
 from nova_assets.core.workers import process_start
 from nova_assets.defs.orphaned_runs import worker_pid
 from nova_assets.local.instance import write_instance
-from nova_assets.local.launcher import WORKER_TAG, PreloadedRunLauncher
+from nova_assets.local.launcher import WORKER_TAG, PreloadedRunLauncher, write_bytecode
 
 LOCATION = """
 import time
@@ -190,15 +190,38 @@ def test_a_worker_leaves_the_locations_bytecode_where_imports_write_none(local_i
     # As in a container image that sets PYTHONDONTWRITEBYTECODE: without the launcher writing it,
     # every worker would compile the location's modules again.
     location = _location(tmp_path, "one")
-    run_id = _launch_from_a_process(
-        local_instance, location, "versioned", PYTHONDONTWRITEBYTECODE="1"
-    )
-    run = _wait(local_instance, run_id, lambda r: r.is_finished)
-    assert run.status == dg.DagsterRunStatus.SUCCESS
-    assert (tmp_path / "version.txt").read_text() == "one"
-    assert [p.name for p in (tmp_path / "__pycache__").glob("location.*.pyc")] == [
-        f"location.{sys.implementation.cache_tag}.pyc"
-    ]
+    compiled = tmp_path / "__pycache__" / f"location.{sys.implementation.cache_tag}.pyc"
+
+    def run_once(version: str) -> None:
+        run_id = _launch_from_a_process(
+            local_instance, location, "versioned", PYTHONDONTWRITEBYTECODE="1"
+        )
+        run = _wait(local_instance, run_id, lambda r: r.is_finished)
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert (tmp_path / "version.txt").read_text() == version
+
+    # Saved a while ago: written by the worker, and the next worker loads it.
+    settled = time.time() - 10
+    os.utime(location, (settled, settled))
+    run_once("one")
+    assert compiled.exists()
+    # Edited (same size) and saved a while ago again: compiled anew, and the run runs the edit.
+    location.write_text(location.read_text().replace('"one"', '"two"'))
+    os.utime(location, (settled + 1, settled + 1))
+    run_once("two")
+
+
+def test_a_source_saved_a_moment_ago_is_left_to_the_import(tmp_path):
+    # Bytecode records its source's modification time to the second: a same-sized edit within
+    # that second could pass for the compiled file, so a file that recent is not compiled ahead.
+    location = _location(tmp_path, "one")
+    compiled = tmp_path / "__pycache__" / f"location.{sys.implementation.cache_tag}.pyc"
+    write_bytecode(tmp_path, recursive=False)
+    assert not compiled.exists()
+    settled = time.time() - 10
+    os.utime(location, (settled, settled))
+    write_bytecode(tmp_path, recursive=False)
+    assert compiled.exists()
 
 
 def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_path):

@@ -59,8 +59,9 @@ SESSION_TABLES = ["feeds_warmed", "feeds_edges"]
 UNKNOWN_TABLE_MESSAGES = [
     "Code: 60. DB::Exception: Unknown table expression identifier '{}'. In scope {}",
     "Code: 60. DB::Exception: Table default.{} does not exist: In scope {}",
-    "HTTPDriver for https://ch:8443 received ClickHouse error code 60\n Code: 60. DB::Exception: "
-    "Unknown table expression identifier '{}' in scope {}. (UNKNOWN_TABLE)",
+    # clickhouse-connect's wording of a server's answer over HTTP.
+    "Received ClickHouse exception, code: 60, server response: Code: 60. DB::Exception: Unknown "
+    "table expression identifier '{}' in scope {}. (UNKNOWN_TABLE) (for url https://ch:8443)",
 ]
 
 

@@ -1,18 +1,20 @@
 """A step waiting for a pool slot sleeps between its claims instead of spinning (docs/design.md §5).
 
-While a step waits for a pool slot, Dagster's executors loop on "is a step ready?" and sleep for
-`InstanceConcurrencyContext.interval_to_next_pending_claim_check()` between passes. In the
-installed Dagster that method returns `min(0, time until the next claim)`: never more than 0, so
-the loop never sleeps. The claim itself is still retried only on Dagster's schedule (after 1 s,
-then 10 % longer each time, up to 15 s); in between, the run's process spins one core through
-some 250,000 passes a second. On two cores, an every-minute run waiting its turn for the embedded
-engine took a core from the run holding the engine, and cost its own run up to three CPU-seconds.
+While a step waits for a pool slot, Dagster's in-process executor loops on "is a step ready?"
+and sleeps for `InstanceConcurrencyContext.interval_to_next_pending_claim_check()` between
+passes. In the installed Dagster that method returns `min(0, time until the next claim)`: never
+more than 0, so the loop never sleeps. The claim itself is still retried only when due (Dagster's
+schedule: after 1 s, then 10 % longer each time, up to 15 s; the local storage asks for 0.2 s);
+in between, the run's process spun one core, through hundreds of thousands of passes a run. On
+two cores, an every-minute run waiting its turn for the embedded engine took a core from the run
+holding it, and cost its own run up to three CPU-seconds.
 
 `fix_pool_wait` replaces that one method with the time until the earliest pending claim is due,
-and never less than 0: each claim is retried on the same schedule as before, and the process
-sleeps in between. It probes the method first and leaves a Dagster that already sleeps alone.
-It is applied wherever a run's steps may wait for a slot: every process that loads the code
-location, as a run's worker does before executing the run.
+and never less than 0: each claim is retried when it was due before, and the process sleeps in
+between. It probes the method first and leaves a Dagster that already sleeps alone. It is
+applied wherever a run's steps may wait for a slot: every process that loads the code location,
+as a run's worker does before executing the run. Dagster's multiprocess executor never asks this
+method; its loop does not sleep at all, and this does not change it.
 """
 
 import time
@@ -33,8 +35,8 @@ def interval_to_next_claim(self: InstanceConcurrencyContext) -> float:
     if not pending:
         return 0.0
     timeouts = self._pending_timeouts
-    due = [timeouts[key] for key in pending if key in timeouts]
-    return max(0.0, min(due, default=0.0) - time.time())
+    # A pending claim without a time is due now, as Dagster's own mapping (a defaultdict) has it.
+    return max(0.0, min(timeouts.get(key, 0.0) for key in pending) - time.time())
 
 
 def spins(method=InstanceConcurrencyContext.interval_to_next_pending_claim_check) -> bool:

@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -63,7 +64,7 @@ PRELOAD = (
 """What the fork server imports once for every worker: Dagster's run execution and the clients."""
 
 
-def _location_sources(pointer: Any) -> tuple[Path, int] | None:
+def _location_sources(pointer: Any) -> tuple[Path, bool] | None:
     """The code location's sources: its top package's folder (every level), or its file's folder."""
     module = getattr(pointer, "module", None)
     if isinstance(module, str) and module:
@@ -72,22 +73,44 @@ def _location_sources(pointer: Any) -> tuple[Path, int] | None:
         except (ImportError, ValueError):
             return None
         folders = list(spec.submodule_search_locations or []) if spec else []
-        return (Path(folders[0]), 10) if folders else None
+        return (Path(folders[0]), True) if folders else None
     python_file = getattr(pointer, "python_file", None)
-    return (Path(python_file).parent, 0) if isinstance(python_file, str) else None
+    return (Path(python_file).parent, False) if isinstance(python_file, str) else None
 
 
-def _execute_run(command: list[str], sources: tuple[Path, int] | None = None) -> None:
+SETTLED_S = 2.0
+"""A source changed this recently is left to the import: its bytecode is not written yet."""
+
+
+def write_bytecode(folder: Path, recursive: bool) -> None:
+    """Write the bytecode of the location's sources that lack it or whose bytecode is stale.
+
+    Where imports write no bytecode (PYTHONDONTWRITEBYTECODE, usual in container images), every
+    worker would compile the location's modules again: a few tenths of a CPU-second per run.
+    Written here once, for this worker and the next. A file changed in the last two seconds is
+    skipped: bytecode records its source's modification time to the second (and its size), so a
+    same-sized edit within that second could pass for the compiled one; the import compiles it
+    from source instead, so each run still runs the code as it is at its launch. A folder this
+    process cannot write to (an installed package) is left alone.
+    """
+    if not os.access(folder, os.W_OK):
+        return
+    settled = time.time() - SETTLED_S
+    pattern = "**/*.py" if recursive else "*.py"
+    for source in folder.glob(pattern):
+        try:
+            if source.stat().st_mtime < settled:
+                compileall.compile_file(source, quiet=2)
+        except OSError:
+            continue
+
+
+def _execute_run(command: list[str], sources: tuple[Path, bool] | None = None) -> None:
     """The worker: `dagster api execute_run <args>`, in the forked process."""
     from dagster._cli.api import api_cli
 
     if sources is not None:
-        # Where imports write no bytecode (PYTHONDONTWRITEBYTECODE, usual in container images),
-        # every worker would compile the location's modules again: a few tenths of a CPU-second
-        # per run. Written here once, for this worker and the next; a changed file is compiled
-        # again, so each run still runs the code as it is at its launch.
-        folder, levels = sources
-        compileall.compile_dir(folder, maxlevels=levels, quiet=2)
+        write_bytecode(*sources)
 
     if (os.environ.get("CLICKHOUSE_URL") or "chdb:").startswith("chdb:") and find_spec("chdb"):
         import_module("chdb")

@@ -77,7 +77,7 @@ _ENGAGEMENT = " + ".join(
 # Every user is warmed by one query, after three small tables of the run's ClickHouse session hold
 # what the query would otherwise compute more than once (ClickHouse inlines a CTE at each use; a
 # MATERIALIZED CTE would do the same in one statement, but needs a newer server than deploy/README
-# requires). On 10M events the run's first ranking took 1.2 CPU-s this way, 1.9 as one query.
+# requires). On 10M events a run's first ranking took 1.2-1.3 CPU-s this way, 1.9 as one query.
 #
 # * `feeds_warmed`: raw event counts of the last 24 h (any type, duplicates included), the top
 #   N by count, ties to the lower user_id. The events table leads its key with the hour: a day
@@ -247,8 +247,6 @@ def rank_feeds(
             create = f"CREATE TEMPORARY TABLE {table} ENGINE = Memory AS {select}"
             clickhouse.command(create, parameters)
         rows = clickhouse.query_rows(FEEDS_SQL, parameters)
-        for table in tables:
-            clickhouse.command(f"DROP TEMPORARY TABLE {table}")
     except Exception as exc:
         reason = session_tables_lost(exc, tables)
         if reason is None:
@@ -260,6 +258,13 @@ def rank_feeds(
             "a balancer that keeps a connection, or the session_id parameter, on one server "
             "(deploy/README.md)."
         ) from exc
+    try:
+        for table in tables:
+            clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
+    except Exception as exc:
+        # The ranking is done; a session lost since has taken its tables with it.
+        if session_tables_lost(exc, tables) is None:
+            raise
     return [
         Feed(
             user_id=int(user_id),
