@@ -3,8 +3,9 @@
     .venv/bin/python bench/feeds.py [--keep DIR]
 
 On the demo dataset (`seed.SeedSpec` defaults: 20 000 users, 200 000 posts, 2 million events, a
-fixed as_of): the 1000 feeds ranked in ClickHouse (three staging statements and one query) and
-written in pipelines (20 writers), against a target of 1 s; the same values written with one
+fixed as_of): the 1000 feeds ranked in ClickHouse (three staging statements and one query;
+beside it, the same as one query, as before) and written in pipelines (20 writers), against a
+target of 1 s; the same values written with one
 `SET … EX` round trip per key, with their JSON serialization and without it (the transport
 alone); the same for 10 000 users; both
 writes of the 1000 feeds again through a proxy that gives loopback a network's round trip
@@ -35,11 +36,14 @@ from nova_assets.core.resources import ClickHouseResource, RedisCacheResource, j
 from nova_assets.defs.feeds.assets import (
     ASSET_NAME,
     FEED_TTL_SEC,
+    FEEDS_SQL,
+    STAGES,
     WARMED_USERS,
     WRITE_BATCH,
     WRITERS,
     build_warmed_feeds_asset,
     feed_value,
+    feeds_parameters,
     rank_feeds,
     write_feeds,
 )
@@ -52,12 +56,20 @@ TARGET_MS = 1000.0
 MANY_USERS = 10_000
 
 RANK = "rank the feeds in ClickHouse (three staging statements and one query)"
+ONE_QUERY = "baseline rank: one query, the three staged tables as CTEs (the previous version)"
 SERIALIZE = "serialize the values to JSON (inside both writes below)"
 PIPELINED_WRITE = f"**write: pipelines of {WRITE_BATCH} keys, {WRITERS} writers**"
 PER_KEY_WRITE = "baseline write: one SET … EX round trip per key"
 PIPELINED_TRANSPORT = f"transport only (pre-serialized): pipelines of {WRITE_BATCH} keys"
 PER_KEY_TRANSPORT = "transport only (pre-serialized): one round trip per key"
 TOTAL = "**rank + build values + write**"
+
+
+def one_query_sql() -> str:
+    """The ranking as one query, each staged table a CTE that ClickHouse inlines at every use."""
+    body = FEEDS_SQL.strip().removeprefix("WITH\n")
+    ctes = ",\n".join(f"{table} AS ({select})" for table, select in STAGES)
+    return f"WITH\n{ctes},\n{body}"
 
 
 def _delete_keys(redis_cache: RedisCacheResource) -> None:
@@ -152,6 +164,15 @@ def _measure(data_dir: Path) -> list[str]:
         for users, repeat in ((WARMED_USERS, 5), (MANY_USERS, 3)):
             rank_ms, feeds = timed(lambda u=users: rank_feeds(clickhouse, AS_OF, u), repeat)
             record(RANK, users, rank_ms)
+            parameters = feeds_parameters(AS_OF, users)
+            one_ms, rows_one = timed(
+                lambda p=parameters: clickhouse.query_rows(one_query_sql(), p), repeat
+            )
+            record(ONE_QUERY, users, one_ms)
+            if [(int(r[0]), [int(p) for p in r[2]]) for r in rows_one] != [
+                (f.user_id, [i["post_id"] for i in f.items]) for f in feeds
+            ]:
+                raise SystemExit("the one-query baseline ranks other feeds")
             values = values_for(feeds)
             json_ms, texts = timed(lambda v=values: [json_dumps(x) for x in v], repeat)
             record(SERIALIZE, users, json_ms)
