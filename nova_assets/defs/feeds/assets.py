@@ -77,7 +77,8 @@ _ENGAGEMENT = " + ".join(
 # Every user is warmed by one query, after three small tables of the run's ClickHouse session hold
 # what the query would otherwise compute more than once (ClickHouse inlines a CTE at each use; a
 # MATERIALIZED CTE would do the same in one statement, but needs a newer server than deploy/README
-# requires). On 10M events a run's first ranking took 1.2-1.3 CPU-s this way, 1.9 as one query.
+# requires). On 10M events a run's first ranking took 1.2-1.3 CPU-s this way, 1.9 as one query;
+# bench/feeds.py times both: faster for the 1000 users warmed, slower for 10,000.
 #
 # * `feeds_warmed`: raw event counts of the last 24 h (any type, duplicates included), the top
 #   N by count, ties to the lower user_id. The events table leads its key with the hour: a day
