@@ -612,6 +612,20 @@ def test_only_the_graphs_own_tables_missing_mean_a_lost_session(ch):
     assert "UNKNOWN_TABLE" in session_lost(missing_graph)
 
 
+def test_the_runs_graph_missing_means_a_lost_session_only_when_the_error_is_about_it():
+    graph = "nova_work.suggested_users_graph_abc_edges"
+    about_graph = RuntimeError(
+        f"Code: 60. DB::Exception: Table {graph} does not exist. (UNKNOWN_TABLE)"
+    )
+    # A missing source table, in a query that also reads the graph: a schema fault.
+    about_source = RuntimeError(
+        "Code: 60. DB::Exception: Unknown table expression identifier 'nova.follows'. "
+        f"In scope SELECT * FROM nova.follows JOIN {graph} USING (follower_id). (UNKNOWN_TABLE)"
+    )
+    assert "graph is not on this server" in session_lost(about_graph)
+    assert session_lost(about_source) is None
+
+
 # -- the checks ----------------------------------------------------------------------------------
 
 

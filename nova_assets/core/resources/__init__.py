@@ -9,6 +9,7 @@ from nova_assets.core.resources.clickhouse import (
     CLICKHOUSE_POOL,
     UNKNOWN_TABLE,
     ClickHouseResource,
+    names_in_error,
     releases_engine,
     session_tables_lost,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "KafkaRecord",
     "RedisCacheResource",
     "json_dumps",
+    "names_in_error",
     "releases_engine",
     "session_tables_lost",
 ]

@@ -196,12 +196,12 @@ def session_tables_lost(exc: BaseException, tables: Iterable[str]) -> str | None
     code = clickhouse_error_code(exc)
     if code in SESSION_LOST_CODES:
         return SESSION_LOST_CODES[code]
-    if code == UNKNOWN_TABLE and not _named_in_error(exc).isdisjoint(tables):
+    if code == UNKNOWN_TABLE and not names_in_error(exc).isdisjoint(tables):
         return "UNKNOWN_TABLE: the session's temporary tables are gone"
     return None
 
 
-def _named_in_error(exc: BaseException) -> set[str]:
+def names_in_error(exc: BaseException) -> set[str]:
     """The names in a ClickHouse error's own words, before the query text it may go on to quote.
 
     A query that reads a source table and the session's tables names both: only the table the

@@ -76,6 +76,7 @@ from nova_assets.core.resources import (
     UNKNOWN_TABLE,
     ClickHouseResource,
     RedisCacheResource,
+    names_in_error,
     releases_engine,
     session_tables_lost,
 )
@@ -402,9 +403,10 @@ def session_lost(exc: BaseException) -> str | None:
     server and asked for on another.
     """
     reason = session_tables_lost(exc, _TEMPORARY_TABLES)
-    if reason is None and clickhouse_error_code(exc) == UNKNOWN_TABLE and _GRAPH_PREFIX in str(exc):
+    if reason is None and clickhouse_error_code(exc) == UNKNOWN_TABLE:
         # Built on one server, asked for on another: the session's requests reach two servers.
-        return "UNKNOWN_TABLE: the run's graph is not on this server"
+        if any(name.startswith(_GRAPH_PREFIX) for name in names_in_error(exc)):
+            return "UNKNOWN_TABLE: the run's graph is not on this server"
     return reason
 
 
