@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
 from nova_assets.defs.metrics import MetricsState, advance, compute_job_metrics
-from nova_assets.defs.schedules import job_specs
 from nova_assets.local.history import add_history, history_instance, spread
 
 SPECS = job_specs(Settings.from_env({}))

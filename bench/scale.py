@@ -23,9 +23,10 @@ from pathlib import Path
 
 from common import AS_OF, materialize_as_of, peak_rss_mib
 
+from nova_assets.core.jobs import windows
 from nova_assets.core.resources import ClickHouseResource
 from nova_assets.defs.suggestions.assets import build_suggested_users_asset
-from nova_assets.defs.trending.assets import build_trending_asset, windows
+from nova_assets.defs.trending.assets import build_trending_asset
 from nova_assets.local import seed
 
 KEY_PREFIX = "bench:scale:"

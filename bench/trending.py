@@ -20,6 +20,7 @@ import numpy as np
 from common import AS_OF, materialize_as_of, peak_rss_mib, timed
 
 from nova_assets.core.contract import epoch_ms
+from nova_assets.core.jobs import windows
 from nova_assets.core.resources import ClickHouseResource
 from nova_assets.core.sources import EVENT_WEIGHTS
 from nova_assets.defs.trending.assets import (
@@ -27,7 +28,6 @@ from nova_assets.defs.trending.assets import (
     TOP_POSTS,
     build_trending_asset,
     rank,
-    windows,
 )
 from nova_assets.local import seed
 

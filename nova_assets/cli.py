@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 import nova_assets
 from nova_assets.core.cache_asset import asset_pool
+from nova_assets.core.jobs import job_specs, jobs_of_run
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, KafkaDLQResource
 from nova_assets.core.resources.clickhouse import (
     EmbeddedEngineMissingError,
@@ -32,7 +33,6 @@ from nova_assets.core.resources.clickhouse import (
 from nova_assets.core.settings import Settings, SettingsError, redact_url
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq.sensors import plan_replays
-from nova_assets.defs.schedules import job_specs, jobs_of_run
 from nova_assets.local import seed, stack
 
 ALERT_RULES = Path(nova_assets.__file__).resolve().parents[1] / "ops" / "prometheus" / "alerts.yml"

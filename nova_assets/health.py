@@ -21,9 +21,9 @@ from typing import Any
 
 import dagster as dg
 
+from nova_assets.core.jobs import JobSpec, active_run, counts_for_tag
 from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.metrics import UNHEALTHY_AFTER_FAILURES, compute_job_metrics
-from nova_assets.defs.schedules import JobSpec, active_run, counts_for_tag
 
 LATE_AFTER_INTERVALS = 2
 """A job is late once its last success is this many intervals old (the freshness warn window)."""

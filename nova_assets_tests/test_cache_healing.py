@@ -13,10 +13,11 @@ import dagster as dg
 import pytest
 
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG, cache_asset, cache_result
+from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.cache_healing import build_cache_healer, find_gaps, seconds_to_next_tick
-from nova_assets.defs.schedules import JOB_TAG, cache_jobs, job_specs
+from nova_assets.defs.schedules import cache_jobs
 
 SPECS = job_specs(Settings.from_env({}))
 BY_ASSET = {spec.asset: spec for spec in SPECS}

@@ -23,13 +23,13 @@ from nova_assets.core.contract import (
     fail_fast_on_permanent_faults,
     parse_utc,
 )
+from nova_assets.core.jobs import job_specs, windows
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
-from nova_assets.defs.schedules import job_specs
 from nova_assets.defs.suggestions.assets import build_suggested_users_asset
-from nova_assets.defs.trending.assets import build_trending_asset, windows
+from nova_assets.defs.trending.assets import build_trending_asset
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset
 from nova_assets_tests.test_trending import AS_OF

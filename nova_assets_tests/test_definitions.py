@@ -17,8 +17,8 @@ import redis
 import yaml
 
 from nova_assets import definitions
+from nova_assets.core.jobs import JOB_TAG
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
-from nova_assets.defs.schedules import JOB_TAG
 from nova_assets.local.instance import initialize_pools, write_instance
 from nova_assets_tests import factories
 from nova_assets_tests.conftest import free_ports

@@ -22,11 +22,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
-from nova_assets.defs.schedules import JOB_TAG, job_specs
 from nova_assets.local.stack import down, started_pid, up
 from nova_assets_tests.conftest import KAFKA_BROKERS, kafka_for
 

@@ -28,11 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nova_assets import cli
+from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource, KafkaRecord
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
-from nova_assets.defs.schedules import JOB_TAG, job_specs
 from nova_assets_tests.conftest import KAFKA_BROKERS, create_topic
 from nova_assets_tests.test_dlq import _message, _replay_tick, evaluate, fail_runs
 

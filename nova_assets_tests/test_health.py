@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from nova_assets import cli
+from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.defs.schedules import job_specs
 from nova_assets.local.history import FinishedRun, add_history, history_instance
 
 SPECS = job_specs(Settings.from_env({}))

@@ -13,6 +13,7 @@ import uuid
 import dagster as dg
 import pytest
 
+from nova_assets.core.jobs import JobSpec, job_specs
 from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import sensors
@@ -24,7 +25,6 @@ from nova_assets.defs.metrics import (
     push_job_metrics,
     push_values,
 )
-from nova_assets.defs.schedules import JobSpec, job_specs
 from nova_assets.local.history import add_history, history_instance, spread
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, free_ports

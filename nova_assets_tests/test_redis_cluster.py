@@ -23,10 +23,11 @@ import redis
 import trustme
 
 from nova_assets.core.contract import iso_z, permanent_reason
+from nova_assets.core.jobs import windows
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.defs.feeds.assets import build_warmed_feeds_asset
 from nova_assets.defs.suggestions.assets import DEFAULT_TTL_SEC, build_suggested_users_asset
-from nova_assets.defs.trending.assets import build_trending_asset, windows
+from nova_assets.defs.trending.assets import build_trending_asset
 from nova_assets.local import seed
 from nova_assets.local.stack import REDIS_CLUSTER_BUS_OFFSET, free_port_range
 from nova_assets_tests.conftest import REDIS_URL, RedisCluster

@@ -12,8 +12,9 @@ import dagster as dg
 import pytest
 
 from nova_assets import definitions
+from nova_assets.core.jobs import ACTIVE_STATUSES, JOB_TAG, JobSpec
 from nova_assets.core.settings import Settings
-from nova_assets.defs.schedules import ACTIVE_STATUSES, JOB_TAG, JobSpec, build_schedule
+from nova_assets.defs.schedules import build_schedule
 
 
 def _slow_job(name: str, started: threading.Event, release: threading.Event) -> dg.JobDefinition:

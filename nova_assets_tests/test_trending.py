@@ -21,12 +21,12 @@ import dagster as dg
 import pytest
 
 from nova_assets.core.contract import iso_z
+from nova_assets.core.jobs import windows
 from nova_assets.defs.trending.assets import (
     build_trending_asset,
     evaluate_checks,
     live_posts,
     rank,
-    windows,
 )
 from nova_assets_tests.conftest import REDIS_URL
 from nova_assets_tests.factories import ago, insert_events, insert_posts, post, reset

@@ -25,9 +25,10 @@ import dagster as dg
 import redis
 
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG
+from nova_assets.core.jobs import JobSpec, active_run, job_specs
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import load_settings
-from nova_assets.defs.schedules import JobSpec, active_run, cache_jobs, job_specs
+from nova_assets.defs.schedules import cache_jobs
 
 CHECK_EVERY_S = 20
 MISSING, EXPIRING = "cache_missing", "cache_expiring"

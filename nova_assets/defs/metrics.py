@@ -26,10 +26,10 @@ import dagster as dg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nova_assets.core.jobs import JobSpec, counts_for_tag, job_specs, jobs_of_run
 from nova_assets.core.resources import JobMetricsResource
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.defs.schedules import JobSpec, counts_for_tag, job_specs, jobs_of_run
 
 PUSH_JOB = "nova_assets"
 """The Pushgateway grouping (`job` label) all metrics are pushed under."""

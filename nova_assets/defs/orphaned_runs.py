@@ -17,8 +17,8 @@ import time
 
 import dagster as dg
 
+from nova_assets.core.jobs import ACTIVE_SCAN
 from nova_assets.core.workers import worker_alive
-from nova_assets.defs.schedules import ACTIVE_SCAN
 
 GRACE_S = 30.0
 """A run younger than this may not have recorded its worker yet."""

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from nova_assets.core.jobs import JOB_TAG, JobSpec
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, releases_engine
 from nova_assets.core.sources import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
-from nova_assets.defs.schedules import JOB_TAG, JobSpec, build_schedule
+from nova_assets.defs.schedules import build_schedule
 from nova_assets.defs.suggestions.assets import PRIORITY_TAG, SHARD_PRIORITY
 
 DEMO_TRAFFIC_JOB = "demo_traffic"

@@ -21,7 +21,7 @@ from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
 from dagster._serdes import serialize_value
 
-from nova_assets.defs.schedules import JOB_TAG
+from nova_assets.core.jobs import JOB_TAG
 
 
 @dataclass(frozen=True)

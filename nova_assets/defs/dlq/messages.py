@@ -16,8 +16,8 @@ from typing import Any
 import dagster as dg
 
 from nova_assets.core.contract import STEP_RETRY_POLICY, iso_z
+from nova_assets.core.jobs import JobSpec, jobs_of_run
 from nova_assets.core.resources import KafkaDLQResource, KafkaRecord
-from nova_assets.defs.schedules import JobSpec, jobs_of_run
 
 SCHEMA = "nova.jobs.dlq.v1"
 DELIVERED_TAG = "nova/dlq_delivered"

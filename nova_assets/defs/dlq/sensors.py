@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from nova_assets.core.jobs import JOB_TAG, JobSpec, job_specs, jobs_of_run
 from nova_assets.core.resources import AlertWebhookResource, Delivery, KafkaDLQResource
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.messages import (
@@ -31,7 +32,7 @@ from nova_assets.defs.dlq.messages import (
     encode,
     parse_message,
 )
-from nova_assets.defs.schedules import JOB_TAG, JobSpec, cache_jobs, job_specs, jobs_of_run
+from nova_assets.defs.schedules import cache_jobs
 
 # -- the publisher ----------------------------------------------------------------------------
 

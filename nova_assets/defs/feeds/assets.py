@@ -26,6 +26,7 @@ from nova_assets.core.cache_asset import (
     cache_result,
 )
 from nova_assets.core.contract import AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.jobs import FEEDS_ASSET, FEEDS_JOB, FEEDS_REFRESH_SEC
 from nova_assets.core.resources import (
     CLICKHOUSE_POOL,
     ClickHouseResource,
@@ -43,9 +44,9 @@ from nova_assets.core.sources import (
     weight_parameters,
 )
 
-ASSET_NAME = "warmed_feeds"
-JOB_NAME = "cache_warmer"
-REFRESH_SEC = 60
+ASSET_NAME = FEEDS_ASSET
+JOB_NAME = FEEDS_JOB
+REFRESH_SEC = FEEDS_REFRESH_SEC
 """The cache_warmer schedule's interval (docs/design.md §5)."""
 FEED_TTL_SEC = 120
 """Default TTL of a feed key: two refreshes, so a healthy schedule rewrites it before it expires."""

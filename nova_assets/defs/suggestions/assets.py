@@ -71,6 +71,11 @@ from nova_assets.core.contract import (
     fail_fast_on_permanent_faults,
     iso_z,
 )
+from nova_assets.core.jobs import (
+    SUGGESTIONS_ASSET,
+    SUGGESTIONS_JOB,
+    SUGGESTIONS_OP,
+)
 from nova_assets.core.resources import (
     CLICKHOUSE_POOL,
     UNKNOWN_TABLE,
@@ -83,9 +88,9 @@ from nova_assets.core.resources import (
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_window
 
-ASSET_NAME = "suggested_users"
-JOB_NAME = "suggested_users"
-OP_NAME = "compute_suggested_users"
+ASSET_NAME = SUGGESTIONS_ASSET
+JOB_NAME = SUGGESTIONS_JOB
+OP_NAME = SUGGESTIONS_OP
 """The asset's graph of steps, under which run config goes:
 {"ops": {OP_NAME: {"config": {"as_of": …}}}}, handed on to its first step."""
 PLAN_OP = "plan_suggestions"
@@ -105,8 +110,6 @@ SHARD_PRIORITY = -2
 """The shards' place in the pool's line: behind the caches' steps (priority 0) asking for the slot,
 and behind the local demo traffic's (-1)."""
 PRIORITY_TAG = "dagster/priority"
-SHARDS_IN_PARALLEL = 4
-"""Shards ranked at once against a ClickHouse server (the suggestions job's executor)."""
 BATCH_USERS = 100
 """Users per Redis pipeline."""
 WRITERS_IN_FLIGHT = 10

@@ -8,13 +8,14 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
 
 from nova_assets.core.cache_asset import Stopwatch, asset_pool, cache_asset, cache_result
 from nova_assets.core.contract import STEP_RETRY_POLICY, AsOfConfig, epoch_ms, iso_z
+from nova_assets.core.jobs import Window, windows
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import (
@@ -29,40 +30,6 @@ from nova_assets.core.sources import (
 
 TOP_POSTS = 50
 POSTS_PER_AUTHOR = 3
-TTL_REFRESH_MULTIPLE = 10
-
-
-@dataclass(frozen=True)
-class Window:
-    """One trending window of docs/design.md §3."""
-
-    name: str
-    length: timedelta
-    decay_per_hour: float
-    refresh_sec: int
-
-    @property
-    def asset_name(self) -> str:
-        return f"trending_posts_{self.name}"
-
-    @property
-    def job_name(self) -> str:
-        return f"trending_{self.name}"
-
-    @property
-    def ttl_sec(self) -> int:
-        return TTL_REFRESH_MULTIPLE * self.refresh_sec
-
-
-def windows(trending_interval_sec: int = 60) -> tuple[Window, ...]:
-    """The three windows; the 1h refresh follows TRENDING_INTERVAL_SEC."""
-    return (
-        Window("1h", timedelta(hours=1), 0.5, trending_interval_sec),
-        Window("24h", timedelta(hours=24), 0.9, 300),
-        Window("7d", timedelta(days=7), 0.98, 3600),
-    )
-
-
 # Per-event terms of the score, shared by both passes below (constants, never input).
 _IN_WINDOW = in_window("event_time")
 _WEIGHT = EVENT_WEIGHT
