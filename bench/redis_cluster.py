@@ -23,12 +23,9 @@ from pathlib import Path
 from common import AS_OF, REDIS_URL
 
 from nova_assets.core.resources import RedisCacheResource
-from nova_assets.defs.suggestions.assets import (
-    DEFAULT_TTL_SEC,
-    WRITERS_IN_FLIGHT,
-    UserSuggestions,
-    write_chunk,
-)
+from nova_assets.defs.suggestions.assets import DEFAULT_TTL_SEC
+from nova_assets.defs.suggestions.ranking import UserSuggestions
+from nova_assets.defs.suggestions.shards import WRITERS_IN_FLIGHT, write_chunk
 from nova_assets.local import stack
 
 REPEAT = 5

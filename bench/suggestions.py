@@ -23,14 +23,11 @@ from common import AS_OF, REDIS_URL, materialize_as_of, peak_rss_mib
 
 from nova_assets.core.contract import iso_z
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
-from nova_assets.defs.suggestions.assets import (
-    CHUNK_USERS,
-    active_users,
-    build_suggested_users_asset,
-    check_sample,
-    rank_users,
-    suggestion_graph,
-)
+from nova_assets.defs.suggestions.assets import build_suggested_users_asset
+from nova_assets.defs.suggestions.checks import check_sample
+from nova_assets.defs.suggestions.graph import suggestion_graph
+from nova_assets.defs.suggestions.ranking import active_users, rank_users
+from nova_assets.defs.suggestions.shards import CHUNK_USERS
 from nova_assets.local import seed
 
 KEY_PREFIX = "bench:suggestions:"

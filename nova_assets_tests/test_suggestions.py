@@ -30,26 +30,26 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from pydantic import Field
 
 from nova_assets.core.contract import iso_z, permanent_reason
+from nova_assets.core.jobs import SUGGESTIONS_ASSET as ASSET_NAME
+from nova_assets.core.jobs import SUGGESTIONS_JOB as JOB_NAME
+from nova_assets.core.jobs import SUGGESTIONS_OP as OP_NAME
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.defs.suggestions.assets import (
-    ASSET_NAME,
     FINISH_OP,
-    JOB_NAME,
-    MAX_SESSION_LOSSES,
-    OP_NAME,
     PLAN_OP,
-    RANKING_SQL,
     SHARD_OP,
-    SHARD_USERS,
-    Exclusions,
-    SessionLostError,
     build_suggested_users_asset,
-    evaluate_checks,
-    live_exclusions,
-    rank_users,
+)
+from nova_assets.defs.suggestions.checks import Exclusions, evaluate_checks, live_exclusions
+from nova_assets.defs.suggestions.graph import (
+    MAX_SESSION_LOSSES,
+    SessionLostError,
     session_lost,
     suggestion_graph,
 )
+from nova_assets.defs.suggestions.ranking import rank_users
+from nova_assets.defs.suggestions.shards import SHARD_USERS
+from nova_assets.defs.suggestions.sql import RANKING_SQL
 from nova_assets_tests.conftest import REDIS_URL, GateProxy
 from nova_assets_tests.factories import (
     SessionLosingClickHouse,
@@ -694,7 +694,7 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
     value; returns the finished run and how many users hold a new value, after checking every key
     is whole and has its TTL.
     """
-    from nova_assets.defs.suggestions.assets import active_users
+    from nova_assets.defs.suggestions.ranking import active_users
     from nova_assets.local import seed
 
     seed.generate(
@@ -778,7 +778,7 @@ def _interrupt_a_real_run(ch, redis_cache, tmp_path, *, request_termination: boo
 
 
 def test_a_terminated_run_stops_at_a_batch_boundary_and_ends_canceled(ch, redis_cache, tmp_path):
-    from nova_assets.defs.suggestions.assets import BATCH_USERS
+    from nova_assets.defs.suggestions.shards import BATCH_USERS
 
     run, written, sizes = _interrupt_a_real_run(
         ch, redis_cache, tmp_path, request_termination=True, sig=signal.SIGINT
