@@ -10,8 +10,8 @@ from nova_assets.core.settings import (
     Settings,
     SettingsError,
     interval_to_cron,
-    redact_url,
 )
+from nova_assets.core.urls import redact_url
 
 
 def test_defaults_match_the_design():

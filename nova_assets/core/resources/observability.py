@@ -19,7 +19,7 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 from pydantic import Field
 
 from nova_assets.core.resources.base import HTTP_TIMEOUT_S, PUSH_TIMEOUT_S
-from nova_assets.core.settings import redact_url
+from nova_assets.core.urls import redact_url
 
 Handler = Callable[..., Callable[[], None]]
 """prometheus_client's request handler: (url, method, timeout, headers, data) → send()."""
