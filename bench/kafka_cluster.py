@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from nova_assets.core.resources import KafkaDLQResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq import messages as dlq
+from nova_assets.defs.dlq import writing
 from nova_assets.local import stack
 
 REPEAT = 5
@@ -43,9 +43,9 @@ def payload(run: int) -> bytes:
         "    rows = clickhouse.query_df(SQL, parameters)\n"
         for i in range(20)
     )
-    return dlq.encode(
+    return writing.encode(
         {
-            "schema": dlq.SCHEMA,
+            "schema": writing.SCHEMA,
             "job_name": "trending_1h",
             "run_id": f"{uuid.uuid4()}-{run}",
             "asset_keys": ["trending_posts_1h"],

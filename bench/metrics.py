@@ -3,7 +3,7 @@
     .venv/bin/python bench/metrics.py [--sizes 1000,10000,100000]
 
 For each size, a fresh instance (SQLite, the local default, with its event log in one database)
-gets that many finished runs of the five jobs, written in bulk (`nova_assets.local.history`).
+gets that many finished runs of the five jobs, written in bulk (`nova_assets_tests.history`).
 Then, in the same run:
 
 - old: recount every job over all of history (`compute_job_metrics`, what each evaluation did
@@ -23,10 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# Puts the repository root on sys.path: the bulk history writer is test code (nova_assets_tests).
+import common  # noqa: F401
+
 from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
-from nova_assets.defs.metrics import MetricsState, advance, compute_job_metrics
-from nova_assets.local.history import add_history, history_instance, spread
+from nova_assets.defs.metrics.recount import compute_job_metrics
+from nova_assets.defs.metrics.state import MetricsState, advance
+from nova_assets_tests.history import add_history, history_instance, spread
 
 SPECS = job_specs(Settings.from_env({}))
 NAMES = [spec.name for spec in SPECS]

@@ -22,8 +22,9 @@ from typing import Any
 import dagster as dg
 
 from nova_assets.core.jobs import JobSpec, active_run, counts_for_tag
-from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.defs.metrics import UNHEALTHY_AFTER_FAILURES, compute_job_metrics
+from nova_assets.core.text_table import text_table
+from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
+from nova_assets.defs.metrics.recount import UNHEALTHY_AFTER_FAILURES, compute_job_metrics
 
 LATE_AFTER_INTERVALS = 2
 """A job is late once its last success is this many intervals old (the freshness warn window)."""
@@ -172,9 +173,4 @@ def as_table(jobs: Sequence[JobHealth]) -> str:
         )
         for job in jobs
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join([*lines, f"overall: {overall(jobs)}"])
+    return f"{text_table(header, rows)}\noverall: {overall(jobs)}"

@@ -26,8 +26,8 @@ from nova_assets.core.contract import (
 from nova_assets.core.jobs import job_specs, windows
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq import messages as dlq
 from nova_assets.defs.dlq import sensors
+from nova_assets.defs.dlq import writing as dlq
 from nova_assets.defs.suggestions.assets import build_suggested_users_asset
 from nova_assets.defs.trending.assets import build_trending_asset
 from nova_assets.local.stack import StackConfig, down, up

@@ -25,8 +25,7 @@ import pytest
 from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq import messages as dlq
-from nova_assets.defs.dlq import sensors
+from nova_assets.defs.dlq import reading, sensors, writing
 from nova_assets.local.stack import down, started_pid, up
 from nova_assets_tests.conftest import KAFKA_BROKERS, kafka_for
 
@@ -89,7 +88,7 @@ def test_the_message_carries_the_design_payload(instance, kafka_dlq):
     assert body["replay_of"] is None
     assert body["run_retry"] == {"attempt": 0, "max_retries": 0, "will_retry": False}
     assert body["truncated"] is False
-    assert dlq.DELIVERED_TAG in instance.get_run_by_id(run_id).tags
+    assert writing.DELIVERED_TAG in instance.get_run_by_id(run_id).tags
 
 
 @pytest.mark.parametrize(("attempt", "will_retry"), [("0", True), ("2", False)])
@@ -113,7 +112,7 @@ def test_broker_stopped_nothing_lost_then_published_exactly_once(instance, priva
 
     cursor, delivered, pending = evaluate(instance, kafka)
     assert (delivered, pending) == (0, 1)
-    assert dlq.DELIVERED_TAG not in instance.get_run_by_id(run_id).tags
+    assert writing.DELIVERED_TAG not in instance.get_run_by_id(run_id).tags
 
     up(private_kafka, services=("kafka",))
     cursor, delivered, pending = evaluate(instance, kafka, cursor)
@@ -168,8 +167,10 @@ def test_many_delivered_runs_never_stall_the_walk(instance, kafka_dlq):
         pass
 
     # More delivered failures than one page holds, then one that is not delivered yet.
-    for _ in range(dlq.RUNS_PER_PAGE + 20):
-        run = instance.create_run_for_job(idle, tags={dlq.DELIVERED_TAG: dlq.DELIVERED_VALUE})
+    for _ in range(sensors.RUNS_PER_PAGE + 20):
+        run = instance.create_run_for_job(
+            idle, tags={writing.DELIVERED_TAG: writing.DELIVERED_VALUE}
+        )
         instance.report_run_failed(run)
     [run_id] = fail_runs(instance)
     cursor, delivered, pending = evaluate(instance, kafka_dlq)
@@ -182,7 +183,7 @@ def _oversized(
     stack: str = "", tags: dict[str, str] | None = None, message: str = "boom", run_id: str = "r2"
 ) -> dict:
     return {
-        "schema": dlq.SCHEMA,
+        "schema": writing.SCHEMA,
         "job_name": "trending_1h",
         "run_id": run_id,
         "asset_keys": ["trending_posts_1h"],
@@ -194,15 +195,15 @@ def _oversized(
 
 def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
     message = _oversized(stack="s" * 3_000_000, message="m" * 50_000, run_id="r1")
-    encoded = dlq.encode(message, limit=dlq.MAX_MESSAGE_BYTES)
-    assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
+    encoded = writing.encode(message, limit=writing.MAX_MESSAGE_BYTES)
+    assert len(encoded) <= writing.MAX_MESSAGE_BYTES
     body = json.loads(encoded)
     assert body["truncated"] is True
     assert body["run_id"] == "r1"
     assert body["error"]["stack"].startswith("sss") and body["error"]["stack"].endswith("sss")
     assert "[truncated]" in body["error"]["stack"]
     assert (
-        json.loads(dlq.encode(message | {"error": {"type": "E", "message": "", "stack": ""}}))[
+        json.loads(writing.encode(message | {"error": {"type": "E", "message": "", "stack": ""}}))[
             "truncated"
         ]
         is False
@@ -210,24 +211,24 @@ def test_an_oversized_payload_is_truncated_and_marked_not_dropped():
 
 
 def test_a_non_ascii_stack_is_cut_to_the_room_left_not_dropped():
-    encoded = dlq.encode(_oversized(stack="ошибка в строке\n" * 300_000))
-    assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
+    encoded = writing.encode(_oversized(stack="ошибка в строке\n" * 300_000))
+    assert len(encoded) <= writing.MAX_MESSAGE_BYTES
     stack = json.loads(encoded)["error"]["stack"]
     assert stack.startswith("ошибка") and stack.endswith("строке\n")
-    assert len(stack.encode()) > dlq.MAX_MESSAGE_BYTES * 0.8
+    assert len(stack.encode()) > writing.MAX_MESSAGE_BYTES * 0.8
 
 
 def test_text_that_is_not_utf8_still_encodes():
     stack = "File '/srv/caf\udce9.py', line 3\n"
-    body = json.loads(dlq.encode(_oversized(stack=stack)))
+    body = json.loads(writing.encode(_oversized(stack=stack)))
     assert body["error"]["stack"] == stack
-    assert len(dlq.encode(_oversized(stack=stack * 100_000))) <= dlq.MAX_MESSAGE_BYTES
+    assert len(writing.encode(_oversized(stack=stack * 100_000))) <= writing.MAX_MESSAGE_BYTES
 
 
 def test_thousands_of_tags_still_fit():
     tags = {f"team/label-{i}": "v" * 500 for i in range(8000)}
-    encoded = dlq.encode(_oversized(stack="frame\n", tags=tags))
-    assert len(encoded) <= dlq.MAX_MESSAGE_BYTES
+    encoded = writing.encode(_oversized(stack="frame\n", tags=tags))
+    assert len(encoded) <= writing.MAX_MESSAGE_BYTES
     body = json.loads(encoded)
     assert body["truncated"] is True
     assert body["error"]["message"] == "boom"
@@ -236,7 +237,7 @@ def test_thousands_of_tags_still_fit():
 
 
 def test_an_oversized_payload_reaches_the_broker(kafka_dlq):
-    assert kafka_dlq.publish("trending_7d", dlq.encode(_oversized(stack="frame\n" * 900_000)))
+    assert kafka_dlq.publish("trending_7d", writing.encode(_oversized(stack="frame\n" * 900_000)))
     [body] = messages(kafka_dlq)
     assert body["truncated"] is True
 
@@ -246,7 +247,7 @@ def test_an_oversized_payload_reaches_the_broker(kafka_dlq):
 
 def _message(job="trending_1h", run_id=None, **extra):
     body = {
-        "schema": dlq.SCHEMA,
+        "schema": writing.SCHEMA,
         "job_name": job,
         "run_id": run_id or uuid.uuid4().hex,
         "asset_keys": ["trending_posts_1h"],
@@ -269,7 +270,7 @@ def test_replay_runs_each_failed_run_once_by_its_assets_and_skips_bad_messages(k
     payloads = [
         _message(run_id=good[0]),
         b"not json at all",
-        json.dumps({"schema": dlq.SCHEMA, "job_name": "trending_1h"}).encode(),
+        json.dumps({"schema": writing.SCHEMA, "job_name": "trending_1h"}).encode(),
         _message(schema="nova.jobs.dlq.v0"),
         _message(job="no_such_job", asset_keys=[]),
         json.dumps(["a", "list"]).encode(),
@@ -288,7 +289,7 @@ def test_replay_runs_each_failed_run_once_by_its_assets_and_skips_bad_messages(k
 
     result = _replay_tick(instance, kafka_dlq)
     requests = result.run_requests
-    assert [(r.tags[dlq.REPLAY_TAG], r.job_name) for r in requests] == [
+    assert [(r.tags[writing.REPLAY_TAG], r.job_name) for r in requests] == [
         (good[0], "trending_1h"),
         (good[1], "trending_1h"),
         (good[1], "suggested_users"),
@@ -309,7 +310,7 @@ def test_replay_runs_each_failed_run_once_by_its_assets_and_skips_bad_messages(k
     assert _replay_tick(instance, kafka_dlq, result.cursor).run_requests == []
     assert kafka_dlq.publish("trending_1h", _message(run_id="later"))
     later = _replay_tick(instance, kafka_dlq, result.cursor).run_requests
-    assert [r.tags[dlq.REPLAY_TAG] for r in later] == ["later"]
+    assert [r.tags[writing.REPLAY_TAG] for r in later] == ["later"]
 
 
 def test_a_replay_carries_the_failed_runs_config_for_its_own_op(kafka_dlq, instance):
@@ -334,7 +335,7 @@ def test_stored_offsets_past_the_end_are_reset_and_read_again(kafka_dlq, instanc
     """A topic recreated (or moved) under the sensor: its offsets start again from zero."""
     assert kafka_dlq.publish("trending_1h", _message(run_id="after-recreate"))
     result = _replay_tick(instance, kafka_dlq, cursor=json.dumps({"0": 500}))
-    assert [r.tags[dlq.REPLAY_TAG] for r in result.run_requests] == ["after-recreate"]
+    assert [r.tags[writing.REPLAY_TAG] for r in result.run_requests] == ["after-recreate"]
     assert json.loads(result.cursor) == {"0": 1}
     assert "past the partition's end" in capsys.readouterr().err
 
@@ -345,7 +346,7 @@ def test_stored_offsets_past_the_end_are_reset_and_read_again(kafka_dlq, instanc
         (b"\xff\xfe", "not JSON"),
         (b"{", "not JSON"),
         (b"42", "not a JSON object"),
-        (json.dumps({"schema": dlq.SCHEMA}).encode(), "job_name"),
+        (json.dumps({"schema": writing.SCHEMA}).encode(), "job_name"),
         (_message(asset_keys="trending_posts_1h"), "asset_keys"),
         (_message(schema="other"), "unknown schema"),
         (_message(job="nope", asset_keys=[]), "unknown job"),
@@ -354,7 +355,7 @@ def test_stored_offsets_past_the_end_are_reset_and_read_again(kafka_dlq, instanc
     ],
 )
 def test_each_malformed_kind_has_a_reason(payload, reason):
-    parsed = dlq.parse_message(payload, {"trending_posts_1h": "trending_1h"})
+    parsed = reading.parse_message(payload, {"trending_posts_1h": "trending_1h"})
     assert isinstance(parsed, str)
     assert reason in parsed
 
@@ -462,7 +463,7 @@ def test_a_failed_run_of_another_job_is_published_under_the_job_owning_its_asset
     assert body["asset_keys"] == ["trending_posts_1h"]
     # ... and the replay sensor replays it as that job.
     [request] = _replay_tick(instance, kafka_dlq).run_requests
-    assert (request.job_name, request.tags[dlq.REPLAY_TAG]) == ("trending_1h", failed.run_id)
+    assert (request.job_name, request.tags[writing.REPLAY_TAG]) == ("trending_1h", failed.run_id)
 
 
 def test_dlq_replay_command_launches_the_replay_through_the_instance(tmp_path):
@@ -502,6 +503,6 @@ def test_dlq_replay_command_launches_the_replay_through_the_instance(tmp_path):
     assert replay.run_id in replayed.stdout
     assert replay.job_name == "trending_1h"
     assert replay.status == dg.DagsterRunStatus.QUEUED
-    assert replay.tags[dlq.REPLAY_TAG] == failed.run_id
+    assert replay.tags[writing.REPLAY_TAG] == failed.run_id
     assert replay.tags[JOB_TAG] == "trending_1h"
     assert replay.run_config["ops"] == {"trending_posts_1h": as_of}

@@ -31,8 +31,7 @@ from nova_assets import cli
 from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource, KafkaRecord
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq import messages as dlq
-from nova_assets.defs.dlq import sensors
+from nova_assets.defs.dlq import reading, sensors, writing
 from nova_assets_tests.conftest import KAFKA_BROKERS, create_topic
 from nova_assets_tests.test_dlq import _message, _replay_tick, evaluate, fail_runs
 
@@ -73,7 +72,7 @@ json_values = st.recursive(
 message_shapes = st.fixed_dictionaries(
     {},
     optional={
-        "schema": st.just(dlq.SCHEMA) | json_values,
+        "schema": st.just(writing.SCHEMA) | json_values,
         "job_name": st.sampled_from(["trending_1h", "__ASSET_JOB"]) | json_values,
         "run_id": st.uuids().map(str) | json_values,
         "asset_keys": st.just(["trending_posts_1h"]) | json_values,
@@ -89,10 +88,10 @@ message_shapes = st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=st.binary(max_size=2048), key=st.binary(max_size=64))
 def test_any_bytes_parse_to_a_message_or_a_reason_and_list_as_a_row(value, key):
-    parsed = dlq.parse_message(value, ASSET_JOBS)
-    assert isinstance(parsed, dlq.ParsedMessage) or (isinstance(parsed, str) and parsed)
+    parsed = reading.parse_message(value, ASSET_JOBS)
+    assert isinstance(parsed, reading.ParsedMessage) or (isinstance(parsed, str) and parsed)
     record = _record(value, key.decode(errors="backslashreplace"))
-    table = dlq.format_table([dlq.row_of(record)])
+    table = reading.format_table([reading.row_of(record)])
     assert len(table.splitlines()) == 2
     assert _printable(table)
 
@@ -101,13 +100,13 @@ def test_any_bytes_parse_to_a_message_or_a_reason_and_list_as_a_row(value, key):
 @given(shape=message_shapes)
 def test_any_json_shape_parses_to_a_message_or_a_reason_and_lists_as_a_row(shape):
     value = json.dumps(shape).encode()
-    parsed = dlq.parse_message(value, ASSET_JOBS)
-    if isinstance(parsed, dlq.ParsedMessage):
+    parsed = reading.parse_message(value, ASSET_JOBS)
+    if isinstance(parsed, reading.ParsedMessage):
         assert parsed.run_id == shape["run_id"]
         assert set(parsed.asset_keys) <= set(ASSET_JOBS)
     else:
         assert isinstance(parsed, str) and parsed
-    table = dlq.format_table([dlq.row_of(_record(value))])
+    table = reading.format_table([reading.row_of(_record(value))])
     assert len(table.splitlines()) == 2
     assert _printable(table)
 
@@ -115,27 +114,27 @@ def test_any_json_shape_parses_to_a_message_or_a_reason_and_lists_as_a_row(shape
 @pytest.mark.parametrize("name", sorted(POISON))
 def test_each_poison_message_has_a_reason_or_a_row_and_never_raises(name):
     value = POISON[name]
-    assert isinstance(dlq.parse_message(value, ASSET_JOBS), str)
-    row = dlq.row_of(_record(value, key="\\xff\\xfe"))
-    table = dlq.format_table([row])
+    assert isinstance(reading.parse_message(value, ASSET_JOBS), str)
+    row = reading.row_of(_record(value, key="\\xff\\xfe"))
+    table = reading.format_table([row])
     assert _printable(table)
     assert len(max(table.splitlines(), key=len)) < 400
 
 
 def test_unreadable_rows_say_why_and_where():
-    rows = [dlq.row_of(_record(POISON["200,000 nested ["], offset=7))]
-    assert rows[0][dlq.UNREADABLE] == "nested too deeply"
-    line = dlq.format_table(rows).splitlines()[1].split()
+    rows = [reading.row_of(_record(POISON["200,000 nested ["], offset=7))]
+    assert rows[0][reading.UNREADABLE] == "nested too deeply"
+    line = reading.format_table(rows).splitlines()[1].split()
     assert line[1:3] == ["trending_1h", "(unreadable)"]
     assert line[-1] == "0:7"
-    big = dlq.row_of(_record(POISON["3 MB"]))
-    assert "over the" in big[dlq.UNREADABLE]
+    big = reading.row_of(_record(POISON["3 MB"]))
+    assert "over the" in big[reading.UNREADABLE]
 
 
 @pytest.mark.parametrize("error", ["boom", ["a", "list"], 42, None])
 def test_an_error_of_any_shape_prints(error):
     value = _message(run_id="r-1", error=error)
-    [line] = dlq.format_table([dlq.row_of(_record(value))]).splitlines()[1:]
+    [line] = reading.format_table([reading.row_of(_record(value))]).splitlines()[1:]
     assert line.split()[1:4] == ["trending_1h", "r-1", "?"]
 
 
@@ -177,7 +176,9 @@ def test_poison_messages_on_the_topic_never_stop_a_later_one(kafka_dlq, instance
     assert good in rows["0:5"]
 
     result = _replay_tick(instance, kafka_dlq)
-    assert sorted(r.tags[dlq.REPLAY_TAG] for r in result.run_requests) == sorted([bad_key, good])
+    assert sorted(r.tags[writing.REPLAY_TAG] for r in result.run_requests) == sorted(
+        [bad_key, good]
+    )
     assert json.loads(result.cursor) == {"0": 6}
 
 
@@ -206,10 +207,10 @@ def test_a_message_the_topic_refuses_is_cut_or_marked_and_never_blocks_the_next(
     _, delivered, pending = evaluate(instance, kafka)
     assert (delivered, pending) == (1, 0)
     refused = instance.get_run_by_id(refused_run).tags
-    assert dlq.DELIVERED_TAG not in refused
-    assert "too large" in refused[dlq.UNDELIVERABLE_TAG].lower()
+    assert writing.DELIVERED_TAG not in refused
+    assert "too large" in refused[writing.UNDELIVERABLE_TAG].lower()
     assert [json.loads(r.value)["run_id"] for r in kafka.read()] == [later]
-    assert instance.get_run_by_id(later).tags[dlq.DELIVERED_TAG] == dlq.DELIVERED_VALUE
+    assert instance.get_run_by_id(later).tags[writing.DELIVERED_TAG] == writing.DELIVERED_VALUE
 
     # Marked undeliverable, it is not tried again.
     assert evaluate(instance, kafka)[1:] == (0, 0)
@@ -220,7 +221,7 @@ def test_a_message_cut_to_a_quarter_is_delivered_when_it_then_fits(instance):
     assert evaluate(instance, kafka)[1:] == (1, 0)
     [body] = [json.loads(r.value) for r in kafka.read()]
     assert body["run_id"] == run_id and body["truncated"] is True
-    assert dlq.UNDELIVERABLE_TAG not in instance.get_run_by_id(run_id).tags
+    assert writing.UNDELIVERABLE_TAG not in instance.get_run_by_id(run_id).tags
 
 
 def _foreign_run(instance: dg.DagsterInstance, location: str) -> str:
@@ -262,7 +263,7 @@ def test_only_this_code_locations_failures_are_published(instance, kafka_dlq):
     assert delivered == 1
     assert [json.loads(r.value)["run_id"] for r in kafka_dlq.read()] == [ours]
     for other in (theirs, untagged):
-        assert dlq.DELIVERED_TAG not in instance.get_run_by_id(other).tags
+        assert writing.DELIVERED_TAG not in instance.get_run_by_id(other).tags
     assert sensors.PublisherCursor.parse(cursor.serialize()).watermark > 0
 
 
@@ -282,7 +283,7 @@ def test_the_publisher_starts_from_its_first_evaluation(instance, kafka_dlq):
     ) as context:
         publisher.evaluate_tick(context)
     assert [json.loads(r.value)["run_id"] for r in kafka_dlq.read()] == [after]
-    assert dlq.DELIVERED_TAG not in instance.get_run_by_id(before).tags
+    assert writing.DELIVERED_TAG not in instance.get_run_by_id(before).tags
 
 
 @pytest.mark.parametrize("limit", ["0", "-1", "٦", "1.5", "", "9" * 5000])

@@ -15,8 +15,8 @@ from pathlib import Path
 from nova_assets import cli
 from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq.messages import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.local.history import FinishedRun, add_history, history_instance
+from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
+from nova_assets_tests.history import FinishedRun, add_history, history_instance
 
 SPECS = job_specs(Settings.from_env({}))
 

@@ -28,8 +28,8 @@ from confluent_kafka.admin import AdminClient
 from nova_assets.core.jobs import JOB_TAG, job_specs
 from nova_assets.core.resources import AlertWebhookResource, KafkaDLQResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.dlq.messages import DELIVERED_TAG
 from nova_assets.defs.dlq.sensors import PublisherCursor, publish_failed_runs
+from nova_assets.defs.dlq.writing import DELIVERED_TAG
 from nova_assets.local.stack import (
     HOST,
     KAFKA_CLUSTER_NODES,

@@ -17,17 +17,12 @@ from nova_assets.core.jobs import JobSpec, job_specs
 from nova_assets.core.resources import AlertWebhookResource, JobMetricsResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq import sensors
-from nova_assets.defs.metrics import (
-    MetricsState,
-    advance,
-    build_job_metrics_sensor,
-    compute_job_metrics,
-    push_job_metrics,
-    push_values,
-)
-from nova_assets.local.history import add_history, history_instance, spread
+from nova_assets.defs.metrics.recount import compute_job_metrics
+from nova_assets.defs.metrics.sensor import build_job_metrics_sensor, push_job_metrics, push_values
+from nova_assets.defs.metrics.state import MetricsState, advance
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import PUSHGATEWAY_URL, free_ports
+from nova_assets_tests.history import add_history, history_instance, spread
 
 JOB = "trending_1h"
 

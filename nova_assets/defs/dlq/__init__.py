@@ -1,1 +1,1 @@
-"""The dead-letter queue: its message, its publisher and its replay."""
+"""The dead-letter queue: the message we write, reading it back, its publisher and its replay."""

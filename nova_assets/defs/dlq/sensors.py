@@ -20,19 +20,28 @@ import dagster as dg
 from nova_assets.core.jobs import JOB_TAG, JobSpec, job_specs, jobs_of_run
 from nova_assets.core.resources import AlertWebhookResource, Delivery, KafkaDLQResource
 from nova_assets.core.settings import load_settings
-from nova_assets.defs.dlq.messages import (
+from nova_assets.defs.dlq.reading import parse_message
+from nova_assets.defs.dlq.writing import (
     DELIVERED_TAG,
     DELIVERED_VALUE,
-    LOOKBACK,
-    PUBLISH_BUDGET_S,
     REPLAY_TAG,
-    RUNS_PER_PAGE,
     UNDELIVERABLE_TAG,
     build_message,
     encode,
-    parse_message,
 )
 from nova_assets.defs.schedules import cache_jobs
+
+PUBLISH_BUDGET_S = 30.0
+"""Time one evaluation may spend publishing, well inside the sensor evaluation timeout (60 s)."""
+
+LOOKBACK = timedelta(minutes=10)
+"""How far behind its watermark the publisher looks again. A run's update time is its failure
+event's own time, taken by the process that failed: a host whose clock runs behind, or a failure
+stored late, stamps a run earlier than one already handled."""
+
+RUNS_PER_PAGE = 100
+"""Failed runs the publisher reads per page; DLQ messages the replay reads per evaluation."""
+
 
 # -- the publisher ----------------------------------------------------------------------------
 
