@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export NOVA_HOME ?= $(CURDIR)/.nova
 export DAGSTER_HOME ?= $(NOVA_HOME)/dagster
 
-.PHONY: dev test test-fast install instance services services-down seed lint alerts browser screenshots bench clean
+.PHONY: dev test test-fast install instance services services-down seed lint alerts browser screenshots bench clean dashboard
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The Dagster instance lives under .nova/ so run history survives restarts; its config is
-# nova_assets/local/dagster.yaml with the run limit of MAX_CONCURRENT_JOBS.
+# the top-level dagster.yaml with the run limit of MAX_CONCURRENT_JOBS.
 instance: install
 	$(BIN)/nova-assets instance --home $(DAGSTER_HOME)
 
@@ -36,9 +36,15 @@ dev: services seed instance
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml \
 		--host 127.0.0.1 --port 3000
 
+# The lint also fails when ops/grafana/nova_assets.json is not what its generator writes.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python ops/grafana/dashboard.py --check
+
+# Regenerate the Grafana dashboard (ops/grafana/dashboard.py) after changing it.
+dashboard: install
+	$(BIN)/python ops/grafana/dashboard.py
 
 # The alert rules and their unit tests (promtool comes with the stack's apt packages).
 alerts: services
@@ -60,8 +66,9 @@ test: services lint alerts browser
 
 # The fast lane: every test that needs no service (the embedded engine is in-process), with no
 # root and no network; markers come from the fixtures a test uses (see nova_assets_tests/conftest.py).
+# Two workers: the longest tests wait on subprocesses and overlap well.
 test-fast: install lint
-	$(BIN)/pytest -m "not services" --durations=10
+	$(BIN)/pytest -n 2 -m "not services" --durations=10
 
 # Refresh the README's screenshots from a real browser run against `dagster dev`.
 screenshots: services browser

@@ -5,7 +5,6 @@ The baseline of `bench/tick_to_fresh.py`, and how every job ran before the in-pr
 
 import dagster as dg
 
-from nova_assets.core.settings import load_settings
-from nova_assets.definitions import build_definitions
+from nova_assets import definitions as location
 
-defs = build_definitions(load_settings(), executor=dg.multiprocess_executor)
+defs = location.rebind(location.defs, executor=dg.multiprocess_executor)

@@ -9,10 +9,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from nova_assets import definitions as location
 from nova_assets.core.resources import ClickHouseResource
 from nova_assets.core.settings import load_settings
-from nova_assets.definitions import build_definitions, build_resources
-from nova_assets.defs.suggestions.assets import RANKING_SQL
+from nova_assets.defs.suggestions.sql import RANKING_SQL
 
 
 class SlowRankingClickHouse(ClickHouseResource):
@@ -23,8 +23,6 @@ class SlowRankingClickHouse(ClickHouseResource):
 
 
 settings = load_settings()
-defs = build_definitions(
-    settings,
-    resources=build_resources(settings)
-    | {"clickhouse": SlowRankingClickHouse(url=settings.clickhouse_url)},
+defs = location.rebind(
+    location.defs, resources={"clickhouse": SlowRankingClickHouse(url=settings.clickhouse_url)}
 )

@@ -5,7 +5,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 from nova_assets.core.contract import epoch_ms
-from nova_assets.local import demo, seed
+from nova_assets.defs import demo
+from nova_assets.local import seed
 
 
 def test_demo_traffic_appends_a_minute_of_realistic_events(clickhouse):

@@ -30,7 +30,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
-from nova_assets.local.demo import SCHEDULED_AT_TAG
+from nova_assets.defs.demo import SCHEDULED_AT_TAG
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
 

@@ -23,7 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nova_assets import definitions
-from nova_assets.core.settings import Settings, SettingsError, redact_url
+from nova_assets.core.settings import Settings, SettingsError
+from nova_assets.core.urls import redact_url
+from nova_assets.defs.resources import build_resources
 
 VARIABLES = (
     "NOVA_HOME",
@@ -173,7 +175,7 @@ def test_the_resources_page_shows_no_secret(monkeypatch):
     for variable, (url, _) in SECRETS.items():
         monkeypatch.setenv(variable, url)
     # The same bindings, built in this process: every secret-bearing URL is an EnvVar.
-    resources = definitions.build_resources(Settings.from_env())
+    resources = build_resources(Settings.from_env())
     for name in ("clickhouse", "redis_cache", "job_metrics", "alerts"):
         assert any(isinstance(value, dg.EnvVar) for value in dict(resources[name]).values()), name
     # The UI's view: the code location loads in a code server, a subprocess that inherits this

@@ -1,8 +1,7 @@
 """Live demo traffic for the local stack: a minute of new engagement events every minute.
 
-Only the embedded engine gets it (`definitions.py` imports this module and adds the job only when
-ClickHouse is local), so the rankings keep moving on a laptop while a real server is never written
-to.
+Only the embedded engine gets it (the module's definitions are empty against a ClickHouse
+server), so the rankings keep moving on a laptop while a real server is never written to.
 """
 
 from datetime import UTC, datetime, timedelta
@@ -11,9 +10,10 @@ import dagster as dg
 
 from nova_assets.core.jobs import JOB_TAG, JobSpec
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, releases_engine
+from nova_assets.core.settings import load_settings
 from nova_assets.core.sources import ENGAGEMENT_EVENTS, FOLLOWS, POSTS
 from nova_assets.defs.schedules import build_schedule
-from nova_assets.defs.suggestions.assets import PRIORITY_TAG, SHARD_PRIORITY
+from nova_assets.defs.suggestions.shards import PRIORITY_TAG, SHARD_PRIORITY
 
 DEMO_TRAFFIC_JOB = "demo_traffic"
 DEMO_EVENTS_PER_MINUTE = 300
@@ -111,3 +111,6 @@ def demo_definitions() -> dg.Definitions:
     """The demo traffic job and its every-minute schedule."""
     spec = JobSpec(DEMO_TRAFFIC_JOB, "demo events", "* * * * *")
     return dg.Definitions(jobs=[demo_traffic], schedules=[build_schedule(spec, demo_traffic)])
+
+
+defs = demo_definitions() if load_settings().embedded_clickhouse else dg.Definitions()
