@@ -1,6 +1,12 @@
-"""What the benchmark scripts share."""
+"""What the benchmark scripts share.
+
+Importing it also puts the repository root on `sys.path`: the scripts run as
+`.venv/bin/python bench/<name>.py`, and some use the test suite's helpers (`nova_assets_tests`),
+which are not installed with the package.
+"""
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +22,11 @@ AS_OF = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 """The fixed instant every benchmark's data ends at and its runs are computed for."""
 REDIS_URL = "redis://127.0.0.1:6379/15"
 """The local Redis, database 15: benchmark keys never meet the dev loop's."""
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository's root folder."""
+
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 
 def timed(function: Callable[[], Any], repeat: int) -> tuple[float, Any]:

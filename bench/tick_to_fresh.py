@@ -44,10 +44,10 @@ import yaml
 from common import REDIS_URL
 
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
-from nova_assets.defs.orphaned_runs import worker_pid
+from nova_assets.core.workers import worker_pid
 from nova_assets.local import instance as local_instance
 from nova_assets.local import seed
-from nova_assets.local.demo import SCHEDULED_AT_TAG
+from nova_assets.defs.demo import SCHEDULED_AT_TAG
 
 HERE = Path(__file__).parent
 DAGSTER = Path(sys.executable).parent / "dagster"
@@ -66,6 +66,25 @@ SCHEDULED_AT = SCHEDULED_AT_TAG
 TARGET_P50_S = 5.0
 TARGET_CPU_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STARTED_WORKER = re.compile(r"Started process for run \(pid: (\d+)\)")
+"""The line `dagster api execute_run` logs with its pid, whichever launcher started it."""
+
+
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid of the run's worker: the local launcher's tag, else the pid the worker logged.
+
+    Runs of Dagster's default launcher (the baseline variants) carry no tag; their worker, started
+    by the code server, logs its pid in the run's log.
+    """
+    pid = worker_pid(instance, run_id)
+    if pid is not None:
+        return pid
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records
+    for record in records:
+        match = STARTED_WORKER.search(record.event_log_entry.message or "")
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def free_port() -> int:
@@ -339,7 +358,7 @@ def collect(
             fresh = watches[job].fresh_at(record.start_time, record.end_time or time.time())
             if fresh is not None:
                 job_figures.latencies.append(fresh - tick)
-            pid = worker_pid(instance, record.dagster_run.run_id)
+            pid = run_worker_pid(instance, record.dagster_run.run_id)
             if pid is not None:
                 job_figures.cpu.append(processes.tree_cpu_s(pid))
                 job_figures.workers.append(pid)

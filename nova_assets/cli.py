@@ -30,8 +30,9 @@ from nova_assets.core.resources.clickhouse import (
     EmbeddedEngineMissingError,
     require_embedded_engine,
 )
-from nova_assets.core.settings import Settings, SettingsError, redact_url
-from nova_assets.defs.dlq import messages as dlq
+from nova_assets.core.settings import Settings, SettingsError
+from nova_assets.core.urls import redact_url
+from nova_assets.defs.dlq import reading as dlq
 from nova_assets.defs.dlq.sensors import plan_replays
 from nova_assets.local import seed, stack
 
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     instance = commands.add_parser("instance", help="write the local Dagster instance config")
     instance.add_argument("--home", type=Path, required=True, help="DAGSTER_HOME")
     instance.add_argument(
-        "--template", type=Path, default=None, help="default: nova_assets/local/dagster.yaml"
+        "--template", type=Path, default=None, help="default: the top-level dagster.yaml"
     )
     probe = commands.add_parser(
         "health", help="each job's health from the Dagster instance; exit 0 when all are ok"

@@ -19,10 +19,9 @@ from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.launcher import LaunchRunContext
 
-from nova_assets.core.workers import process_start
-from nova_assets.defs.orphaned_runs import worker_pid
+from nova_assets.core.workers import WORKER_TAG, process_start, worker_pid
 from nova_assets.local.instance import write_instance
-from nova_assets.local.launcher import WORKER_TAG, PreloadedRunLauncher, write_bytecode
+from nova_assets.local.launcher import PreloadedRunLauncher, write_bytecode
 
 LOCATION = """
 import time

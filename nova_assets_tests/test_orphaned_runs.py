@@ -1,9 +1,9 @@
 """Runs orphaned by a hard kill: a STARTED run whose worker process is gone is failed, once.
 
-The worker's pid is read from the run's log as Dagster's run launcher writes it. A real process
-stands in for the worker: killed, its run is failed with a message saying why; alive, its run is
-left alone; a run that never logged a worker (launched in the process that executes it) and a
-run too young to have logged one are left alone too.
+The worker's pid is read from the run's `nova/worker` tag as the local run launcher writes it. A
+real process stands in for the worker: killed, its run is failed with a message saying why; alive,
+its run is left alone; a run without the tag (launched in the process that executes it, or by
+another launcher) and a run too young to have recorded its worker are left alone too.
 """
 
 import subprocess
@@ -12,11 +12,12 @@ import time
 
 import dagster as dg
 
-from nova_assets.defs.orphaned_runs import GRACE_S, find_orphans, orphaned_runs, worker_alive
+from nova_assets.core.workers import WORKER_TAG, Worker, process_start, worker_alive
+from nova_assets.defs.orphaned_runs import GRACE_S, find_orphans, orphaned_runs
 
 
 def _started_run(instance: dg.DagsterInstance, pid: int | None) -> dg.DagsterRun:
-    """A run of ours in STARTED, its worker `pid` logged as the run launcher logs it."""
+    """A run of ours in STARTED, its worker `pid` tagged as the local run launcher tags it."""
     run = instance.add_run(
         dg.DagsterRun(job_name="trending_1h", status=dg.DagsterRunStatus.NOT_STARTED)
     )
@@ -27,7 +28,7 @@ def _started_run(instance: dg.DagsterInstance, pid: int | None) -> dg.DagsterRun
         ),
     )
     if pid is not None:
-        instance.report_engine_event(f"Started process for run (pid: {pid}).", run)
+        instance.add_run_tags(run.run_id, {WORKER_TAG: Worker(pid, process_start(pid)).tag_value})
     return instance.get_run_by_id(run.run_id)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from nova_assets.core import pool_wait
 from nova_assets.core.resources import CLICKHOUSE_POOL
+from nova_assets.internals import pool_wait
+from nova_assets.internals.slot_storage import FIRST_RETRY_S, LAST_RETRY_S, claim_retry_s
 from nova_assets.local.instance import initialize_pools, write_instance
-from nova_assets.local.storage import FIRST_RETRY_S, LAST_RETRY_S, claim_retry_s
 
 ROOT = Path(__file__).parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,38 +1,28 @@
 """Runs orphaned by a hard kill are failed, so they free their slots and reach the DLQ (§5).
 
-A run launched by the local run launcher (or Dagster's default one) executes in a worker process
-on this host, and the worker records its pid in the run's log ("Started process for run (pid:
-N)"). Neither launcher reports whether a worker is still alive, so when `dagster dev` is killed
-as a whole (a laptop closing, the OOM killer, a container restart) its runs stay
-STARTED forever: their jobs' schedules skip every tick and their pool slots stay claimed.
+The local run launcher starts each run's worker as a process on this host and tags the run with
+the worker's pid and start time (`nova/worker`, `nova_assets.core.workers`). The launcher cannot
+report whether a worker is still alive, so when `dagster dev` is killed as a whole (a laptop
+closing, the OOM killer, a container restart) its runs stay STARTED forever: their jobs'
+schedules skip every tick and their pool slots stay claimed.
 
 `orphaned_runs` looks, every 30 s, at this code location's STARTED runs: one whose worker
 process is gone (or whose pid now belongs to a process started after the run) is reported
 failed. Run monitoring then frees its pool slots, and `dlq_publisher` publishes it like any other
-failure. Launchers that can check their workers (Kubernetes, Docker) are left to run monitoring.
+failure. A run without the tag (launched by another launcher: Dagster's default one, which the
+local launcher hands runs of another Python to) is left to Dagster's run monitoring and its
+timeouts, as are runs of launchers that check their workers themselves (Kubernetes, Docker).
 """
 
-import re
 import time
 
 import dagster as dg
 
 from nova_assets.core.jobs import ACTIVE_SCAN
-from nova_assets.core.workers import worker_alive
+from nova_assets.core.workers import run_worker, worker_alive
 
 GRACE_S = 30.0
 """A run younger than this may not have recorded its worker yet."""
-_STARTED_WORKER = re.compile(r"Started process for run \(pid: (\d+)\)")
-
-
-def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The pid of the run's worker, as the run launcher's worker logged it; None if it did not."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records
-    for record in records:
-        match = _STARTED_WORKER.search(record.event_log_entry.message or "")
-        if match:
-            return int(match.group(1))
-    return None
 
 
 def find_orphans(
@@ -52,11 +42,12 @@ def find_orphans(
         started = record.start_time
         if started is None or now - started < GRACE_S:
             continue
-        pid = worker_pid(instance, run.run_id)
-        # No pid: the run executes in the process that launched it (`dagster asset
-        # materialize`), which fails or finishes it itself.
-        if pid is not None and not worker_alive(pid, started):
-            orphans.append((run, pid))
+        worker = run_worker(run)
+        # No worker tag: the run executes in the process that launched it (`dagster asset
+        # materialize`), which fails or finishes it itself, or another launcher's worker, which
+        # run monitoring watches. A worker this host cannot judge (None) is left alone too.
+        if worker is not None and worker_alive(worker.pid, started) is False:
+            orphans.append((run, worker.pid))
     return orphans
 
 
@@ -68,6 +59,11 @@ def find_orphans(
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """Fail the STARTED runs whose tagged worker is gone; runs without the tag are left alone.
+
+    A run without the local launcher's `nova/worker` tag was started by another launcher; Dagster's
+    run monitoring (its start and run timeouts) is what ends it if its worker died.
+    """
     instance = context.instance
     if instance.run_launcher.supports_check_run_worker_health:
         return dg.SkipReason("The run launcher checks its workers; run monitoring fails the dead.")

@@ -1,4 +1,8 @@
-"""The local Dagster instance config: the packaged template, with the run limit of the settings."""
+"""The local Dagster instance config: the top-level `dagster.yaml`, with the settings' run limit.
+
+The package carries that file as `nova_assets/local/dagster.yaml`, a link to it: a checkout and an
+installed package read the same single copy.
+"""
 
 from collections.abc import Sequence
 from importlib import resources
@@ -12,6 +16,7 @@ TEMPLATE = "dagster.yaml"
 
 
 def template_text() -> str:
+    """The instance config template, as the package carries it."""
     return resources.files(__package__).joinpath(TEMPLATE).read_text()
 
 
@@ -21,16 +26,16 @@ def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None =
     config["concurrency"]["runs"]["max_concurrent_runs"] = max_concurrent_jobs
     config["concurrency"]["pools"]["op_granularity_run_buffer"] = max_concurrent_jobs
     # Dagster's own SQLite event log and folder (DAGSTER_HOME/history/runs), with pool slots
-    # claimed one process at a time (nova_assets/local/storage.py).
+    # claimed one process at a time (nova_assets/internals/slot_storage.py).
     config["event_log_storage"] = {
-        "module": "nova_assets.local.storage",
+        "module": "nova_assets.internals.slot_storage",
         "class": "SlotLockedSqliteEventLogStorage",
         "config": {"base_dir": str(home.resolve() / "history" / "runs")},
     }
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     target.write_text(
-        "# Written by `nova-assets instance` from nova_assets/local/dagster.yaml; edit that one.\n"
+        "# Written by `nova-assets instance` from the top-level dagster.yaml; edit that one.\n"
         + yaml.safe_dump(config, sort_keys=False)
     )
     return target

@@ -18,13 +18,15 @@ The worker imports the code location itself, so a code change reaches the next r
   so the next workers do not compile its modules again.
 - Termination sends the worker SIGINT, as the code server's termination does; the command
   installs its own handler, so it works even where the daemon was started with SIGINT ignored
-  (a shell's background command). The
-  worker's pid and start time are a run tag, so any process of the instance (the webserver's
-  Terminate button) can terminate it, and a pid reused by another process is left alone.
+  (a shell's background command). The worker's pid and start time are a run tag (`nova/worker`,
+  `nova_assets.core.workers`), so any process of the instance (the webserver's Terminate button)
+  can terminate it, and a pid reused by another process is left alone.
 - A run of a code location in another Python environment, or one without a Python origin, is
   launched by Dagster's default launcher.
 - Workers belong to `dagster dev`'s process group, as the code server's do: stopping or killing it
   as a whole stops them too (the `orphaned_runs` sensor fails the runs a hard kill leaves).
+
+What it takes from Dagster's private modules comes through `nova_assets.internals.run_launcher`.
 """
 
 import compileall
@@ -39,23 +41,21 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from dagster._core.launcher import DefaultRunLauncher, LaunchRunContext
-from dagster._grpc.types import ExecuteRunArgs
-from dagster._serdes import serialize_value
+import dagster as dg
 
-from nova_assets.core.workers import process_start
-
-WORKER_TAG = "nova/worker"
-"""`<pid>@<process start time>` of the run's worker."""
+from nova_assets.core.urls import is_embedded
+from nova_assets.core.workers import WORKER_TAG, Worker, process_start, run_worker, worker_alive
+from nova_assets.internals.run_launcher import (
+    RUN_EXECUTION_MODULES,
+    LaunchRunContext,
+    execute_run_command,
+    remember_launched,
+    run_dagster_api,
+)
 
 PRELOAD = (
     "dagster",
-    "dagster._cli.api",
-    "dagster._core.execution.api",
-    "dagster._core.storage.event_log",
-    "dagster._core.storage.runs",
-    "dagster._core.executor.in_process",
-    "dagster._core.definitions.antlr_asset_selection.antlr_asset_selection",
+    *RUN_EXECUTION_MODULES,
     "upath",
     "clickhouse_connect",
     "redis",
@@ -107,18 +107,16 @@ def write_bytecode(folder: Path, recursive: bool) -> None:
 
 def _execute_run(command: list[str], sources: tuple[Path, bool] | None = None) -> None:
     """The worker: `dagster api execute_run <args>`, in the forked process."""
-    from dagster._cli.api import api_cli
-
     if sources is not None:
         write_bytecode(*sources)
 
-    if (os.environ.get("CLICKHOUSE_URL") or "chdb:").startswith("chdb:") and find_spec("chdb"):
+    if is_embedded(os.environ.get("CLICKHOUSE_URL") or "chdb:") and find_spec("chdb"):
         import_module("chdb")
 
-    api_cli.main(args=command, prog_name="dagster api", standalone_mode=False)
+    run_dagster_api(command)
 
 
-class PreloadedRunLauncher(DefaultRunLauncher):
+class PreloadedRunLauncher(dg.DefaultRunLauncher):
     """Launches each run in a worker forked from a process that has already imported Dagster."""
 
     def __init__(self, inst_data: Any = None) -> None:
@@ -139,10 +137,7 @@ class PreloadedRunLauncher(DefaultRunLauncher):
         if origin is None or origin.executable_path != sys.executable:
             super().launch_run(context)
             return
-        args = ExecuteRunArgs(
-            job_origin=origin, run_id=run.run_id, instance_ref=self._instance.get_ref()
-        )
-        command = ["execute_run", serialize_value(args)]
+        command = execute_run_command(run, self._instance)
         with self._start_lock:
             worker = self._fork_server().Process(
                 target=_execute_run,
@@ -152,8 +147,8 @@ class PreloadedRunLauncher(DefaultRunLauncher):
             worker.start()
         pid = worker.pid
         started = process_start(pid) if pid else None
-        self._instance.add_run_tags(run.run_id, {WORKER_TAG: f"{pid}@{started}"})
-        self._run_ids.add(run.run_id)
+        self._instance.add_run_tags(run.run_id, {WORKER_TAG: Worker(pid, started).tag_value})
+        remember_launched(self, run.run_id)
 
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id) if self.has_instance else None
@@ -162,14 +157,17 @@ class PreloadedRunLauncher(DefaultRunLauncher):
         if run.is_finished:
             return False
         self._instance.report_run_canceling(run)
-        pid_text, _, started = run.tags[WORKER_TAG].partition("@")
-        # Only a positive pid whose process started when the tag says: never 0 or -1 (a process
-        # group, every process), never a pid a later process took over.
-        pid = int(pid_text) if pid_text.isdigit() else 0
+        # Only a process of its own that started when the tag says: never a pid a later process
+        # took over, nor one whose start this host could not tell.
+        worker = run_worker(run)
         try:
-            if pid <= 0 or started == str(None) or started != str(process_start(pid)):
-                raise ProcessLookupError(pid)
-            os.kill(pid, signal.SIGINT)
+            if (
+                worker is None
+                or worker.started is None
+                or worker_alive(worker.pid, worker.started, slack_s=0.0) is not True
+            ):
+                raise ProcessLookupError(worker)
+            os.kill(worker.pid, signal.SIGINT)
         except ProcessLookupError:
             self._instance.report_engine_event(
                 f"The run's worker ({run.tags[WORKER_TAG]!r}) is no longer running; nothing to "

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from pydantic import Field
 
 from nova_assets.core.contract import clickhouse_error_code, within
-from nova_assets.core.pool_wait import fix_pool_wait
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
-from nova_assets.core.settings import SettingsError, redact_url
+from nova_assets.core.settings import SettingsError
+from nova_assets.core.urls import is_embedded, redact_url
+from nova_assets.internals.pool_wait import fix_pool_wait
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,7 +82,7 @@ def embedded_engine_installed() -> bool:
 
 def require_embedded_engine(url: str) -> None:
     """Raise `EmbeddedEngineMissingError`, naming the fix, for a chdb:// URL without chdb."""
-    if url.startswith("chdb:") and not embedded_engine_installed():
+    if is_embedded(url) and not embedded_engine_installed():
         raise EmbeddedEngineMissingError(
             f"CLICKHOUSE_URL={redact_url(url)} is the embedded ClickHouse engine (chdb), which is "
             "not installed: it comes with the package's `local` extra (`pip install -e "
@@ -117,7 +118,7 @@ class ClickHouseResource(ClientResource):
 
     @property
     def embedded(self) -> bool:
-        return self.url.startswith("chdb:")
+        return is_embedded(self.url)
 
     def client(self) -> "ClickHouseClient":
         """The resource's client, connected on first use."""

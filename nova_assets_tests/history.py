@@ -5,6 +5,9 @@ run; a year of Nova's schedules is over a million. These rows are what that path
 run with its tags in the run storage, its RUN_START and RUN_SUCCESS/RUN_FAILURE events in the
 event log — inserted a page at a time through Dagster's own tables, into an instance whose event
 log is one SQLite database (`history_instance`).
+
+Test and benchmark code: it writes Dagster's private tables (`RunsTable`, `RunTagsTable`,
+`SqlEventLogStorageTable`) directly, so it is not part of the shipped package.
 """
 
 import uuid
@@ -15,11 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.events import DagsterEvent
-from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
-from dagster._serdes import serialize_value
 
 from nova_assets.core.jobs import JOB_TAG
 
@@ -54,17 +54,17 @@ def _naive_utc(timestamp: float) -> datetime:
 
 
 def _event(run: FinishedRun, kind: dg.DagsterEventType, timestamp: float) -> dict:
-    entry = EventLogEntry(
+    entry = dg.EventLogEntry(
         error_info=None,
         level="INFO",
         user_message="",
         run_id=run.run_id,
         timestamp=timestamp,
-        dagster_event=DagsterEvent(kind.value, job_name=run.job_name),
+        dagster_event=dg.DagsterEvent(kind.value, job_name=run.job_name),
     )
     return {
         "run_id": run.run_id,
-        "event": serialize_value(entry),
+        "event": dg.serialize_value(entry),
         "dagster_event_type": kind.value,
         "timestamp": _naive_utc(timestamp),
     }
@@ -82,7 +82,7 @@ def add_history(instance: dg.DagsterInstance, runs: Sequence[FinishedRun]) -> No
                 "run_id": run.run_id,
                 "pipeline_name": run.job_name,
                 "status": status.value,
-                "run_body": serialize_value(body),
+                "run_body": dg.serialize_value(body),
                 "create_timestamp": _naive_utc(run.start),
                 "update_timestamp": _naive_utc(run.end),
                 "start_time": run.start,

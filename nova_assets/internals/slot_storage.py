@@ -12,6 +12,10 @@ which Dagster's executors honour): after 0.2 s, and later the longer it has wait
 Dagster's own schedule for a claim without one (1 s, then 10 % more each time) leaves the one
 slot idle for half a second on average each time it passes from one run's step to the next: the
 every-minute runs of one tick take it in turn.
+
+It subclasses Dagster's private `SqliteEventLogStorage` (its constructor, `_base_dir`, and the
+three slot methods it wraps). Only the local instance names it (`nova-assets instance` writes it
+into DAGSTER_HOME/dagster.yaml); `nova_assets_tests/test_internals.py` checks each of those.
 """
 
 import fcntl

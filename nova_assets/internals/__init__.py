@@ -1,0 +1,29 @@
+"""The one place that touches Dagster's private modules (`dagster._…`), and why each is needed.
+
+Dagster does not promise these names from one release to the next. Every use sits in this
+folder, the only part of `nova_assets` that names a `dagster._` module, and
+`nova_assets_tests/test_internals.py` checks each symbol (it exists, with the signature and the
+attributes used here): after a Dagster upgrade, those tests say what moved.
+
+- `pool_wait`: `InstanceConcurrencyContext` (`dagster._core.execution.plan.
+  instance_concurrency_context`): its `interval_to_next_pending_claim_check()` is replaced,
+  reading the instance's `_pending_claims` and `_pending_timeouts`, so a step waiting for a pool
+  slot sleeps rather than spins. Applied by every process that loads the code location
+  (production included), so it is guarded: if the class or the method moved, the location loads
+  and one warning says the fix is off.
+- `slot_storage`: `dagster._core.storage.event_log.SqliteEventLogStorage`, subclassed for the
+  local instance (its constructor, `_base_dir`, `claim_concurrency_slot`,
+  `free_concurrency_slot_for_step`, `free_concurrency_slots_for_run`, and the claim status's
+  `is_claimed`, `enqueued_timestamp` and `with_sleep_interval`) so SQLite hands a pool slot to
+  one process at a time and a waiting step asks again sooner. Named only by the local instance
+  config.
+- `run_launcher`: what the local run launcher needs besides the public `dg.DefaultRunLauncher`:
+  `dagster._core.launcher.LaunchRunContext` (the argument of `launch_run`),
+  `dagster._grpc.types.ExecuteRunArgs` (the argument of `dagster api execute_run`),
+  `dagster._cli.api.api_cli` (that command, run inside the forked worker),
+  `DefaultRunLauncher._run_ids` (the runs its `join` waits for), and the names of Dagster's
+  run-execution modules the fork server imports ahead. Named only by the local instance config.
+
+Not fenced, because they are how every custom run launcher reaches its instance:
+`RunLauncher._instance` and `has_instance`.
+"""

@@ -1,0 +1,166 @@
+"""The fence around Dagster's private modules: each symbol it touches still has the shape we use.
+
+`nova_assets/internals/` is the only place the package names a `dagster._` module. One short
+contract test per symbol checks that it exists with the signature and attributes the fence relies
+on, so a Dagster upgrade that moves one fails here, naming it, rather than somewhere deep in a run.
+The pool-wait fix, applied whenever the code location loads, is also shown to switch itself off
+with one warning, not an error, when its private class is gone or has changed.
+"""
+
+import importlib
+import inspect
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from nova_assets.internals import pool_wait, run_launcher, slot_storage
+from nova_assets.local.instance import write_instance
+
+ROOT = Path(__file__).parents[1]
+
+
+@dg.op
+def say_hello() -> None:
+    pass
+
+
+@dg.job
+def hello() -> None:
+    say_hello()
+
+
+def _parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+# --- pool_wait: InstanceConcurrencyContext -------------------------------------------------------
+
+
+def test_instance_concurrency_context_has_the_method_and_the_pending_claims(instance):
+    context_class = pool_wait.concurrency_context_class()
+    assert _parameters(context_class.__init__) == ["self", "instance", "dagster_run"]
+    run = instance.add_run(dg.DagsterRun(job_name="a_job"))
+    context = context_class(instance, run)
+    # What the replacement reads: the steps waiting for a slot and when each is due again.
+    assert context._pending_claims == set()  # noqa: SLF001
+    assert dict(context._pending_timeouts) == {}  # noqa: SLF001
+    # The method the fix replaces (once, when the code location loads), under its name.
+    assert pool_wait.fix_pool_wait() is True
+    assert context_class.interval_to_next_pending_claim_check is pool_wait.interval_to_next_claim
+    assert context.interval_to_next_pending_claim_check() == 0.0
+
+
+def test_the_pool_wait_fix_is_off_with_one_warning_when_the_class_moved(monkeypatch, caplog):
+    def moved() -> type:
+        raise ImportError("cannot import name 'InstanceConcurrencyContext'")
+
+    monkeypatch.setattr(pool_wait, "concurrency_context_class", moved)
+    with caplog.at_level(logging.WARNING):
+        assert pool_wait.fix_pool_wait() is False
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "pool-wait fix is off" in warning.getMessage()
+
+
+def test_the_pool_wait_fix_is_off_with_one_warning_when_the_method_is_gone(monkeypatch, caplog):
+    monkeypatch.setattr(pool_wait, "concurrency_context_class", lambda: type("Renamed", (), {}))
+    with caplog.at_level(logging.WARNING):
+        assert pool_wait.fix_pool_wait() is False
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "interval_to_next_pending_claim_check" in warning.getMessage()
+
+
+def test_the_pool_wait_fix_replaces_a_spinning_method_on_a_stand_in(monkeypatch):
+    class StandIn:
+        def interval_to_next_pending_claim_check(self) -> float:
+            return 0.0
+
+    monkeypatch.setattr(pool_wait, "concurrency_context_class", lambda: StandIn)
+    assert pool_wait.fix_pool_wait() is True
+    assert StandIn.interval_to_next_pending_claim_check is pool_wait.interval_to_next_claim
+
+
+def test_the_modules_applying_the_fix_load_when_the_class_is_gone():
+    """In a fresh process whose Dagster lacks the class, the resources still import, warning."""
+    code = (
+        "import dagster._core.execution.plan.instance_concurrency_context as module\n"
+        "del module.InstanceConcurrencyContext\n"
+        "import nova_assets.core.resources\n"
+        "print('loaded')\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "loaded"
+    assert completed.stderr.count("pool-wait fix is off") == 1, completed.stderr[-3000:]
+
+
+# --- slot_storage: SqliteEventLogStorage ----------------------------------------------------------
+
+
+def test_sqlite_event_log_storage_has_the_slot_methods_the_subclass_wraps(tmp_path):
+    base = slot_storage.SqliteEventLogStorage
+    assert _parameters(base.__init__) == ["self", "base_dir", "inst_data"]
+    assert _parameters(base.claim_concurrency_slot) == [
+        "self",
+        "concurrency_key",
+        "run_id",
+        "step_key",
+        "priority",
+    ]
+    assert _parameters(base.free_concurrency_slot_for_step) == ["self", "run_id", "step_key"]
+    assert _parameters(base.free_concurrency_slots_for_run) == ["self", "run_id"]
+
+    home = tmp_path / "dagster"
+    write_instance(home, max_concurrent_jobs=5)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, slot_storage.SlotLockedSqliteEventLogStorage)
+        # The folder the lock file goes into.
+        assert Path(storage._base_dir) == home.resolve() / "history" / "runs"  # noqa: SLF001
+        storage.initialize_concurrency_limit_to_default("a_pool")
+        status = storage.claim_concurrency_slot("a_pool", "a-run", "a-step")
+    # The claim status the subclass reads and amends.
+    assert status.is_claimed
+    assert hasattr(status, "enqueued_timestamp")
+    assert status.with_sleep_interval(0.2).sleep_interval == 0.2
+
+
+# --- run_launcher: LaunchRunContext, ExecuteRunArgs, api_cli, _run_ids, the preloaded modules -----
+
+
+def test_launch_run_context_carries_the_run():
+    run = dg.DagsterRun(job_name="a_job")
+    context = run_launcher.LaunchRunContext(dagster_run=run, workspace=None)
+    assert context.dagster_run is run
+
+
+def test_execute_run_args_round_trip_as_the_execute_run_command(instance):
+    origin = dg.reconstructable(hello).get_python_origin()
+    run = instance.create_run_for_job(hello, job_code_origin=origin)
+    command, serialized = run_launcher.execute_run_command(run, instance)
+    assert command == "execute_run"
+    args = dg.deserialize_value(serialized, run_launcher.ExecuteRunArgs)
+    assert args.run_id == run.run_id
+    assert args.job_origin == run.job_code_origin
+    assert args.instance_ref == instance.get_ref()
+
+
+def test_the_api_cli_has_the_execute_run_command(capsys):
+    run_launcher.run_dagster_api(["execute_run", "--help"])
+    assert "dagster api execute_run" in capsys.readouterr().out
+
+
+def test_the_default_run_launcher_keeps_the_runs_it_waits_for():
+    launcher = dg.DefaultRunLauncher()
+    run_launcher.remember_launched(launcher, "a-run")
+    assert launcher._run_ids == {"a-run"}  # noqa: SLF001
+    assert "timeout" in _parameters(launcher.join)
+
+
+def test_the_run_execution_modules_the_fork_server_preloads_exist():
+    for name in run_launcher.RUN_EXECUTION_MODULES:
+        importlib.import_module(name)
