@@ -8,8 +8,8 @@ falling while `dagster dev` starts), three times, one after the other on the sam
 with the project's run launcher (each run's worker forked from a process that has imported
 Dagster) and its in-process executor; with Dagster's default run launcher (the code server starts
 each worker as a new interpreter) and the in-process executor, the baseline; and with the default
-launcher and Dagster's multiprocess executor (`bench/multiprocess_location.py`), where the
-project started. For `trending_1h` and `cache_warmer`, both every minute, it reports for each
+launcher and Dagster's multiprocess executor (`bench/multiprocess_location.py`), Dagster's
+default. For `trending_1h` and `cache_warmer`, both every minute, it reports for each
 scheduled run the time from the schedule's tick (the run's scheduled time) to the moment the
 Redis key holds the run's value, polled every 20 ms, and the CPU-seconds of the run's processes
 (its worker and any step process it starts, read from /proc every 50 ms). The demo traffic job
@@ -45,18 +45,18 @@ from common import REDIS_URL
 
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource
 from nova_assets.core.workers import worker_pid
+from nova_assets.defs.demo import SCHEDULED_AT_TAG
 from nova_assets.local import instance as local_instance
 from nova_assets.local import seed
-from nova_assets.defs.demo import SCHEDULED_AT_TAG
 
 HERE = Path(__file__).parent
 DAGSTER = Path(sys.executable).parent / "dagster"
 MODULE = ["-m", "nova_assets.definitions"]
 VARIANTS = {
     # name: (the code location, whether runs use the project's preloaded run launcher)
-    "preloaded worker, in process (now)": (MODULE, True),
-    "code server's worker, in process (before)": (MODULE, False),
-    "code server's worker, a process per step (first)": (
+    "preloaded worker, in process": (MODULE, True),
+    "code server's worker, in process (baseline)": (MODULE, False),
+    "code server's worker, a process per step": (
         ["-f", str(HERE / "multiprocess_location.py")],
         False,
     ),
