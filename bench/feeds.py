@@ -4,7 +4,7 @@
 
 On the demo dataset (`seed.SeedSpec` defaults: 20 000 users, 200 000 posts, 2 million events, a
 fixed as_of): the 1000 feeds ranked in ClickHouse (three staging statements and one query;
-beside it, the same as one query, as before) and written in pipelines (20 writers), against a
+beside it, the same as one query) and written in pipelines (20 writers), against a
 target of 1 s; the same values written with one
 `SET … EX` round trip per key, with their JSON serialization and without it (the transport
 alone); the same for 10 000 users; both
@@ -32,21 +32,18 @@ import dagster as dg
 from common import AS_OF, REDIS_URL, timed
 
 from nova_assets.core.contract import epoch_ms, iso_z
+from nova_assets.core.jobs import FEEDS_ASSET as ASSET_NAME
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource, json_dumps
 from nova_assets.defs.feeds.assets import (
-    ASSET_NAME,
     FEED_TTL_SEC,
-    FEEDS_SQL,
-    STAGES,
-    WARMED_USERS,
     WRITE_BATCH,
     WRITERS,
     build_warmed_feeds_asset,
     feed_value,
-    feeds_parameters,
     rank_feeds,
     write_feeds,
 )
+from nova_assets.defs.feeds.sql import FEEDS_SQL, STAGES, WARMED_USERS, feeds_parameters
 from nova_assets.local import seed
 
 ONE_WAY_MS = 0.1
@@ -56,7 +53,7 @@ TARGET_MS = 1000.0
 MANY_USERS = 10_000
 
 RANK = "rank the feeds in ClickHouse (three staging statements and one query)"
-ONE_QUERY = "baseline rank: one query, the three staged tables as CTEs (the previous version)"
+ONE_QUERY = "baseline rank: one query, the three staged tables as CTEs"
 SERIALIZE = "serialize the values to JSON (inside both writes below)"
 PIPELINED_WRITE = f"**write: pipelines of {WRITE_BATCH} keys, {WRITERS} writers**"
 PER_KEY_WRITE = "baseline write: one SET … EX round trip per key"
