@@ -24,11 +24,9 @@ from nova_assets.local.seed import (
     BLOCKS,
     DATABASE,
     ENGAGEMENT_EVENTS,
-    EVENT_MIX_PER_MILLE,
     FOLLOWS,
     POSTS,
     TABLES,
-    UNKNOWN_EVENT_TYPES,
     SeedSpec,
     SeedSummary,
     checksums,
@@ -37,6 +35,7 @@ from nova_assets.local.seed import (
     is_empty,
     truncate,
 )
+from nova_assets.local.seed.sql import EVENT_MIX_PER_MILLE, UNKNOWN_EVENT_TYPES
 
 AS_OF = datetime(2025, 6, 1, 18, 30, tzinfo=UTC)
 SPEC = SeedSpec(seed=7, users=2_000, posts=10_000, events=100_000, follows_per_user=30, as_of=AS_OF)
