@@ -26,7 +26,7 @@ Every step takes a slot of the ClickHouse pool and lets it go when done, closing
 on the embedded engine, which admits one process at a time, the every-minute jobs run between
 shards. On a server the shards take no slot and run side by side, SHARDS_IN_PARALLEL at once.
 
-Edges are the latest row of each pair, as of now (like posts in trending, see the README): the
+Edges are the latest row of each pair, as of now (like posts in trending; docs/decisions.md): the
 graph has no history to rewind to `as_of`. Ties of `updated_at` follow `core.sources`: when in
 doubt, claim no follow and suggest no one across a block. (A background merge of tied rows keeps
 the last inserted one instead; the rule decides only while both rows are still there.)

@@ -46,8 +46,8 @@ _BUILD_SETTINGS = (
 )
 """Settings of the graph's build, which keep its memory peak down: blocks of 8,192 rows, not
 65,505, through the in-order aggregation (the counts query's peak stays small), and rows of up
-to 56 followees written in blocks of at most 16 MiB, not a million rows. Measured at 300k users
-(14.9M edges) on fresh data, the build peaks at 1,018 MiB and takes 11.2 s."""
+to 56 followees written in blocks of at most 16 MiB, not a million rows (`bench/scale.py` prints
+the peak of a whole run)."""
 
 
 def build_statements(graph_id: str) -> list[str]:
