@@ -3,14 +3,12 @@
     .venv/bin/python bench/feeds.py [--keep DIR]
 
 On the demo dataset (`seed.SeedSpec` defaults: 20 000 users, 200 000 posts, 2 million events, a
-fixed as_of): the 1000 feeds ranked in ClickHouse (three staging statements and one query;
-beside it, the same as one query) and written in pipelines (20 writers), against a
-target of 1 s; the same values written with one
-`SET … EX` round trip per key, with their JSON serialization and without it (the transport
-alone); the same for 10 000 users; both
-writes of the 1000 feeds again through a proxy that gives loopback a network's round trip
-(`latency.py`); and one materialization of the asset, checks included. Keys go to Redis db 15
-under a bench prefix and are deleted afterwards.
+fixed as_of): the 1000 feeds ranked in ClickHouse (three staging statements and one query; beside
+it, the same as one query) and written in pipelines (20 writers), against a target of 1 s; the same
+values written with one `SET … EX` round trip per key, with their JSON serialization and without it
+(the transport alone); the same for 10 000 users; both writes of the 1000 feeds again through a
+proxy that gives loopback a network's round trip (`latency.py`); and one materialization of the
+asset, checks included. Keys go to Redis db 15 under a bench prefix and are deleted afterwards.
 
 The measurements run in a child process: the embedded engine admits one data directory per
 process, and the caller (bench/run.py) may already have opened another.
@@ -40,9 +38,9 @@ from nova_assets.defs.feeds.assets import (
     WRITERS,
     build_warmed_feeds_asset,
     feed_value,
-    rank_feeds,
     write_feeds,
 )
+from nova_assets.defs.feeds.ranking import rank_feeds
 from nova_assets.defs.feeds.sql import FEEDS_SQL, STAGES, WARMED_USERS, feeds_parameters
 from nova_assets.local import seed
 

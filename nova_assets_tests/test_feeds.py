@@ -24,13 +24,9 @@ from nova_assets.core.contract import epoch_ms, iso_z, permanent_reason
 from nova_assets.core.jobs import FEEDS_ASSET as ASSET_NAME
 from nova_assets.core.jobs import FEEDS_JOB as JOB_NAME
 from nova_assets.core.resources import RedisCacheResource
-from nova_assets.defs.feeds.assets import (
-    FeedsSessionLostError,
-    build_warmed_feeds_asset,
-    rank_feeds,
-    write_feeds,
-)
+from nova_assets.defs.feeds.assets import build_warmed_feeds_asset, write_feeds
 from nova_assets.defs.feeds.checks import contract_facts, evaluate_checks, read_served
+from nova_assets.defs.feeds.ranking import FeedsSessionLostError, rank_feeds
 from nova_assets.defs.feeds.sql import FEED_LENGTH, FEEDS_SQL, WARMED_USERS
 from nova_assets_tests.conftest import REDIS_URL
 from nova_assets_tests.factories import (

@@ -1,14 +1,14 @@
 """Warmed feeds of the most active users: ranked, written and checked (docs/design.md §3-4).
 
-ClickHouse picks the warmed users and ranks every one of their feeds at once; the values
-go to `{prefix}feed:{user_id}` in pipelines, at most 20 in flight, each key with its TTL in the
-same command. The checks then judge what Redis serves, against ClickHouse for a sample of users.
+ClickHouse picks the warmed users and ranks every one of their feeds at once (`ranking.py`); the
+values go to `{prefix}feed:{user_id}` in pipelines, at most 20 in flight, each key with its TTL in
+the same command. The checks then judge what Redis serves, against ClickHouse for a sample of users
+(`checks.py`). This module holds the writing and the asset.
 """
 
 import statistics
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,12 +23,7 @@ from nova_assets.core.cache_asset import (
 )
 from nova_assets.core.contract import AsOfConfig, iso_z
 from nova_assets.core.jobs import FEEDS_ASSET, FEEDS_JOB, FEEDS_REFRESH_SEC
-from nova_assets.core.resources import (
-    CLICKHOUSE_POOL,
-    ClickHouseResource,
-    RedisCacheResource,
-    session_tables_lost,
-)
+from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, RedisCacheResource
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.feeds.checks import (
     check_sample,
@@ -38,13 +33,8 @@ from nova_assets.defs.feeds.checks import (
     feed_items,
     read_served,
 )
-from nova_assets.defs.feeds.sql import (
-    FEED_LENGTH,
-    FEEDS_SQL,
-    STAGES,
-    WARMED_USERS,
-    feeds_parameters,
-)
+from nova_assets.defs.feeds.ranking import Feed, rank_feeds
+from nova_assets.defs.feeds.sql import FEED_LENGTH, WARMED_USERS
 
 FEED_TTL_SEC = 120
 """Default TTL of a feed key: two refreshes, so a healthy schedule rewrites it before it expires."""
@@ -53,68 +43,6 @@ WRITERS = 20
 """Pipelines in flight at once (docs/design.md §3: at most 20 writers)."""
 WRITE_BATCH = 50
 """Feeds per pipeline: 1000 users make 20 pipelines, one per writer."""
-
-
-@dataclass(frozen=True)
-class Feed:
-    """One warmed user's feed: the `items` of the cache value, best first."""
-
-    user_id: int
-    events: int
-    """The user's raw event count in the last 24 h (why they were warmed)."""
-    items: list[dict[str, Any]]
-
-
-class FeedsSessionLostError(RuntimeError):
-    """The session holding a run's staged tables was lost. Transient: the step is retried."""
-
-
-def rank_feeds(
-    clickhouse: ClickHouseResource, as_of: datetime, users: int = WARMED_USERS
-) -> list[Feed]:
-    """The feeds of the `users` most active users as of `as_of`, most active user first.
-
-    On a server whose session was lost between the statements (a balancer sent one to another
-    server), `FeedsSessionLostError`: the step's retry opens a new session and ranks again.
-    """
-    parameters = feeds_parameters(as_of, users)
-    tables = [table for table, _ in STAGES]
-    try:
-        # Dropped first: a call that failed midway in this session left them behind.
-        for table, select in STAGES:
-            clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
-            create = f"CREATE TEMPORARY TABLE {table} ENGINE = Memory AS {select}"
-            clickhouse.command(create, parameters)
-        rows = clickhouse.query_rows(FEEDS_SQL, parameters)
-    except Exception as exc:
-        reason = session_tables_lost(exc, tables)
-        if reason is None:
-            raise
-        raise FeedsSessionLostError(
-            f"{FEEDS_ASSET}: the ClickHouse session holding the run's tables ({', '.join(tables)}) "
-            f"was lost ({reason}); the step is retried in a new session. The requests of one "
-            "session must reach one server: point CLICKHOUSE_URL at one server or replica, or at "
-            "a balancer that keeps a connection, or the session_id parameter, on one server "
-            "(deploy/README.md)."
-        ) from exc
-    try:
-        for table in tables:
-            clickhouse.command(f"DROP TEMPORARY TABLE IF EXISTS {table}")
-    except Exception as exc:
-        # The ranking is done; a session lost since has taken its tables with it.
-        if session_tables_lost(exc, tables) is None:
-            raise
-    return [
-        Feed(
-            user_id=int(user_id),
-            events=int(events),
-            items=[
-                {"post_id": int(p), "author_id": int(a), "score": float(s)}
-                for p, a, s in zip(post_ids, author_ids, scores, strict=True)
-            ],
-        )
-        for user_id, events, post_ids, author_ids, scores in rows
-    ]
 
 
 def feed_value(feed: Feed, as_of: datetime, generated_at: datetime) -> dict[str, Any]:
