@@ -20,13 +20,8 @@ import pytest
 
 from nova_assets import cli
 from nova_assets.core.resources import ClickHouseResource
+from nova_assets.core.sources import BLOCKS, DATABASE, ENGAGEMENT_EVENTS, FOLLOWS, POSTS, TABLES
 from nova_assets.local.seed import (
-    BLOCKS,
-    DATABASE,
-    ENGAGEMENT_EVENTS,
-    FOLLOWS,
-    POSTS,
-    TABLES,
     SeedSpec,
     SeedSummary,
     checksums,

@@ -1,9 +1,11 @@
 """Demo data: the source schema (docs/design.md §2) and a deterministic, realistic, dirty data set.
 
-The Nova app owns these tables in production; this module creates them only for local use and
-tests. Every row is generated inside ClickHouse by `INSERT … SELECT … FROM numbers(…)`: each value
-is a hash of (seed, row number, salt), never `rand()`, so one `SeedSpec` always yields the same
-tables, and ten million events take seconds instead of a Python loop's minutes.
+The Nova app owns these tables in production; this package creates them only for local use and
+tests (`schema.py`). Every row is generated inside ClickHouse by `INSERT … SELECT … FROM
+numbers(…)` (`sql.py`): each value is a hash of (seed, row number, salt), never `rand()`, so one
+`SeedSpec` always yields the same tables, and ten million events take seconds instead of a Python
+loop's minutes. This module holds what callers use: the spec, `generate` and its summary, and the
+schema helpers.
 
 What the data looks like, and why:
 
@@ -33,14 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from nova_assets.core.resources import ClickHouseResource
-from nova_assets.core.sources import (
-    BLOCKS,
-    DATABASE,
-    ENGAGEMENT_EVENTS,
-    FOLLOWS,
-    POSTS,
-    TABLES,
-)
+from nova_assets.core.sources import BLOCKS, DATABASE, ENGAGEMENT_EVENTS, FOLLOWS, POSTS
+from nova_assets.local.seed.schema import checksums, create_schema, is_empty, truncate
 from nova_assets.local.seed.sql import (
     COMMUNITY_SIZE,
     EPOCH,
@@ -50,9 +46,18 @@ from nova_assets.local.seed.sql import (
     INSERT_FOLLOWS,
     INSERT_POSTS,
     MS_PER_DAY,
-    SCHEMA,
     UNKNOWN_EVENT_TYPES,
 )
+
+__all__ = [
+    "SeedSpec",
+    "SeedSummary",
+    "checksums",
+    "create_schema",
+    "generate",
+    "is_empty",
+    "truncate",
+]
 
 
 def _default_as_of() -> datetime:
@@ -135,45 +140,6 @@ class SeedSummary:
         """One line for people: the rows written per table and the time it took."""
         rows = "; ".join(f"{table}: {count:,} rows" for table, count in self.row_counts().items())
         return f"{rows} (generated in {self.elapsed_s:.1f} s)"
-
-
-def create_schema(clickhouse: ClickHouseResource) -> None:
-    """Create the `nova` database and its four tables if they do not exist."""
-    for statement in SCHEMA:
-        clickhouse.command(statement)
-
-
-def is_empty(clickhouse: ClickHouseResource) -> bool:
-    """Whether the four tables hold no rows (tables that do not exist count as empty)."""
-    names = [table.name for table in TABLES]
-    rows = clickhouse.query_rows(
-        "SELECT count() FROM system.tables "
-        "WHERE database = {database:String} AND name IN {names:Array(String)} "
-        "AND total_rows > 0",
-        {"database": DATABASE, "names": names},
-    )
-    return rows[0][0] == 0
-
-
-def truncate(clickhouse: ClickHouseResource) -> None:
-    """Empty the four tables (those that exist)."""
-    for table in TABLES:
-        clickhouse.command(f"TRUNCATE TABLE IF EXISTS {table}")
-
-
-def checksums(clickhouse: ClickHouseResource) -> dict[str, tuple[int, int]]:
-    """Per table, (row count, order-independent checksum of all rows).
-
-    The checksum is the wrapping sum of each row's hash: unlike XOR it does not cancel out the
-    exact duplicate rows the data set contains on purpose.
-    """
-    result: dict[str, tuple[int, int]] = {}
-    for table in TABLES:
-        [(count, checksum)] = clickhouse.query_rows(
-            f"SELECT count(), sum(cityHash64(*)) FROM {table}"
-        )
-        result[table] = (int(count), int(checksum))
-    return result
 
 
 def generate(clickhouse: ClickHouseResource, spec: SeedSpec | None = None) -> SeedSummary:

@@ -1,4 +1,4 @@
-"""The demo data's SQL: the source schema and the statements that generate every table.
+"""The demo data's generating SQL: one `INSERT … SELECT` per table, and the rates they draw with.
 
 Rows are drawn inside ClickHouse from hashes of (seed, row, salt); the rates of the dirty rows
 are the `*_PER_MILLE` constants. How the values are drawn is told beside each statement.
@@ -8,71 +8,10 @@ from datetime import UTC, datetime
 
 from nova_assets.core.sources import (
     BLOCKS,
-    DATABASE,
     ENGAGEMENT_EVENTS,
     FOLLOWS,
     POSTS,
 )
-
-CREATE_DATABASE = f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
-
-CREATE_POSTS = f"""
-CREATE TABLE IF NOT EXISTS {POSTS}
-(
-    post_id UInt64,
-    author_id UInt64,
-    created_at DateTime64(3, 'UTC'),
-    is_deleted UInt8,
-    updated_at DateTime64(3, 'UTC')
-)
-ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY post_id
-"""
-
-# Every ranking reads a window that ends at `as_of` (1 h, 24 h, 72 h, 7 d), and the 1 h trending
-# query runs every minute. Leading the key with the event's hour lets the primary index skip all
-# but the last hour or two of a day's partition; post_id then user_id inside the hour keep each
-# post's events, and a user's repeated events on it, together for the GROUP BY post_id and the
-# (user, post, type) dedup, and compress well. A key led by post_id would read whole days for
-# the 1 h window.
-CREATE_ENGAGEMENT_EVENTS = f"""
-CREATE TABLE IF NOT EXISTS {ENGAGEMENT_EVENTS}
-(
-    event_time DateTime64(3, 'UTC'),
-    user_id UInt64,
-    post_id UInt64,
-    event_type LowCardinality(String)
-)
-ENGINE = MergeTree
-PARTITION BY toDate(event_time)
-ORDER BY (toStartOfHour(event_time), post_id, user_id)
-"""
-
-CREATE_FOLLOWS = f"""
-CREATE TABLE IF NOT EXISTS {FOLLOWS}
-(
-    follower_id UInt64,
-    followee_id UInt64,
-    is_deleted UInt8,
-    updated_at DateTime64(3, 'UTC')
-)
-ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY (follower_id, followee_id)
-"""
-
-CREATE_BLOCKS = f"""
-CREATE TABLE IF NOT EXISTS {BLOCKS}
-(
-    blocker_id UInt64,
-    blocked_id UInt64,
-    is_deleted UInt8,
-    updated_at DateTime64(3, 'UTC')
-)
-ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY (blocker_id, blocked_id)
-"""
-
-SCHEMA = (CREATE_DATABASE, CREATE_POSTS, CREATE_ENGAGEMENT_EVENTS, CREATE_FOLLOWS, CREATE_BLOCKS)
 
 # The event mix, per mille of events with a known type (the events statement spells it out).
 EVENT_MIX_PER_MILLE = {"view": 800, "like": 120, "comment": 50, "share": 30}
