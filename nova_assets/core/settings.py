@@ -36,6 +36,8 @@ INTERVAL_RANGE_SEC = (60, 86_400)
 """`TRENDING_INTERVAL_SEC`, `SUGGESTION_INTERVAL_SEC`: one minute to a day, on a cron cadence."""
 MAX_CONCURRENT_JOBS_RANGE = (1, 100)
 """`MAX_CONCURRENT_JOBS`: runs the instance lets run at once."""
+SENSOR_BUDGET_RANGE_SEC = (1, 50)
+"""`SENSOR_BUDGET_SEC`: time one sensor evaluation may work, below Dagster's 60 s timeout."""
 SHARD_USERS_RANGE = (100, 1_000_000)
 """`SUGGESTION_SHARD_USERS`: users one suggestions step ranks while it holds the ClickHouse slot."""
 
@@ -87,6 +89,9 @@ class Settings:
     """Whether `cache_healer` runs by default (CACHE_HEALING); the UI can turn it on either way."""
     suggestion_shard_users: int = 20_000
     """Users per suggestions shard (SUGGESTION_SHARD_USERS)."""
+    sensor_budget_sec: int = 20
+    """Time one sensor evaluation may work before it writes its cursor and returns
+    (SENSOR_BUDGET_SEC); the next tick goes on from there."""
 
     @property
     def embedded_clickhouse(self) -> bool:
@@ -255,6 +260,7 @@ class _Parser:
             suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400, TTL_RANGE_SEC),
             suggestion_shard_users=self._int("SUGGESTION_SHARD_USERS", 20_000, SHARD_USERS_RANGE),
             feed_ttl_sec=self._int("FEED_TTL_SEC", 120, TTL_RANGE_SEC),
+            sensor_budget_sec=self._int("SENSOR_BUDGET_SEC", 20, SENSOR_BUDGET_RANGE_SEC),
             alert_webhook_url=(
                 self._url(
                     "ALERT_WEBHOOK_URL",
