@@ -1,0 +1,1 @@
+"""Run retention: finished runs older than RUN_RETENTION_DAYS go, with their files."""

@@ -1,0 +1,186 @@
+"""Run retention: delete finished runs older than `RUN_RETENTION_DAYS`, their files with them.
+
+Dagster keeps every run forever, and its `delete_run` removes a run's rows but not its files: on
+the local instance each run's event database (about 200 kB) and its folder under `storage/`
+(compute logs, step outputs) stay. `prune` deletes a run with all of them, so the disk space comes
+back (docs/design.md §10). Kept whatever their age:
+
+- the run that made the latest materialization of each asset (the UI's asset pages show it);
+- a failed run whose DLQ delivery is not recorded (pending, or marked undeliverable: an operator
+  replays it with its run config);
+- a run not finished (queued, starting, in progress, canceling).
+
+What is deleted first goes into the ledger (`ledger.py`): the job totals its runs counted for, so
+the counters never go down, and the ids about to go, so a prune cut short by a crash finishes
+those runs first, next time, and counts none twice.
+"""
+
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+
+from nova_assets.core.budget import Budget
+from nova_assets.core.jobs import COUNTS_FOR_PREFIX
+from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
+from nova_assets.defs.retention.ledger import Ledger, Retired
+from nova_assets.internals.history_store import event_files
+
+FINISHED = [
+    dg.DagsterRunStatus.SUCCESS,
+    dg.DagsterRunStatus.FAILURE,
+    dg.DagsterRunStatus.CANCELED,
+]
+PAGE = 50
+"""Runs read, judged and deleted at a time: the ledger is written once per page."""
+
+
+@dataclass
+class Pruned:
+    """What one prune did (or, dry, would do)."""
+
+    deleted: int = 0
+    kept: int = 0
+    bytes: int = 0
+    more: bool = False
+    """Runs past the retention may remain: the budget ran out first."""
+    by_job: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def summary(self, dry_run: bool = False) -> str:
+        verb = "would delete" if dry_run else "deleted"
+        text = (
+            f"{verb} {self.deleted} run(s) ({_mib(self.bytes)} of files), kept {self.kept} "
+            "past the retention (latest materializations, undelivered failures)"
+        )
+        return text + ("; more remain" if self.more else "")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def cutoff_for(days: int, now: datetime | None = None) -> datetime:
+    """Runs created before this instant are past a retention of `days`."""
+    return (now or datetime.now(UTC)) - timedelta(days=days)
+
+
+def latest_materialization_runs(instance: dg.DagsterInstance) -> set[str]:
+    """The run that made the latest materialization of each asset the instance knows."""
+    keys = instance.get_asset_keys()
+    events = instance.get_latest_materialization_events(keys) if keys else {}
+    return {event.run_id for event in events.values() if event is not None}
+
+
+def must_keep(record: dg.RunRecord, keep: set[str]) -> bool:
+    run = record.dagster_run
+    if run.run_id in keep:
+        return True
+    return run.status == dg.DagsterRunStatus.FAILURE and DELIVERED_TAG not in run.tags
+
+
+def counted_for(run: dg.DagsterRun, job_names: Iterable[str]) -> list[str]:
+    """The jobs whose metrics count a run: its own job, or those tagged `counts_for` on it."""
+    names = set(job_names)
+    if run.job_name in names:
+        return [run.job_name]
+    return [
+        tag.removeprefix(COUNTS_FOR_PREFIX)
+        for tag, value in run.tags.items()
+        if tag.startswith(COUNTS_FOR_PREFIX) and value == "true"
+    ]
+
+
+def retired_of(runs: Sequence[dg.DagsterRun], job_names: Iterable[str]) -> Retired:
+    """What deleting `runs` takes from the counts the metrics recount from history."""
+    totals: Retired = Counter()
+    names = list(job_names)
+    for run in runs:
+        status = {dg.DagsterRunStatus.SUCCESS: "success", dg.DagsterRunStatus.FAILURE: "failure"}
+        for job in counted_for(run, names):
+            if run.status in status:
+                totals[(job, status[run.status])] += 1
+            if run.tags.get(DELIVERED_TAG) == DELIVERED_VALUE:
+                totals[(job, "dlq")] += 1
+    return totals
+
+
+def footprint(instance: dg.DagsterInstance, run_id: str) -> int:
+    """Bytes of the files one run left: its event database and its folder under `storage/`."""
+    size = sum(path.stat().st_size for path in event_files(instance, run_id))
+    folder = Path(instance.storage_directory()) / run_id
+    if folder.is_dir():
+        size += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return size
+
+
+def delete_run(instance: dg.DagsterInstance, run_id: str) -> None:
+    """Delete a run with its events, compute logs, step outputs and (SQLite) its files."""
+    files = event_files(instance, run_id)
+    instance.delete_run(run_id)
+    instance.compute_log_manager.delete_logs(prefix=[run_id])
+    shutil.rmtree(Path(instance.storage_directory()) / run_id, ignore_errors=True)
+    for path in files:
+        path.unlink(missing_ok=True)
+
+
+def prune(
+    instance: dg.DagsterInstance,
+    job_names: Sequence[str],
+    cutoff: datetime,
+    budget: Budget,
+    *,
+    dry_run: bool = False,
+    page: int = PAGE,
+) -> Pruned:
+    """Delete the finished runs created before `cutoff`, oldest first, until `budget` is spent.
+
+    `job_names` are the jobs whose metrics count runs (the ledger keeps their totals).
+
+    Each page is recorded in the ledger before any of its runs is deleted; a page interrupted
+    half-way (a crash, a kill) is finished at the start of the next prune.
+    """
+    ledger = Ledger.load(instance)
+    done = Pruned()
+    if ledger.pending and not dry_run:
+        for run_id in ledger.pending:
+            done.bytes += footprint(instance, run_id)
+            delete_run(instance, run_id)
+        ledger.settle(instance)
+    keep = latest_materialization_runs(instance)
+    cursor: str | None = None
+    while True:
+        if budget.exhausted:
+            done.more = True
+            return done
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(statuses=FINISHED, created_before=cutoff),
+            limit=page,
+            ascending=True,
+            cursor=cursor,
+        )
+        if not records:
+            return done
+        kept = [record.dagster_run for record in records if must_keep(record, keep)]
+        doomed = [record.dagster_run for record in records if not must_keep(record, keep)]
+        done.kept += len(kept)
+        # The next page starts after a run that is still there: a deleted run is no cursor.
+        if dry_run:
+            cursor = records[-1].dagster_run.run_id
+        elif kept:
+            cursor = kept[-1].run_id
+        retired = retired_of(doomed, job_names)
+        done.by_job.update(retired)
+        done.deleted += len(doomed)
+        if dry_run:
+            done.bytes += sum(footprint(instance, run.run_id) for run in doomed)
+            continue
+        if doomed:
+            ledger.record(instance, retired, [run.run_id for run in doomed])
+            for run in doomed:
+                done.bytes += footprint(instance, run.run_id)
+                delete_run(instance, run.run_id)
+            ledger.settle(instance)

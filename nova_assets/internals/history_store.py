@@ -1,0 +1,41 @@
+"""What the run retention needs of Dagster's storage beyond its public API.
+
+- The instance's key-value store (`RunStorage.get_cursor_values` / `set_cursor_values`, the table
+  Dagster's daemons keep their own cursors in): the retention's ledger lives there, in the run
+  storage itself, so it is as durable as the runs it accounts for and one write records it.
+  `set_cursor_values` is given one key at a time: with several, an existing key makes its insert
+  fail and the update that follows skips the keys that did not exist.
+- The files of one run's events on SQLite (`SqliteEventLogStorage.path_for_shard`): Dagster's
+  `delete_run` empties a run's database file but leaves the file, about 200 kB a run.
+
+Every name is looked up on the storage object at run time, so a storage without it (PostgreSQL
+has no per-run files) simply has nothing to remove; `nova_assets_tests/test_internals.py` checks
+that the SQLite storage still has both.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+SQLITE_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+"""A SQLite database file and the files SQLite may keep beside it."""
+
+
+def read_value(instance: dg.DagsterInstance, key: str) -> str | None:
+    """The value stored under `key` in the instance's key-value store, if any."""
+    return instance.run_storage.get_cursor_values({key}).get(key)
+
+
+def write_value(instance: dg.DagsterInstance, key: str, value: str) -> None:
+    """Store `value` under `key`, in one statement of the run storage."""
+    instance.run_storage.set_cursor_values({key: value})
+
+
+def event_files(instance: dg.DagsterInstance, run_id: str) -> list[Path]:
+    """The files holding one run's events, on an event log that keeps a file per run."""
+    path_for_shard = getattr(instance.event_log_storage, "path_for_shard", None)
+    if path_for_shard is None:
+        return []
+    database = Path(path_for_shard(run_id))
+    candidates = (database.with_name(database.name + suffix) for suffix in SQLITE_SIDE_FILES)
+    return [path for path in candidates if path.is_file()]

@@ -1,0 +1,159 @@
+"""Run retention on a real local instance, with runs made by `dagster job execute`.
+
+The runs are really run (their event databases, compute logs and step outputs are Dagster's own),
+then made older by moving their creation time back in the instance's run storage.
+"""
+
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from nova_assets.core.budget import Budget
+from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE, UNDELIVERABLE_TAG
+from nova_assets.defs.retention.ledger import Ledger, retired_totals
+from nova_assets.defs.retention.prune import cutoff_for, prune
+from nova_assets.local.instance import write_instance
+
+ROOT = Path(__file__).parents[1]
+JOBS = ["pair_job", "broken_job"]
+DAY = 86_400
+
+
+def _execute(home: Path, job: str) -> str:
+    """Run `job` of the retention jobs in a process of its own; its run id."""
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            *("job", "execute", "-m", "nova_assets_tests.retention_jobs", "-j", job),
+        ],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return instance.get_runs(dg.RunsFilter(job_name=job), limit=1)[0].run_id
+
+
+def _age(home: Path, run_ids: list[str], days: float) -> None:
+    """Move the runs' creation (and update) time `days` back, as if they ran then."""
+    when = datetime.fromtimestamp(time.time() - days * DAY, UTC).replace(tzinfo=None)
+    with sqlite3.connect(home / "history" / "runs.db") as db:
+        db.executemany(
+            "UPDATE runs SET create_timestamp = ?, update_timestamp = ? WHERE run_id = ?",
+            [(when, when, run_id) for run_id in run_ids],
+        )
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """An instance with runs of 10 days ago: three of `pair_job`, two failed of `broken_job`.
+
+    One failure was delivered to the DLQ, the other marked undeliverable; a sixth run is still
+    in progress.
+    """
+    home = tmp_path_factory.mktemp("retention") / "home"
+    write_instance(home, 5)
+    runs = {f"pair_{i}": _execute(home, "pair_job") for i in range(3)}
+    runs["delivered"] = _execute(home, "broken_job")
+    runs["undelivered"] = _execute(home, "broken_job")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_run_tags(runs["delivered"], {DELIVERED_TAG: DELIVERED_VALUE})
+        instance.add_run_tags(runs["undelivered"], {UNDELIVERABLE_TAG: "too large"})
+        running = dg.DagsterRun(
+            job_name="pair_job", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED
+        )
+        instance.add_run(running)
+        runs["running"] = running.run_id
+    _age(home, list(runs.values()), days=10)
+    return home, runs
+
+
+def _copy(source: Path, target: Path) -> Path:
+    """A copy of the instance at `source`, its config naming its own folders."""
+    subprocess.run(["cp", "-a", str(source), str(target)], check=True)
+    write_instance(target, 5)
+    return target
+
+
+def test_old_runs_go_with_their_files_and_what_must_stay_stays(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    runs = history[1]
+    before = _du(home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        done = prune(instance, JOBS, cutoff_for(7), Budget(20))
+        left = {run.run_id for run in instance.get_runs()}
+        latest = instance.get_latest_materialization_event(dg.AssetKey("pair"))
+        ledger = Ledger.load(instance)
+    gone = {runs["pair_0"], runs["pair_1"], runs["delivered"]}
+    assert left == set(runs.values()) - gone
+    assert latest is not None and latest.run_id == runs["pair_2"]
+    assert (done.deleted, done.kept, done.more) == (3, 2, False)
+    for run_id in gone:
+        assert not (home / "storage" / run_id).exists()
+        assert not (home / "history" / "runs" / f"{run_id}.db").exists()
+    assert (home / "storage" / runs["pair_2"] / "pair.numbers" / "result").is_file()
+    after = _du(home)
+    # What the prune says it freed is gone from the disk (SQLite may shrink its own files too).
+    assert before - after >= done.bytes > 3 * 100_000, (before, after, done.bytes)
+    assert ledger.pending == []
+    assert ledger.totals == Counter(
+        {("pair_job", "success"): 2, ("broken_job", "failure"): 1, ("broken_job", "dlq"): 1}
+    )
+
+
+def test_a_dry_run_changes_nothing_and_says_what_would_go(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    before = sorted((p, p.stat().st_size) for p in home.rglob("*") if p.is_file())
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        done = prune(instance, JOBS, cutoff_for(7), Budget(20), dry_run=True)
+        assert len(instance.get_runs()) == 6
+        assert Ledger.load(instance).totals == Counter()
+    assert (done.deleted, done.kept) == (3, 2) and done.bytes > 300_000
+    assert sorted((p, p.stat().st_size) for p in home.rglob("*") if p.is_file()) == before
+
+
+def test_runs_inside_the_retention_stay(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        done = prune(instance, JOBS, cutoff_for(11), Budget(20))
+        assert len(instance.get_runs()) == 6
+    assert done.deleted == 0
+
+
+def test_a_spent_budget_deletes_nothing_and_says_more_remain(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        done = prune(instance, JOBS, cutoff_for(7), Budget(0))
+        assert len(instance.get_runs()) == 6
+        assert done.more and done.deleted == 0
+        # The next evaluation goes on; one run a page still finds them all.
+        again = prune(instance, JOBS, cutoff_for(7), Budget(20), page=1)
+        assert (again.deleted, again.more) == (3, False)
+
+
+def test_a_prune_cut_short_finishes_its_page_and_counts_it_once(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    runs = history[1]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        # A prune recorded its page and was killed before deleting it.
+        Ledger.load(instance).record(
+            instance, Counter({("pair_job", "success"): 1}), [runs["pair_0"]]
+        )
+        done = prune(instance, JOBS, cutoff_for(7), Budget(20))
+        assert runs["pair_0"] not in {run.run_id for run in instance.get_runs()}
+        assert retired_totals(instance, "pair_job") == {"success": 2, "failure": 0, "dlq": 0}
+    assert done.deleted == 2  # pair_1 and the delivered failure; pair_0 was the page's
