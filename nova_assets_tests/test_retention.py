@@ -20,6 +20,7 @@ from nova_assets.core.budget import Budget
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE, UNDELIVERABLE_TAG
 from nova_assets.defs.retention.ledger import Ledger, retired_totals
 from nova_assets.defs.retention.prune import cutoff_for, prune
+from nova_assets.defs.retention.size import footprint_of
 from nova_assets.local.instance import write_instance
 
 ROOT = Path(__file__).parents[1]
@@ -157,3 +158,15 @@ def test_a_prune_cut_short_finishes_its_page_and_counts_it_once(history, tmp_pat
         assert runs["pair_0"] not in {run.run_id for run in instance.get_runs()}
         assert retired_totals(instance, "pair_job") == {"success": 2, "failure": 0, "dlq": 0}
     assert done.deleted == 2  # pair_1 and the delivered failure; pair_0 was the page's
+
+
+def test_the_footprint_counts_runs_files_and_bytes_and_drops_with_a_prune(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        before = footprint_of(instance)
+        prune(instance, JOBS, cutoff_for(7), Budget(20))
+        after = footprint_of(instance)
+    assert (before.runs, after.runs) == (6, 3)
+    assert after.file_bytes == _du(home) < before.file_bytes
+    assert after.files < before.files and after.indexed_events < before.indexed_events
+    assert before.database_bytes is None

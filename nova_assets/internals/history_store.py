@@ -7,6 +7,9 @@
   fail and the update that follows skips the keys that did not exist.
 - The files of one run's events on SQLite (`SqliteEventLogStorage.path_for_shard`): Dagster's
   `delete_run` empties a run's database file but leaves the file, about 200 kB a run.
+- For `nova-assets history size`: the number of stored events (`SqlEventLogStorageTable`, read
+  through the storage's `index_connection()`), and on PostgreSQL the database's size (through the
+  run storage's `connect()`).
 
 Every name is looked up on the storage object at run time, so a storage without it (PostgreSQL
 has no per-run files) simply has nothing to remove; `nova_assets_tests/test_internals.py` checks
@@ -16,6 +19,8 @@ that the SQLite storage still has both.
 from pathlib import Path
 
 import dagster as dg
+import sqlalchemy as db
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 
 SQLITE_SIDE_FILES = ("", "-wal", "-shm", "-journal")
 """A SQLite database file and the files SQLite may keep beside it."""
@@ -39,3 +44,19 @@ def event_files(instance: dg.DagsterInstance, run_id: str) -> list[Path]:
     database = Path(path_for_shard(run_id))
     candidates = (database.with_name(database.name + suffix) for suffix in SQLITE_SIDE_FILES)
     return [path for path in candidates if path.is_file()]
+
+
+def event_count(instance: dg.DagsterInstance) -> int:
+    """Events the event log's index lists (on SQLite, not those only in each run's own file)."""
+    with instance.event_log_storage.index_connection() as conn:  # type: ignore[attr-defined]
+        query = db.select(db.func.count()).select_from(SqlEventLogStorageTable)
+        return int(conn.execute(query).scalar() or 0)
+
+
+def database_bytes(instance: dg.DagsterInstance) -> int | None:
+    """The size of the PostgreSQL database the instance stores in; None for other storage."""
+    storage = instance.run_storage
+    if type(storage).__module__.split(".")[0] != "dagster_postgres":
+        return None
+    with storage.connect() as conn:  # type: ignore[attr-defined]
+        return int(conn.execute(db.text("SELECT pg_database_size(current_database())")).scalar())
