@@ -16,6 +16,7 @@ those runs first, next time, and counts none twice.
 """
 
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class Pruned:
     more: bool = False
     """Runs past the retention may remain: the budget ran out first."""
     by_job: Counter[tuple[str, str]] = field(default_factory=Counter)
+    longest_page_s: float = 0.0
+    """The longest a page took to record and delete: the most one prune holds back other work."""
 
     def summary(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
@@ -179,8 +182,10 @@ def prune(
             done.bytes += sum(footprint(instance, run.run_id) for run in doomed)
             continue
         if doomed:
+            started = time.monotonic()
             ledger.record(instance, retired, [run.run_id for run in doomed])
             for run in doomed:
                 done.bytes += footprint(instance, run.run_id)
                 delete_run(instance, run.run_id)
             ledger.settle(instance)
+            done.longest_page_s = max(done.longest_page_s, time.monotonic() - started)
