@@ -243,6 +243,8 @@ def run_variant(
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
         "SUGGESTION_INTERVAL_SEC": "86400",
+        # A TTL must cover two intervals (docs/design.md §8).
+        "SUGGESTION_TTL_SEC": "172800",
         # Steady state: at start the healer would fill all five caches at once.
         "CACHE_HEALING": "off",
     }

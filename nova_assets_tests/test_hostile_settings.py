@@ -4,8 +4,10 @@ Hypothesis feeds arbitrary text (non-ASCII, control characters, huge numbers, UR
 every variable, one at a time and several at once: `Settings.from_env` either loads or raises
 `SettingsError` naming exactly the bad variables, never any other exception. Generated passwords,
 full of the characters that end a URL's authority (`/ ? # @ :`), never appear in an error or in
-`redact_url`'s output. Last, the real code location, loaded as the UI loads it, shows no secret on
-its resources page.
+`redact_url`'s output. A scheme counts in any case: each of them, however written, is judged as
+its lower-case self; an embedded engine's URL with a host and a server's URL without one are
+refused, whatever surrounds them. Last, the real code location, loaded as the UI loads it, shows
+no secret on its resources page.
 """
 
 import json
@@ -44,7 +46,13 @@ VARIABLES = (
     "FEED_TTL_SEC",
     "ALERT_WEBHOOK_URL",
     "DAGSTER_UI_URL",
+    "SENSOR_BUDGET_SEC",
 )
+TTL_RULE_PARTNERS = {
+    "SUGGESTION_TTL_SEC": "SUGGESTION_INTERVAL_SEC",
+    "SUGGESTION_INTERVAL_SEC": "SUGGESTION_TTL_SEC",
+}
+"""Variables judged together (a TTL covers two of its job's intervals), each with the other."""
 URL_SCHEMES = {
     "CLICKHOUSE_URL": "https",
     "REDIS_URL": "redis",
@@ -106,10 +114,13 @@ def test_any_text_in_several_variables_names_only_bad_ones(environ):
         named = named_variables(exc)
         assert named and set(named) <= set(environ)
         assert len(named) == len(set(named))
-        # Each named variable is bad on its own too: no error is blamed on a neighbour.
+        # Each named variable is bad on its own too, or with the other half of its TTL rule:
+        # no error is blamed on a neighbour.
         for variable in named:
+            partner = TTL_RULE_PARTNERS.get(variable)
+            alone = {name: environ[name] for name in (variable, partner) if name in environ}
             with pytest.raises(SettingsError):
-                Settings.from_env({variable: environ[variable]})
+                Settings.from_env(alone)
 
 
 @QUICK
@@ -145,6 +156,87 @@ def test_redact_url_never_raises_and_never_shows_text_before_the_last_at(url):
     if "@" in url:
         hidden = url.split("://", 1)[-1].rpartition("@")[0]
         assert len(hidden) < 4 or hidden not in shown
+
+
+def any_case(scheme: str) -> st.SearchStrategy[str]:
+    """`scheme` with each letter in either case."""
+    return st.tuples(*(st.sampled_from([c.lower(), c.upper()]) for c in scheme)).map("".join)
+
+
+# The URLs of the case property: accepted and refused forms alike, for each scheme we take.
+CASE_URLS = {
+    "chdb": ("CLICKHOUSE_URL", ["chdb:///srv/nova", "chdb://h:1/", "chdb:rel", "chdb:///"]),
+    "http": ("CLICKHOUSE_URL", ["http://u:Pw1@ch:8123/", "http:///db", "http://ch:0/"]),
+    "https": ("PUSHGATEWAY_URL", ["https://gw:9091", "https://u:Pw1@:9091", "https:"]),
+    "redis": ("REDIS_URL", ["redis://127.0.0.1:6379/0", "redis://"]),
+    "rediss": ("REDIS_URL", ["rediss://:Pw1@cache:6380/0"]),
+    "unix": ("REDIS_URL", ["unix:///run/redis.sock?db=0", "unix:"]),
+}
+
+
+def verdict(variable: str, url: str) -> tuple[str | None, bool | None]:
+    """What the settings make of `url`: the error, or None and whether it is the embedded engine.
+
+    The second part is None for every variable but CLICKHOUSE_URL.
+    """
+    try:
+        loaded = Settings.from_env({variable: url})
+    except SettingsError as exc:
+        return str(exc), None
+    return None, loaded.embedded_clickhouse if variable == "CLICKHOUSE_URL" else None
+
+
+@QUICK
+@given(st.data(), st.sampled_from(sorted(CASE_URLS)))
+def test_a_scheme_in_any_case_is_judged_as_its_lower_case_self(data, scheme):
+    variable, urls = CASE_URLS[scheme]
+    url = data.draw(st.sampled_from(urls))
+    written = data.draw(any_case(scheme)) + url[len(scheme) :]
+    assert verdict(variable, written) == verdict(variable, url)
+
+
+# What may stand between `scheme://` and the path: anything that does not start with `/` (which
+# would begin the path itself), user info with a password or not.
+authorities = st.one_of(
+    st.builds(lambda h, p: f"{h}:{p}", hosts, ports),
+    hosts,
+    st.sampled_from(["memory", ":memory:", "localhost", ":8123", "?", "#x"]),
+    st.text(alphabet=PASSWORD_CHARS.replace("/", ""), min_size=1),
+)
+user_infos = st.one_of(
+    st.none(), st.tuples(users.filter(lambda user: not user.startswith("/")), passwords)
+)
+
+
+@QUICK
+@given(any_case("chdb"), authorities, user_infos, st.sampled_from(["", "/", "/srv/nova", "/db?x"]))
+def test_an_embedded_url_with_a_host_is_refused(scheme, authority, user_info, path):
+    userinfo = f"{user_info[0]}:{user_info[1]}@" if user_info else ""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"CLICKHOUSE_URL": f"{scheme}://{userinfo}{authority}{path}"})
+    assert named_variables(caught.value) == ["CLICKHOUSE_URL"]
+    if user_info:
+        assert user_info[1] not in str(caught.value)
+
+
+@QUICK
+@given(
+    st.sampled_from(["CLICKHOUSE_URL", "PUSHGATEWAY_URL", "ALERT_WEBHOOK_URL", "DAGSTER_UI_URL"]),
+    st.one_of(any_case("http"), any_case("https")),
+    st.sampled_from(
+        ["{scheme}:{path}", "{scheme}://{userinfo}{path}", "{scheme}://{userinfo}:8123{path}"]
+    ),
+    user_infos,
+    st.sampled_from(["", "/", "/db", "/path/to"]),
+)
+def test_a_server_url_without_a_host_is_refused(variable, scheme, form, user_info, path):
+    userinfo = f"{user_info[0]}:{user_info[1]}@" if user_info else ""
+    url = form.format(scheme=scheme, userinfo=userinfo, path=path)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: url})
+    assert named_variables(caught.value) == [variable]
+    if user_info:
+        assert user_info[1] not in str(caught.value)
 
 
 SECRETS = {

@@ -1,8 +1,24 @@
-"""Settings: every bad value fails the load with the variable named, and no password leaks."""
+"""Settings: every bad value fails the load with the variable named, and no password leaks.
+
+Beyond each value on its own: a URL's scheme counts in any case, and the ClickHouse resource
+reads a URL exactly as the settings judged it (the engine or the protocol, the directory the
+embedded engine opens, checked on the real engine); each cache's TTL covers two of its job's
+intervals, for every pair of values (Hypothesis) and for the trending windows' fixed TTLs.
+"""
+
+import os
+import subprocess
+import sys
 
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from nova_assets.core import jobs
+from nova_assets.core.resources import ClickHouseResource
 from nova_assets.core.settings import (
+    FEEDS_INTERVAL_SEC,
     INTERVAL_RANGE_SEC,
     MAX_CONCURRENT_JOBS_RANGE,
     SHARD_USERS_RANGE,
@@ -10,8 +26,10 @@ from nova_assets.core.settings import (
     Settings,
     SettingsError,
     interval_to_cron,
+    ttl_problem,
 )
-from nova_assets.core.urls import redact_url
+from nova_assets.core.urls import embedded_path, is_embedded, redact_url
+from nova_assets_tests.conftest import free_ports
 
 
 def test_defaults_match_the_design():
@@ -197,10 +215,11 @@ def test_a_url_with_spaces_around_it_is_refused():
 
 
 def test_numbers_at_the_ends_of_their_ranges_are_accepted():
+    # FEED_TTL_SEC's lowest is the TTL rule's (two cache_warmer intervals), above its range's.
     settings = Settings.from_env(
         {
             "SUGGESTION_TTL_SEC": str(TTL_RANGE_SEC[1]),
-            "FEED_TTL_SEC": str(TTL_RANGE_SEC[0]),
+            "FEED_TTL_SEC": str(2 * FEEDS_INTERVAL_SEC),
             "MAX_CONCURRENT_JOBS": str(MAX_CONCURRENT_JOBS_RANGE[1]),
             "TRENDING_INTERVAL_SEC": str(INTERVAL_RANGE_SEC[1]),
             "SUGGESTION_INTERVAL_SEC": "0060",
@@ -208,7 +227,7 @@ def test_numbers_at_the_ends_of_their_ranges_are_accepted():
         }
     )
     assert settings.suggestion_shard_users == 100
-    assert (settings.suggestion_ttl_sec, settings.feed_ttl_sec) == (2_592_000, 1)
+    assert (settings.suggestion_ttl_sec, settings.feed_ttl_sec) == (2_592_000, 120)
     assert settings.max_concurrent_jobs == 100
     assert (settings.trending_interval_sec, settings.suggestion_interval_sec) == (86_400, 60)
 
@@ -265,3 +284,255 @@ def test_a_home_with_spaces_or_accents_makes_a_valid_embedded_url(home):
 def test_a_server_url_switches_off_embedded_mode():
     settings = Settings.from_env({"CLICKHOUSE_URL": "https://u:p@ch.example:8443/"})
     assert not settings.embedded_clickhouse
+
+
+# -- Schemes in any case, and the URL the resource reads (issue: CHDB:///path taken for a server,
+#    chdb://127.0.0.1:8765/ taken for a relative folder).
+
+
+@pytest.mark.parametrize(
+    ("url", "embedded"),
+    [
+        ("CHDB:///srv/nova/clickhouse", True),
+        ("Chdb:///srv/nova/clickhouse", True),
+        ("HTTPS://u:p@ch.example:8443/", False),
+        ("Http://ch.example:8123/", False),
+    ],
+)
+def test_a_scheme_in_any_case_is_the_same_scheme(url, embedded):
+    settings = Settings.from_env({"CLICKHOUSE_URL": url})
+    assert settings.clickhouse_url == url  # as written: the resource reads the variable itself
+    assert settings.embedded_clickhouse is embedded
+    assert ClickHouseResource(url=url).embedded is embedded
+    if embedded:
+        assert ClickHouseResource(url=url).embedded_path() == "/srv/nova/clickhouse"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "chdb://127.0.0.1:8765/",
+        "CHDB://127.0.0.1:8765/srv/nova",
+        "chdb://memory",
+        "chdb://localhost/srv/nova",
+        "chdb://admin:s3cr3t-pw@127.0.0.1:8765/",
+    ],
+)
+def test_an_embedded_url_with_a_host_is_refused_by_name(url):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"CLICKHOUSE_URL": url})
+    message = str(caught.value)
+    assert "CLICKHOUSE_URL=" in message
+    assert "takes no host" in message and "chdb:///srv/nova/clickhouse" in message
+    assert "s3cr3t" not in message
+    # The resource, given such a URL directly, refuses it the same way instead of opening a folder.
+    with pytest.raises(SettingsError, match="takes no host") as refused:
+        ClickHouseResource(url=url).embedded_path()
+    assert "s3cr3t" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("chdb:relative/clickhouse", "absolute path"),
+        ("chdb:/srv/nova", "absolute path"),
+        ("chdb:///srv/nova?database=x", "'?' or '#'"),
+        ("chdb:///srv/nova#x", "'?' or '#'"),
+        ("CHDB:///", "no path"),
+    ],
+)
+def test_an_embedded_url_must_name_one_absolute_directory(url, expected):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"CLICKHOUSE_URL": url})
+    assert "CLICKHOUSE_URL=" in str(caught.value) and expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http:///db",
+        "HTTPS://:8443/",
+        "https://user:s3cr3t-pw@:8443/",
+        "http:/clickhouse",
+        "https:",
+    ],
+)
+def test_a_server_url_without_a_host_is_refused(url):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"CLICKHOUSE_URL": url})
+    assert "CLICKHOUSE_URL=" in str(caught.value) and "no host" in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "pool", "port"),
+    [
+        ("HTTPS://nova:secret@127.0.0.1:{free}/", "HTTPSConnectionPool", None),
+        # No port: left to itself, the library would pick plain HTTP on 8123 (from the port).
+        ("https://nova:secret@127.0.0.1/", "HTTPSConnectionPool", 8443),
+        ("Http://nova:secret@127.0.0.1:{free}/", "HTTPConnectionPool", None),
+    ],
+)
+def test_a_server_is_spoken_to_in_the_scheme_of_its_url(url, pool, port):
+    """As far as connecting, to a port where nothing answers: the attempt shows the protocol."""
+    [free] = free_ports(1)
+    resource = ClickHouseResource(url=url.format(free=free))
+    assert not resource.embedded
+    with pytest.raises(OperationalError) as caught:
+        resource.client()
+    assert f"{pool}(host='127.0.0.1', port={port or free})" in str(caught.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(
+        alphabet=st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters="?#"),
+        min_size=1,
+    )
+)
+def test_the_embedded_directory_is_the_validated_path_exactly(tail):
+    url = f"chdb:///{tail}"
+    assume(url == url.strip())  # spaces around a value are refused whatever the value
+    try:
+        Settings.from_env({"CLICKHOUSE_URL": url})
+    except SettingsError:
+        with pytest.raises(ValueError):
+            embedded_path(url)
+        return
+    assert is_embedded(url)
+    assert embedded_path(url) == f"/{tail}"
+    assert ClickHouseResource(url=url).embedded_path() == f"/{tail}"
+
+
+def test_an_upper_case_embedded_url_opens_exactly_its_directory(tmp_path):
+    """The real engine, in a process of its own (the embedded engine takes one directory each)."""
+    data, work = tmp_path / "my data" / "clickhouse", tmp_path / "work"
+    work.mkdir()
+    code = (
+        "from nova_assets.core.resources import ClickHouseResource\n"
+        "from nova_assets.core.settings import load_settings\n"
+        "clickhouse = ClickHouseResource(url=load_settings().clickhouse_url)\n"
+        "print(clickhouse.query_rows('SELECT 41 + 1'))\n"
+        "clickhouse.close()\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=work,
+        env=os.environ | {"CLICKHOUSE_URL": f"CHDB://{data}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().endswith("[(42,)]")
+    assert data.is_dir() and any(data.iterdir())
+    assert list(work.iterdir()) == []  # nothing written where the process stood
+
+
+# -- Each TTL covers two of its job's intervals (issue: FEED_TTL_SEC=30, SUGGESTION_TTL_SEC=300).
+
+
+def _has_cron(seconds: int) -> bool:
+    try:
+        interval_to_cron(seconds)
+    except ValueError:
+        return False
+    return True
+
+
+CRON_INTERVALS = [
+    s for s in range(INTERVAL_RANGE_SEC[0], INTERVAL_RANGE_SEC[1] + 1, 60) if _has_cron(s)
+]
+"""Every value SUGGESTION_INTERVAL_SEC and TRENDING_INTERVAL_SEC accept."""
+ttls = st.integers(min_value=TTL_RANGE_SEC[0], max_value=TTL_RANGE_SEC[1])
+
+
+@pytest.mark.parametrize(
+    ("environ", "named", "shown"),
+    [
+        ({"FEED_TTL_SEC": "30"}, "FEED_TTL_SEC", ("'30'", "every 60 s", "120")),
+        ({"FEED_TTL_SEC": "60"}, "FEED_TTL_SEC", ("'60'", "every 60 s", "120")),
+        ({"FEED_TTL_SEC": "119"}, "FEED_TTL_SEC", ("'119'", "every 60 s", "120")),
+        (
+            {"SUGGESTION_TTL_SEC": "300"},
+            "SUGGESTION_TTL_SEC",
+            ("'300'", "SUGGESTION_INTERVAL_SEC=600", "1200"),
+        ),
+        (
+            {"SUGGESTION_TTL_SEC": "1"},
+            "SUGGESTION_TTL_SEC",
+            ("'1'", "SUGGESTION_INTERVAL_SEC=600", "1200"),
+        ),
+        (
+            {"SUGGESTION_TTL_SEC": "3600", "SUGGESTION_INTERVAL_SEC": "3600"},
+            "SUGGESTION_TTL_SEC",
+            ("'3600'", "SUGGESTION_INTERVAL_SEC=3600", "7200"),
+        ),
+        (  # the interval set, the TTL left at its default: the interval is what broke the rule
+            {"SUGGESTION_INTERVAL_SEC": "86400"},
+            "SUGGESTION_INTERVAL_SEC",
+            ("'86400'", "SUGGESTION_TTL_SEC keeps its default, 86400", "172800"),
+        ),
+    ],
+)
+def test_a_ttl_shorter_than_two_intervals_is_refused_saying_why(environ, named, shown):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(environ)
+    [line] = str(caught.value).splitlines()[1:]
+    assert line.startswith(f"  - {named}=")
+    for text in shown:
+        assert text in line
+    assert "at least twice its job's interval" in line
+    assert "expire before the next run rewrites them" in line
+
+
+@settings(max_examples=300, deadline=None)
+@given(ttls, st.sampled_from(CRON_INTERVALS))
+def test_a_suggestion_ttl_is_accepted_iff_it_covers_two_intervals(ttl, interval):
+    environ = {"SUGGESTION_TTL_SEC": str(ttl), "SUGGESTION_INTERVAL_SEC": str(interval)}
+    try:
+        loaded = Settings.from_env(environ)
+    except SettingsError as exc:
+        assert ttl < 2 * interval
+        assert str(exc).count("\n  - ") == 1 and "  - SUGGESTION_TTL_SEC=" in str(exc)
+        assert f"'{ttl}'" in str(exc) and f"SUGGESTION_INTERVAL_SEC={interval}" in str(exc)
+    else:
+        assert ttl >= 2 * interval
+        assert (loaded.suggestion_ttl_sec, loaded.suggestion_interval_sec) == (ttl, interval)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ttls)
+def test_a_feed_ttl_is_accepted_iff_it_covers_two_cache_warmer_intervals(ttl):
+    try:
+        loaded = Settings.from_env({"FEED_TTL_SEC": str(ttl)})
+    except SettingsError as exc:
+        assert ttl < 2 * FEEDS_INTERVAL_SEC
+        assert "  - FEED_TTL_SEC=" in str(exc) and f"'{ttl}'" in str(exc)
+    else:
+        assert ttl >= 2 * FEEDS_INTERVAL_SEC
+        assert loaded.feed_ttl_sec == ttl
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(CRON_INTERVALS), st.sampled_from(CRON_INTERVALS))
+def test_every_jobs_cache_outlives_two_of_its_intervals(trending, suggestion):
+    """Whatever the intervals, every job's TTL keeps the rule: the trending ones by design."""
+    loaded = Settings.from_env(
+        {
+            "TRENDING_INTERVAL_SEC": str(trending),
+            "SUGGESTION_INTERVAL_SEC": str(suggestion),
+            "SUGGESTION_TTL_SEC": str(max(86_400, 2 * suggestion)),
+        }
+    )
+    ttl_of = {window.job_name: window.ttl_sec for window in jobs.windows(trending)}
+    ttl_of |= {jobs.SUGGESTIONS_JOB: loaded.suggestion_ttl_sec, jobs.FEEDS_JOB: loaded.feed_ttl_sec}
+    specs = jobs.job_specs(loaded)
+    assert {spec.name for spec in specs} == set(ttl_of)
+    for spec in specs:
+        assert ttl_problem(ttl_of[spec.name], spec.interval_sec) is None, spec.name
+
+
+def test_the_feed_rule_judges_cache_warmers_own_interval():
+    assert jobs.FEEDS_REFRESH_SEC == FEEDS_INTERVAL_SEC

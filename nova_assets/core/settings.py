@@ -6,6 +6,9 @@ Every variable of docs/design.md §8 is parsed here into a frozen `Settings`. A 
 the accepted form, numbers with their range; the code location then fails to load with that message
 instead of failing later inside a run. How a URL is cut, judged and shown lives in
 `nova_assets.core.urls`.
+
+Rules across variables are checked here too: each cache's TTL must outlive two of its job's
+intervals (`ttl_problem`), so a key is rewritten before it expires even when one refresh comes late.
 """
 
 import functools
@@ -40,6 +43,10 @@ SENSOR_BUDGET_RANGE_SEC = (1, 50)
 """`SENSOR_BUDGET_SEC`: time one sensor evaluation may work, below Dagster's 60 s timeout."""
 SHARD_USERS_RANGE = (100, 1_000_000)
 """`SUGGESTION_SHARD_USERS`: users one suggestions step ranks while it holds the ClickHouse slot."""
+FEEDS_INTERVAL_SEC = 60
+"""cache_warmer's interval: fixed, not a setting; `FEED_TTL_SEC` is judged against it."""
+TTL_INTERVALS = 2
+"""A cache's TTL covers at least this many of its job's intervals (`ttl_problem` says why)."""
 
 _SHOWN_MAX_CHARS = 80
 """A value echoed in an error is cut to this length: enough to recognise it, never a flood."""
@@ -64,6 +71,26 @@ def interval_to_cron(seconds: int) -> str:
         if hours < 24 and 24 % hours == 0:
             return "0 * * * *" if hours == 1 else f"0 */{hours} * * *"
     raise ValueError("no cron cadence fires at exactly that interval")
+
+
+def ttl_problem(ttl_sec: int, interval_sec: int) -> str | None:
+    """Why a cache's TTL is too short for the interval of the job that rewrites it, or None.
+
+    A run rewrites the keys once per interval, but the next write can come up to an interval late:
+    a run that takes long or retries (waits up to 31 s), or a tick skipped because the last run is
+    still going. A key whose TTL is shorter expires before it is rewritten, the cache is missing
+    until the next run, and `cache_healer`, finding it missing, requests a run at every
+    evaluation. So the TTL must cover two intervals (`TTL_INTERVALS`).
+    """
+    least = TTL_INTERVALS * interval_sec
+    if ttl_sec >= least:
+        return None
+    return (
+        f"a cache's TTL must be at least twice its job's interval ({least} s here), or its keys "
+        "expire before the next run rewrites them and the cache is missing until then (a run "
+        "can come up to an interval late: a long run, its retries, a tick skipped while the last "
+        "run still goes)"
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,7 @@ class _Parser:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.env = environ
         self.errors: list[str] = []
+        self.failed: set[str] = set()
 
     def _get(self, name: str, default: str) -> str:
         value = self.env.get(name)
@@ -132,7 +160,43 @@ class _Parser:
     def _fail(self, name: str, shown: str, accepted: str) -> None:
         if len(shown) > _SHOWN_MAX_CHARS:
             shown = f"{shown[:_SHOWN_MAX_CHARS]}… ({len(shown)} characters)"
+        self.failed.add(name)
         self.errors.append(f"{name}={shown!r} is invalid: {accepted}")
+
+    def _ttl_covers(
+        self,
+        ttl_name: str,
+        ttl_sec: int,
+        interval_sec: int,
+        job: str,
+        interval_name: str | None = None,
+    ) -> None:
+        """Fail when the TTL is too short for its job's interval (`ttl_problem`).
+
+        The line names the TTL when it was set, else the interval (`interval_name`, set by the
+        operator while the TTL kept its default): the variable whose change broke the rule. A
+        rule whose values already failed on their own is not judged again.
+        """
+        if {ttl_name, interval_name} & self.failed:
+            return
+        problem = ttl_problem(ttl_sec, interval_sec)
+        if problem is None:
+            return
+        least = TTL_INTERVALS * interval_sec
+        interval = f"{interval_name}={interval_sec}" if interval_name else f"{interval_sec} s"
+        if interval_name is None or self._get(ttl_name, ""):
+            self._fail(
+                ttl_name,
+                str(ttl_sec),
+                f"{problem}; {job} runs every {interval}, so set {ttl_name} to {least} or more",
+            )
+        else:
+            self._fail(
+                interval_name,
+                str(interval_sec),
+                f"{ttl_name} keeps its default, {ttl_sec}, and {problem}; set {ttl_name} to "
+                f"{least} or more, or choose a shorter interval",
+            )
 
     def _int(self, name: str, default: int, bounds: tuple[int, int]) -> int:
         """A whole number of ASCII digits within `bounds`, both ends included."""
@@ -208,7 +272,7 @@ class _Parser:
             "CLICKHOUSE_URL",
             f"chdb://{home / 'clickhouse'}",
             ("chdb", "http", "https"),
-            "chdb:///srv/nova/clickhouse or https://user:password@host:8443/",
+            "chdb:///srv/nova/clickhouse (a path, no host) or https://user:password@host:8443/",
         )
         redis_url = self._url(
             "REDIS_URL",
@@ -242,6 +306,20 @@ class _Parser:
         if any(c.isspace() for c in prefix):
             self._fail("REDIS_KEY_PREFIX", prefix, "expected a prefix without spaces")
 
+        trending_interval = self._interval("TRENDING_INTERVAL_SEC", 60)
+        suggestion_interval = self._interval("SUGGESTION_INTERVAL_SEC", 600)
+        suggestion_ttl = self._int("SUGGESTION_TTL_SEC", 86400, TTL_RANGE_SEC)
+        feed_ttl = self._int("FEED_TTL_SEC", 120, TTL_RANGE_SEC)
+        # The trending TTLs are ten times their intervals by construction (core/jobs.py), not set.
+        self._ttl_covers(
+            "SUGGESTION_TTL_SEC",
+            suggestion_ttl,
+            suggestion_interval,
+            "suggested_users",
+            "SUGGESTION_INTERVAL_SEC",
+        )
+        self._ttl_covers("FEED_TTL_SEC", feed_ttl, FEEDS_INTERVAL_SEC, "cache_warmer")
+
         settings = Settings(
             nova_home=home,
             clickhouse_url=clickhouse_url,
@@ -252,14 +330,14 @@ class _Parser:
             ),
             dlq_topic=topic,
             pushgateway_url=pushgateway_url,
-            trending_interval_sec=self._interval("TRENDING_INTERVAL_SEC", 60),
-            suggestion_interval_sec=self._interval("SUGGESTION_INTERVAL_SEC", 600),
+            trending_interval_sec=trending_interval,
+            suggestion_interval_sec=suggestion_interval,
             max_concurrent_jobs=self._int("MAX_CONCURRENT_JOBS", 5, MAX_CONCURRENT_JOBS_RANGE),
             redis_key_prefix=prefix,
             cache_healing=healing != "off",
-            suggestion_ttl_sec=self._int("SUGGESTION_TTL_SEC", 86400, TTL_RANGE_SEC),
+            suggestion_ttl_sec=suggestion_ttl,
             suggestion_shard_users=self._int("SUGGESTION_SHARD_USERS", 20_000, SHARD_USERS_RANGE),
-            feed_ttl_sec=self._int("FEED_TTL_SEC", 120, TTL_RANGE_SEC),
+            feed_ttl_sec=feed_ttl,
             sensor_budget_sec=self._int("SENSOR_BUDGET_SEC", 20, SENSOR_BUDGET_RANGE_SEC),
             alert_webhook_url=(
                 self._url(

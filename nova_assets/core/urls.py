@@ -3,7 +3,12 @@
 A URL may carry a password, so it is cut at fixed characters (`_anatomy`) before anything else
 reads it: `url_problem` says what is wrong with one in words that never quote its user info,
 and `redact_url` makes one safe to print or log. `is_embedded` answers, for the whole package,
-whether a CLICKHOUSE_URL names the in-process engine rather than a server.
+whether a CLICKHOUSE_URL names the in-process engine rather than a server, and `embedded_path`
+which directory that engine opens: both read the URL the way `url_problem` judged it, so the
+directory used is exactly the one validated.
+
+Schemes are compared without regard to case (`CHDB:///srv/nova` is the embedded engine,
+`HTTPS://…` a server), as RFC 3986 §3.1 has it.
 """
 
 import re
@@ -21,11 +26,38 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 _AUTHORITY_ENDS = "/?#"
 _LOCAL_SCHEMES = ("chdb", "unix")
 """Schemes naming a path on this machine (`chdb:///srv/nova/clickhouse`), not a server."""
+EMBEDDED_SCHEME = "chdb"
+EMBEDDED_FORM = "chdb:///absolute/path (three slashes: no host)"
+"""The one accepted form of an embedded engine's URL."""
+
+
+def scheme_of(url: str) -> str | None:
+    """The URL's scheme in lower case (`CHDB:///x` → `chdb`); None for text that is no URL."""
+    match = _URL_PATTERN.fullmatch(url)
+    return match.group(1).lower() if match else None
 
 
 def is_embedded(url: str) -> bool:
     """Whether the ClickHouse `url` is the in-process chdb engine rather than a server."""
-    return url.startswith("chdb:")
+    return scheme_of(url) == EMBEDDED_SCHEME
+
+
+def embedded_path(url: str) -> str:
+    """The directory the embedded engine opens for `url`: its path exactly as written.
+
+    Only `chdb:///absolute/path` is taken, and nothing of it is decoded or cut (a `%20` stays
+    `%20`, as in the URL built from NOVA_HOME), so the directory is the one `url_problem` judged.
+    Raises `ValueError`, in words that never quote the URL, for anything else: a server URL, a
+    host (`chdb://127.0.0.1:8765/`, which a URL reader takes for a relative folder named after
+    it), a relative path, a query or fragment, no path at all.
+    """
+    anatomy = _anatomy(url)
+    if anatomy is None or anatomy.scheme != EMBEDDED_SCHEME:
+        raise ValueError(f"not an embedded engine's URL; expected {EMBEDDED_FORM}")
+    problem = _embedded_problem(anatomy, url)
+    if problem is not None:
+        raise ValueError(f"{problem}; expected {EMBEDDED_FORM}")
+    return anatomy.rest
 
 
 @dataclass(frozen=True)
@@ -132,6 +164,9 @@ def url_problem(raw: str, schemes: tuple[str, ...], accepted: str) -> str | None
     anatomy = _anatomy(raw)
     if anatomy is None or anatomy.scheme not in schemes:
         return accepted
+    if anatomy.scheme == EMBEDDED_SCHEME:
+        problem = _embedded_problem(anatomy, raw)
+        return None if problem is None else f"{problem}; {accepted}"
     local = anatomy.scheme in _LOCAL_SCHEMES
     if not anatomy.has_authority:
         if not local:
@@ -169,4 +204,26 @@ def url_problem(raw: str, schemes: tuple[str, ...], accepted: str) -> str | None
         agrees = False
     if not agrees:
         return f"the URL cannot be split unambiguously; percent-encode its user info; {accepted}"
+    return None
+
+
+def _embedded_problem(anatomy: _UrlAnatomy, raw: str) -> str | None:
+    """What keeps an embedded engine's URL from naming one absolute directory, or None.
+
+    A host is refused by name: `chdb://127.0.0.1:8765/` is no server address for chdb, and URL
+    readers take the host for the directory (a relative one, in the working directory).
+    """
+    if anatomy.has_authority:
+        return (
+            "the embedded engine (chdb) opens a directory on this machine and takes no host "
+            "(for a ClickHouse server use http:// or https://)"
+        )
+    if anatomy.separator != "://":
+        return "the embedded engine's directory must be an absolute path after chdb://"
+    if CONTROL_CHARACTER.search(raw):
+        return "the path holds a control character"
+    if "?" in anatomy.rest or "#" in anatomy.rest:
+        return "the path holds '?' or '#', where a URL reader would end it"
+    if not anatomy.rest.strip("/"):
+        return "the URL has no path"
     return None

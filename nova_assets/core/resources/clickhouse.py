@@ -6,6 +6,10 @@ production install without it loads and runs everything against a server. clickh
 itself (and pandas, which it imports) is imported on first connect, not when the code location
 loads: together they are about half of the location's import time, and most Dagster processes
 (the webserver, the daemon, a sensor's evaluation) never query ClickHouse.
+
+The URL is read the way the settings judged it (`nova_assets.core.urls`), never left to the
+library's own reading: the scheme in any case (`CHDB:///…`, `HTTPS://…`) picks the engine or the
+protocol, and the embedded engine opens exactly the directory the settings validated.
 """
 
 import importlib.util
@@ -20,7 +24,7 @@ from pydantic import Field
 from nova_assets.core.contract import clickhouse_error_code, within
 from nova_assets.core.resources.base import CONNECT_TIMEOUT_S, QUERY_TIMEOUT_S, ClientResource
 from nova_assets.core.settings import SettingsError
-from nova_assets.core.urls import is_embedded, redact_url
+from nova_assets.core.urls import embedded_path, is_embedded, redact_url, scheme_of
 from nova_assets.internals.pool_wait import fix_pool_wait
 
 if TYPE_CHECKING:
@@ -120,6 +124,19 @@ class ClickHouseResource(ClientResource):
     def embedded(self) -> bool:
         return is_embedded(self.url)
 
+    def embedded_path(self) -> str:
+        """The directory the embedded engine opens: the URL's path exactly as the settings took it.
+
+        Raises `SettingsError` (naming CLICKHOUSE_URL and the accepted form) for a URL that names
+        no absolute directory, such as one with a host.
+        """
+        try:
+            return embedded_path(self.url)
+        except ValueError as exc:
+            raise SettingsError(
+                f"CLICKHOUSE_URL={redact_url(self.url)} is invalid: {exc}"
+            ) from None
+
     def client(self) -> "ClickHouseClient":
         """The resource's client, connected on first use."""
         if self._client is None:
@@ -133,6 +150,9 @@ class ClickHouseResource(ClientResource):
         """
         return {
             "dsn": self.url,
+            # The scheme, in any case, picks the protocol: clickhouse-connect itself reads it
+            # from the port alone, and would speak plain HTTP to https://host/ on port 8123.
+            "interface": scheme_of(self.url),
             "connect_timeout": CONNECT_TIMEOUT_S,
             "send_receive_timeout": self.query_timeout_s + SERVER_WAITS_EXTRA_S,
             "settings": server_settings(self.query_timeout_s, self.max_memory_bytes),
@@ -148,11 +168,14 @@ class ClickHouseResource(ClientResource):
 
         if not self.embedded:
             return clickhouse_connect.get_client(**self.server_client_options())
+        path = self.embedded_path()
         require_embedded_engine(self.url)
         deadline = time.monotonic() + self.engine_wait_s
         while True:
             try:
-                return clickhouse_connect.get_client(dsn=self.url)
+                # The directory itself, not the URL: the library would take `chdb://host/` for a
+                # relative folder and would not know `CHDB://` for its own.
+                return clickhouse_connect.get_client(interface="chdb", path=path)
             except ProgrammingError as exc:
                 # Another process (a run, the seed command) holds the engine: wait our turn.
                 if _CHDB_BUSY_MARKER not in str(exc) or time.monotonic() >= deadline:

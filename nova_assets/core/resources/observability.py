@@ -3,26 +3,26 @@
 Both URLs may carry secrets (the gateway's user info, the webhook's path), so both reach these
 resources through `dg.EnvVar`, and a failure is logged with the URL through `redact_url` and the
 exception's text only where that text cannot quote the URL.
+
+Both are called from sensor evaluations, so each request has one deadline for the whole of it,
+connect, send and the whole answer (`nova_assets.core.outbound`): the resource's timeout, or less
+when the caller has less left of its budget. A slow or dripping endpoint costs that deadline once.
 """
 
 import json
 import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import dagster as dg
 import prometheus_client
 from dagster_prometheus import PrometheusResource
-from prometheus_client.exposition import basic_auth_handler, default_handler
 from pydantic import Field
 
+from nova_assets.core.outbound import Handler, WaitExceeded, deadline_handler, send
 from nova_assets.core.resources.base import HTTP_TIMEOUT_S, PUSH_TIMEOUT_S
 from nova_assets.core.urls import redact_url
-
-Handler = Callable[..., Callable[[], None]]
-"""prometheus_client's request handler: (url, method, timeout, headers, data) → send()."""
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -32,6 +32,8 @@ def failure_reason(exc: BaseException) -> str:
     (`ValueError` or `http.client.InvalidURL` for a bad URL) may quote the URL, path and user
     info included, so only their type is given.
     """
+    if isinstance(exc, WaitExceeded):
+        return f"{exc} (the deadline of the whole request)"
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
@@ -43,24 +45,24 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def split_credentials(gateway: str) -> tuple[str, Handler]:
-    """The gateway URL without user info, and a handler sending that user info as basic auth.
+    """The gateway URL without user info, and the handler that sends a push within its deadline.
 
     urllib refuses user info in a URL, so it is taken out of the address and sent as an
     `Authorization: Basic …` header instead (percent-escapes decoded, as the user typed them).
+    The handler takes the push's timeout as the deadline of the whole request.
     """
     parts = urlsplit(gateway)
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if not at:
-        return gateway, default_handler
+        return gateway, deadline_handler()
     user, _, password = userinfo.partition(":")
-    username, secret = unquote(user), unquote(password)
+    credentials = (unquote(user), unquote(password))
+    return urlunsplit(parts._replace(netloc=hostport)), deadline_handler(credentials)
 
-    def with_basic_auth(
-        url: str, method: str, timeout: float | None, headers: list, data: bytes
-    ) -> Callable[[], None]:
-        return basic_auth_handler(url, method, timeout, headers, data, username, secret)
 
-    return urlunsplit(parts._replace(netloc=hostport)), with_basic_auth
+def _within(limit: float, timeout_s: float | None) -> float:
+    """The request's deadline: the resource's `limit`, or the caller's `timeout_s` when less."""
+    return limit if timeout_s is None else min(limit, timeout_s)
 
 
 class AlertWebhookResource(dg.ConfigurableResource):
@@ -68,10 +70,19 @@ class AlertWebhookResource(dg.ConfigurableResource):
 
     url: str | None = Field(default=None, description="ALERT_WEBHOOK_URL; unset sends nothing.")
     ui_url: str = Field(default="http://127.0.0.1:3000", description="Base URL of the Dagster UI.")
-    timeout_s: float = Field(default=HTTP_TIMEOUT_S, description="Seconds before a post gives up.")
+    timeout_s: float = Field(
+        default=HTTP_TIMEOUT_S,
+        description="Seconds one post may take in all: connect, send and the whole answer.",
+    )
 
-    def notify_failure(self, message: Mapping[str, Any]) -> bool:
-        """Post one failure; returns whether it was posted. Never raises: alerts are best effort."""
+    def notify_failure(self, message: Mapping[str, Any], timeout_s: float | None = None) -> bool:
+        """Post one failure; returns whether it was posted. Never raises: alerts are best effort.
+
+        The post has one deadline for the whole request: the resource's `timeout_s`, or the
+        caller's `timeout_s` when that is less (a sensor passes what its budget has left; zero or
+        less sends nothing). A failure, the deadline included, is logged with its reason and
+        returns False.
+        """
         if not self.url:
             return False
         try:
@@ -84,14 +95,13 @@ class AlertWebhookResource(dg.ConfigurableResource):
                 f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:500]}\n"
                 f"<{run_link}|Open the run>"
             )
-            request = urllib.request.Request(
+            send(
                 self.url,
+                seconds=_within(self.timeout_s, timeout_s),
                 data=json.dumps({"text": text}).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
+                headers=[("Content-Type", "application/json")],
             )
-            with urllib.request.urlopen(request, timeout=self.timeout_s):
-                return True
+            return True
         # Anything at all (a refused connection, a garbled answer, a URL urllib cannot use): the
         # alert is lost, the sensor reporting the failure carries on.
         except Exception as exc:
@@ -103,14 +113,16 @@ class AlertWebhookResource(dg.ConfigurableResource):
 
 
 class JobMetricsResource(PrometheusResource):
-    """dagster-prometheus' resource with a short timeout, basic auth and pushes that never raise.
+    """dagster-prometheus' resource with a short deadline, basic auth and pushes that never raise.
 
-    A gateway URL with user info (`http://user:password@host:9091`) pushes with HTTP basic auth;
-    the user info never reaches the request's address or a log line.
+    Every request to the gateway has one deadline for the whole of it (`timeout`). A gateway URL
+    with user info (`http://user:password@host:9091`) pushes with HTTP basic auth; the user info
+    never reaches the request's address or a log line.
     """
 
     timeout: int = Field(
-        default=PUSH_TIMEOUT_S, description="Seconds before a push to the gateway gives up."
+        default=PUSH_TIMEOUT_S,
+        description="Seconds one request to the gateway may take in all: connect, send, answer.",
     )
 
     def push_to_gateway(
@@ -140,10 +152,27 @@ class JobMetricsResource(PrometheusResource):
             gateway, job, grouping_key, self.timeout, handler or auth
         )
 
-    def push(self, job: str, grouping_key: Mapping[str, str] | None = None) -> bool:
-        """Push the registry; on failure log a warning and return False instead of raising."""
+    def push(
+        self,
+        job: str,
+        grouping_key: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> bool:
+        """Push the registry; on failure log a warning and return False instead of raising.
+
+        The push's deadline is the resource's `timeout`, or `timeout_s` when that is less (what a
+        sensor's budget has left; zero or less sends nothing).
+        """
         try:
-            self.push_to_gateway(job=job, grouping_key=dict(grouping_key or {}))
+            gateway, handler = split_credentials(self.gateway)
+            prometheus_client.push_to_gateway(
+                gateway,
+                job,
+                self.registry,
+                dict(grouping_key or {}),
+                _within(float(self.timeout), timeout_s),
+                handler,
+            )
         except Exception as exc:  # a metrics outage must never fail a run or a sensor
             dg.get_dagster_logger().warning(
                 f"Could not push metrics to the Pushgateway at {redact_url(self.gateway)}: "
