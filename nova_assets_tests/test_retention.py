@@ -17,9 +17,11 @@ import dagster as dg
 import pytest
 
 from nova_assets.core.budget import Budget
+from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE, UNDELIVERABLE_TAG
 from nova_assets.defs.retention.ledger import Ledger, retired_totals
 from nova_assets.defs.retention.prune import cutoff_for, prune
+from nova_assets.defs.retention.sensor import run_retention
 from nova_assets.defs.retention.size import footprint_of
 from nova_assets.local.instance import write_instance
 
@@ -170,3 +172,19 @@ def test_the_footprint_counts_runs_files_and_bytes_and_drops_with_a_prune(histor
     assert after.file_bytes == _du(home) < before.file_bytes
     assert after.files < before.files and after.indexed_events < before.indexed_events
     assert before.database_bytes is None
+
+
+def test_the_sensor_prunes_past_the_setting_and_stops_at_zero(history, tmp_path, monkeypatch):
+    home = _copy(history[0], tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        monkeypatch.setenv("RUN_RETENTION_DAYS", "0")
+        load_settings.cache_clear()
+        skipped = run_retention(dg.build_sensor_context(instance=instance))
+        assert "every run is kept" in skipped.skip_message
+        assert len(instance.get_runs()) == 6
+        monkeypatch.setenv("RUN_RETENTION_DAYS", "7")
+        load_settings.cache_clear()
+        done = run_retention(dg.build_sensor_context(instance=instance))
+        assert "deleted 3 run(s)" in done.skip_message, done.skip_message
+        assert len(instance.get_runs()) == 3
+    load_settings.cache_clear()

@@ -39,6 +39,8 @@ INTERVAL_RANGE_SEC = (60, 86_400)
 """`TRENDING_INTERVAL_SEC`, `SUGGESTION_INTERVAL_SEC`: one minute to a day, on a cron cadence."""
 MAX_CONCURRENT_JOBS_RANGE = (1, 100)
 """`MAX_CONCURRENT_JOBS`: runs the instance lets run at once."""
+RETENTION_RANGE_DAYS = (0, 3650)
+"""`RUN_RETENTION_DAYS`: days finished runs are kept; 0 keeps every run."""
 SENSOR_BUDGET_RANGE_SEC = (1, 50)
 """`SENSOR_BUDGET_SEC`: time one sensor evaluation may work, below Dagster's 60 s timeout."""
 SHARD_USERS_RANGE = (100, 1_000_000)
@@ -116,6 +118,9 @@ class Settings:
     """Whether `cache_healer` runs by default (CACHE_HEALING); the UI can turn it on either way."""
     suggestion_shard_users: int = 20_000
     """Users per suggestions shard (SUGGESTION_SHARD_USERS)."""
+    run_retention_days: int = 7
+    """Days finished runs are kept before the `run_retention` sensor deletes them, 0 for ever
+    (RUN_RETENTION_DAYS)."""
     sensor_budget_sec: int = 20
     """Time one sensor evaluation may work before it writes its cursor and returns
     (SENSOR_BUDGET_SEC); the next tick goes on from there."""
@@ -339,6 +344,7 @@ class _Parser:
             suggestion_shard_users=self._int("SUGGESTION_SHARD_USERS", 20_000, SHARD_USERS_RANGE),
             feed_ttl_sec=feed_ttl,
             sensor_budget_sec=self._int("SENSOR_BUDGET_SEC", 20, SENSOR_BUDGET_RANGE_SEC),
+            run_retention_days=self._int("RUN_RETENTION_DAYS", 7, RETENTION_RANGE_DAYS),
             alert_webhook_url=(
                 self._url(
                     "ALERT_WEBHOOK_URL",
