@@ -2,22 +2,28 @@
 
 Never-materialized assets are run at once, each once per interval; a missing key or one that
 expires before the next tick is healed with its reason; a job with a run in flight is left to
-it; Redis down requests nothing; and a healing run's materialization says why it ran. The
+it; Redis down requests nothing; and a healing run's materialization says why it ran. With
+many jobs to look at and a small budget, each evaluation returns within it and the next goes on
+where it stopped, until every job was looked at, as one unbounded evaluation would; a Redis that
+never answers costs an evaluation its budget, not the client's timeouts and retries. The
 daemon-driven refills (`FLUSHDB`, a first start, Redis down for a minute) are in test_e2e.py.
 """
 
 import json
 import time
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
 
+from nova_assets.core.budget import Budget
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG, cache_asset, cache_result
-from nova_assets.core.jobs import JOB_TAG, job_specs
+from nova_assets.core.jobs import JOB_TAG, JobSpec, job_specs
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
 from nova_assets.defs.cache_healing import build_cache_healer, find_gaps, seconds_to_next_tick
 from nova_assets.defs.schedules import cache_jobs
+from nova_assets_tests.conftest import GateProxy
 
 SPECS = job_specs(Settings.from_env({}))
 BY_ASSET = {spec.asset: spec for spec in SPECS}
@@ -144,3 +150,79 @@ def test_a_healing_run_records_why_it_ran(instance):
     assert metadata["reason"].value == "cache_missing"
     assert metadata[HEALING_KEYS].value == ["nova:cache:healed:1"]
     assert json.loads(json.dumps(metadata["items"].value)) == 1
+
+
+# -- within the budget ----------------------------------------------------------------------------
+
+BUDGET_S = 0.25
+MARGIN_S = 1.0
+"""What one evaluation may run past its budget: the look at one job it was in."""
+JOBS, IN_FLIGHT = 120, 150
+
+
+def test_many_missing_caches_are_healed_over_evaluations_each_within_the_budget(
+    instance, redis_cache
+):
+    specs = [
+        JobSpec(f"heal_job_{i}", f"heal_asset_{i}", "* * * * *", interval_sec=3600)
+        for i in range(JOBS)
+    ]
+    jobs = [dg.define_asset_job(spec.name, selection=[spec.asset]) for spec in specs]
+    # Runs in flight of another job: each job's look reads them all (is one of them its run?).
+    for _ in range(IN_FLIGHT):
+        instance.add_run(dg.DagsterRun(job_name="other", status=dg.DagsterRunStatus.STARTED))
+
+    def evaluate(seconds: float, cursor: str | None) -> tuple[dg.SensorResult, float]:
+        healer = build_cache_healer(specs, jobs, budget=lambda: Budget(seconds))
+        with dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"redis_cache": redis_cache}
+        ) as context:
+            started = time.monotonic()
+            result = healer.evaluate_tick(context)
+            return result, time.monotonic() - started
+
+    whole, unbounded_s = evaluate(600, None)
+    everything = {(r.job_name, r.tags[REASON_TAG]) for r in whole.run_requests}
+    assert len(everything) == JOBS
+    assert unbounded_s > BUDGET_S + MARGIN_S, unbounded_s
+
+    requested: set[tuple[str, str]] = set()
+    cursor, evaluations, slowest = None, 0, 0.0
+    while len(requested) < JOBS:
+        evaluations += 1
+        assert evaluations < 200, "the healer never went round every job"
+        result, took = evaluate(BUDGET_S, cursor)
+        slowest = max(slowest, took)
+        cursor = result.cursor
+        new = {(r.job_name, r.tags[REASON_TAG]) for r in result.run_requests}
+        assert not new & requested, "a job was asked for twice within its interval"
+        requested |= new
+    assert evaluations > 2
+    assert slowest < BUDGET_S + MARGIN_S
+    assert requested == everything
+    # Once round: nothing more within the interval.
+    again, _ = evaluate(BUDGET_S, cursor)
+    assert again.run_requests == []
+
+
+def test_a_redis_that_never_answers_costs_the_budget_not_its_timeouts(instance, redis_url):
+    """Connections accepted, nothing answered: the evaluation waits its budget, no longer.
+
+    The client's own timeouts and retries would add up to far more.
+    """
+    gate = GateProxy(urlsplit(redis_url).port)
+    gate.hold()
+    silent = RedisCacheResource(url=redis_url.replace(":6379/", f":{gate.port}/"), key_prefix="x:")
+    healer = build_cache_healer(SPECS, cache_jobs(), budget=lambda: Budget(1.0))
+    try:
+        with dg.build_sensor_context(
+            instance=instance, resources={"redis_cache": silent}
+        ) as context:
+            started = time.monotonic()
+            result = healer.evaluate_tick(context)
+            took = time.monotonic() - started
+    finally:
+        gate.close()
+    assert result.run_requests == []
+    assert result.skip_message.startswith("Redis did not answer")
+    assert took < 1.0 + MARGIN_S

@@ -3,17 +3,26 @@
 The worker's pid is read from the run's `nova/worker` tag as the local run launcher writes it. A
 real process stands in for the worker: killed, its run is failed with a message saying why; alive,
 its run is left alone; a run without the tag (launched in the process that executes it, or by
-another launcher) and a run too young to have recorded its worker are left alone too.
+another launcher) and a run too young to have recorded its worker are left alone too. Hundreds
+of orphans and a small budget: each evaluation returns within it, the next goes on from its
+cursor, and every orphan is failed once.
 """
 
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import dagster as dg
 
+from nova_assets.core.budget import Budget
 from nova_assets.core.workers import WORKER_TAG, Worker, process_start, worker_alive
-from nova_assets.defs.orphaned_runs import GRACE_S, find_orphans, orphaned_runs
+from nova_assets.defs.orphaned_runs import (
+    GRACE_S,
+    build_orphaned_runs_sensor,
+    find_orphans,
+    orphaned_runs,
+)
 
 
 def _started_run(instance: dg.DagsterInstance, pid: int | None) -> dg.DagsterRun:
@@ -91,3 +100,62 @@ def test_a_reused_pid_is_not_mistaken_for_the_worker():
     finally:
         started_after.kill()
         started_after.wait()
+
+
+# -- within the budget ----------------------------------------------------------------------------
+
+BUDGET_S = 0.25
+MARGIN_S = 1.5
+"""What one evaluation may run past its budget: the run it was failing (a new SQLite file for its
+events, 0.1 to 0.4 s on a busy machine), or a page of runs."""
+
+
+def _started_runs(instance: dg.DagsterInstance, count: int, worker: str | None) -> list[str]:
+    """`count` runs STARTED two minutes ago, their worker tagged `worker` (None: untagged)."""
+    started = datetime.fromtimestamp(time.time() - 120, UTC)
+    run_ids = []
+    for _ in range(count):
+        tags = {} if worker is None else {WORKER_TAG: worker}
+        run = instance.add_run(
+            dg.DagsterRun(job_name="trending_1h", status=dg.DagsterRunStatus.NOT_STARTED, tags=tags)
+        )
+        start = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name)
+        instance.handle_run_event(run.run_id, start, started)
+        run_ids.append(run.run_id)
+    return run_ids
+
+
+def test_a_kill_that_left_many_orphans_is_handled_over_evaluations_each_within_the_budget(
+    instance,
+):
+    """Failing a run writes its failure (about 0.1 s on SQLite): 40 of them outlast the budget."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphans = _started_runs(instance, 40, Worker(gone.pid, time.time() - 121).tag_value)
+    [untagged] = _started_runs(instance, 1, None)
+    sensor = build_orphaned_runs_sensor(budget=lambda: Budget(BUDGET_S))
+    cursor, evaluations, slowest, failed = None, 0, 0.0, 0
+    while failed < len(orphans):
+        evaluations += 1
+        assert evaluations < 200, "the orphans were never all failed"
+        with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+            started = time.monotonic()
+            message = orphaned_runs_message(sensor.evaluate_tick(context))
+            slowest = max(slowest, time.monotonic() - started)
+            cursor = context.cursor
+        failed += int(message.split()[0])
+    statuses = {r.run_id: r.status for r in instance.get_runs()}
+
+    assert evaluations > 2
+    assert slowest < BUDGET_S + MARGIN_S
+    # What one unbounded evaluation leaves (the tests above): every orphan failed, once, and the
+    # run without the tag still going. Evaluated again, there is nothing left to fail.
+    assert failed == len(orphans)
+    assert {statuses[run_id] for run_id in orphans} == {dg.DagsterRunStatus.FAILURE}
+    assert statuses[untagged] == dg.DagsterRunStatus.STARTED
+    with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+        assert orphaned_runs_message(sensor.evaluate_tick(context)).startswith("0 orphaned")
+
+
+def orphaned_runs_message(result: dg.SkipReason) -> str:
+    return result.skip_message or ""

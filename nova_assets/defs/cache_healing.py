@@ -14,16 +14,24 @@ queue). Nothing can storm: after a healing run the asset is healed again only on
 materialized since (a new loss, as after a second `FLUSHDB`), or, when the cache still cannot be
 filled, after one interval of its schedule.
 While Redis does not answer, the sensor logs a warning and requests nothing.
+
+An evaluation works within its budget (docs/design.md §10): it looks at the jobs one at a time,
+each Redis round trip waits no longer than the budget has left, and when the budget is spent it
+requests what it found so far and keeps, in its cursor, the job to look at first next time; the
+next evaluation goes on from there, round the jobs, so every job is looked at however slow each
+look is.
 """
 
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import dagster as dg
 import redis
 
+from nova_assets.core.bounded import WaitExceeded, call_within
+from nova_assets.core.budget import Budget
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG
 from nova_assets.core.jobs import JobSpec, active_run, job_specs
 from nova_assets.core.resources import RedisCacheResource
@@ -31,6 +39,8 @@ from nova_assets.core.settings import load_settings
 from nova_assets.defs.schedules import cache_jobs
 
 CHECK_EVERY_S = 20
+CURSOR_VERSION = 2
+"""2 added where to go on (`next`) to the healing requests."""
 MISSING, EXPIRING = "cache_missing", "cache_expiring"
 
 
@@ -67,36 +77,55 @@ def seconds_to_next_tick(spec: JobSpec, now: float) -> float:
     return spec.interval_sec - now % spec.interval_sec
 
 
+def find_gap(
+    instance: dg.DagsterInstance,
+    redis_cache: RedisCacheResource,
+    spec: JobSpec,
+    now: float,
+    budget: Budget | None = None,
+) -> Healing | None:
+    """Whether the job's cache is missing or expires before its next tick, and why.
+
+    The Redis round trip waits no longer than the budget has left. Raises `redis.RedisError` when
+    Redis does not answer (`WaitExceeded` when it does not answer in time).
+    """
+    found = watched_keys(instance, spec.asset)
+    if found is None:
+        return Healing(spec, MISSING, "never materialized")
+    ttls = dict(zip(found.keys, _ttls(redis_cache, found.keys, budget), strict=True))
+    missing = [key for key in found.keys if ttls[key] == -2]
+    horizon = seconds_to_next_tick(spec, now)
+    expiring = [key for key in found.keys if 0 <= ttls[key] < horizon]
+    if missing:
+        detail, reason = f"{len(missing)} of {len(found.keys)} keys missing", MISSING
+    elif expiring:
+        detail, reason = f"{len(expiring)} keys expire within {horizon:.0f} s", EXPIRING
+    else:
+        return None
+    return Healing(spec, reason, detail, found.materialized_at)
+
+
 def find_gaps(
     instance: dg.DagsterInstance,
     redis_cache: RedisCacheResource,
     specs: Sequence[JobSpec],
     now: float,
 ) -> list[Healing]:
-    """The jobs whose caches are missing or expire before their next tick.
+    """The jobs whose caches are missing or expire before their next tick (all of them).
 
     Raises `redis.RedisError` when Redis does not answer.
     """
-    watched = {spec.asset: watched_keys(instance, spec.asset) for spec in specs}
-    keys = sorted({key for found in watched.values() if found for key in found.keys})
-    ttls = dict(zip(keys, redis_cache.ttls(keys), strict=True))
-    gaps = []
-    for spec in specs:
-        found = watched[spec.asset]
-        if found is None:
-            gaps.append(Healing(spec, MISSING, "never materialized"))
-            continue
-        missing = [key for key in found.keys if ttls[key] == -2]
-        horizon = seconds_to_next_tick(spec, now)
-        expiring = [key for key in found.keys if 0 <= ttls[key] < horizon]
-        if missing:
-            detail, reason = f"{len(missing)} of {len(found.keys)} keys missing", MISSING
-        elif expiring:
-            detail, reason = f"{len(expiring)} keys expire within {horizon:.0f} s", EXPIRING
-        else:
-            continue
-        gaps.append(Healing(spec, reason, detail, found.materialized_at))
-    return gaps
+    _ttls(redis_cache, [])
+    return [gap for spec in specs if (gap := find_gap(instance, redis_cache, spec, now))]
+
+
+def _ttls(
+    redis_cache: RedisCacheResource, keys: Sequence[str], budget: Budget | None = None
+) -> list[int]:
+    """The keys' TTLs (a PING with none), waiting at most what the budget has left."""
+    if budget is None:
+        return redis_cache.ttls(keys)
+    return call_within(budget.left(), lambda: redis_cache.ttls(keys), "Redis")
 
 
 def plan_healing(
@@ -127,9 +156,53 @@ def plan_healing(
     return heal, waiting
 
 
+@dataclass
+class HealerCursor:
+    """What the healer keeps between evaluations.
+
+    `requested`: asset → when healing was last requested; `next`: the asset to look at first
+    (where the last evaluation stopped when its budget ran out), None to start at the first.
+    """
+
+    requested: dict[str, float] = field(default_factory=dict)
+    next: str | None = None
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> "HealerCursor":
+        """The stored cursor; the older form (asset → time) and anything unreadable carry on."""
+        try:
+            stored = json.loads(cursor or "{}")
+            if isinstance(stored, dict) and stored.get("version") == CURSOR_VERSION:
+                following = stored.get("next")
+                return cls(
+                    {str(k): float(v) for k, v in stored["requested"].items()},
+                    None if following is None else str(following),
+                )
+            return cls({str(k): float(v) for k, v in stored.items()})
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return cls()
+
+    def serialize(self) -> str:
+        return json.dumps(
+            {"version": CURSOR_VERSION, "requested": self.requested, "next": self.next}
+        )
+
+
+def in_turn(specs: Sequence[JobSpec], first: str | None) -> list[JobSpec]:
+    """The jobs in order, starting at the one whose asset is `first` (if it is still there)."""
+    start = next((i for i, spec in enumerate(specs) if spec.asset == first), 0)
+    return [*specs[start:], *specs[:start]]
+
+
 def build_cache_healer(
-    specs: Sequence[JobSpec], jobs: Sequence[object], *, running: bool = True
+    specs: Sequence[JobSpec],
+    jobs: Sequence[object],
+    *,
+    running: bool = True,
+    budget: Callable[[], Budget] = Budget.for_sensor,
 ) -> dg.SensorDefinition:
+    """`cache_healer` for the jobs; `budget` gives each evaluation its budget (the tests' less)."""
+
     @dg.sensor(
         name="cache_healer",
         description="Runs a job at once when its cache is missing (never materialized, keys gone "
@@ -144,39 +217,62 @@ def build_cache_healer(
     def cache_healer(
         context: dg.SensorEvaluationContext, redis_cache: RedisCacheResource
     ) -> dg.SensorResult | dg.SkipReason:
+        evaluation = budget()
         now = time.time()
+        cursor = HealerCursor.parse(context.cursor)
+        order = in_turn(specs, cursor.next)
+        gaps: list[Healing] = []
+        heal: list[Healing] = []
+        waiting: list[str] = []
+        looked = 0
         try:
-            gaps = find_gaps(context.instance, redis_cache, specs, now)
-        except redis.RedisError as exc:
+            # Redis answers first, so nothing is requested while it is down, not even for a cache
+            # never materialized (a run could not fill it either).
+            _ttls(redis_cache, [], evaluation)
+            for spec in order:
+                if evaluation.exhausted:
+                    break
+                try:
+                    gap = find_gap(context.instance, redis_cache, spec, now, evaluation)
+                except WaitExceeded as exc:
+                    # Redis answered the first call: the budget ran out waiting, not Redis.
+                    context.log.warning(f"{spec.asset}: {exc}; looked at next time.")
+                    break
+                if gap is not None:
+                    gaps.append(gap)
+                    now_heal, now_waiting = plan_healing(
+                        context.instance, [gap], cursor.requested, now
+                    )
+                    heal += now_heal
+                    waiting += now_waiting
+                looked += 1
+        except (redis.RedisError, WaitExceeded) as exc:
             context.log.warning(f"Redis did not answer, no cache checked this time: {exc}")
             return dg.SkipReason(f"Redis did not answer: {type(exc).__name__}.")
-        requested = _parse(context.cursor)
-        heal, waiting = plan_healing(context.instance, gaps, requested, now)
+        cursor.next = order[looked].asset if looked < len(order) else None
         for line in waiting:
             context.log.info(f"Not healing {line}.")
+        unseen = len(order) - looked
+        later = f" {unseen} jobs left for the next evaluation (budget spent)." if unseen else ""
         if not heal:
-            return dg.SkipReason(
-                "Every cache is in place." if not gaps else f"Waiting: {'; '.join(waiting)}."
-            )
+            summary = f"Waiting: {'; '.join(waiting)}." if gaps else "Every cache is in place."
+            if unseen and not gaps:
+                summary = "Every cache looked at is in place."
+            context.update_cursor(cursor.serialize())
+            return dg.SkipReason(summary + later)
         for gap in heal:
             context.log.info(f"Healing {gap.spec.asset} ({gap.reason}: {gap.detail}).")
-            requested[gap.spec.asset] = now
+            cursor.requested[gap.spec.asset] = now
+        if later:
+            context.log.info(later.strip())
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(job_name=gap.spec.name, tags={REASON_TAG: gap.reason}) for gap in heal
             ],
-            cursor=json.dumps(requested),
+            cursor=cursor.serialize(),
         )
 
     return cache_healer
-
-
-def _parse(cursor: str | None) -> dict[str, float]:
-    try:
-        stored = json.loads(cursor or "{}")
-        return {str(k): float(v) for k, v in stored.items()}
-    except (ValueError, TypeError, AttributeError):
-        return {}
 
 
 @dg.definitions

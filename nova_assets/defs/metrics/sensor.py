@@ -3,14 +3,21 @@
 Every 15 s it advances the incremental count kept in its cursor (`state.py`) and, once that count
 has caught up with run history, pushes every job's values under one grouping. `push_job_metrics`
 pushes the reference recount (`recount.py`) instead, the slow, simple way the tests compare with.
+
+An evaluation works within its budget (docs/design.md §10): the count stops in time to leave the
+push its share (PUSH_SHARE of the budget, at most the push's own timeout), the cursor is written
+with whatever was counted, and the push waits no longer than the budget has left. A count that
+has not caught up yet, or a push that found no time, goes on at the next tick.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nova_assets.core.bounded import WaitExceeded, call_within
+from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import JobSpec, job_specs
 from nova_assets.core.resources import JobMetricsResource
 from nova_assets.core.settings import load_settings
@@ -19,6 +26,8 @@ from nova_assets.defs.metrics.state import EVENTS_PER_PAGE, MetricsState, advanc
 
 PUSH_JOB = "nova_assets"
 """The Pushgateway grouping (`job` label) all metrics are pushed under."""
+PUSH_SHARE = 0.25
+"""The part of an evaluation's budget kept for the push (at most the push's own timeout)."""
 
 
 class _JobMetricsCollector(Collector):
@@ -89,8 +98,27 @@ def push_values(
         metrics.registry.unregister(collector)
 
 
-def build_job_metrics_sensor(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
-    """`job_metrics`: counts the runs finished since the last evaluation and pushes every 15 s."""
+def push_within(
+    values: Sequence[JobMetrics], metrics: JobMetricsResource, budget: Budget
+) -> str | None:
+    """Push the values, waiting no longer than the budget has left; None if pushed, else why not."""
+    try:
+        pushed = call_within(
+            budget.left(), lambda: push_values(values, metrics), "the Pushgateway push"
+        )
+    except WaitExceeded as exc:
+        dg.get_dagster_logger().warning(f"Metrics not pushed this time, {exc}.")
+        return "the Pushgateway did not answer within the evaluation's budget"
+    return None if pushed else "the Pushgateway did not answer"
+
+
+def build_job_metrics_sensor(
+    specs: Sequence[JobSpec], budget: Callable[[], Budget] = Budget.for_sensor
+) -> dg.SensorDefinition:
+    """`job_metrics`: counts the runs finished since the last evaluation and pushes every 15 s.
+
+    `budget` gives each evaluation its budget (`SENSOR_BUDGET_SEC`; the tests give less).
+    """
     job_names = [spec.name for spec in specs]
 
     @dg.sensor(
@@ -103,6 +131,7 @@ def build_job_metrics_sensor(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
     def job_metrics(
         context: dg.SensorEvaluationContext, job_metrics: JobMetricsResource
     ) -> dg.SkipReason:
+        evaluation = budget()
         state = MetricsState.parse(context.cursor)
         if state is None:
             context.log.info(
@@ -110,15 +139,17 @@ def build_job_metrics_sensor(specs: Sequence[JobSpec]) -> dg.SensorDefinition:
                 f"{EVENTS_PER_PAGE} runs per page."
             )
             state = MetricsState()
-        state = advance(context.instance, state, specs)
+        push_share = min(float(job_metrics.timeout), PUSH_SHARE * evaluation.seconds)
+        counting = Budget(max(0.0, evaluation.left() - push_share))
+        state = advance(context.instance, state, specs, counting)
         context.update_cursor(state.serialize())
         if not state.caught_up:
             return dg.SkipReason(
                 f"Rebuilding the metrics from run history: at event {state.position}; "
                 "nothing pushed until it is done."
             )
-        pushed = push_values(state.values(job_names), job_metrics)
-        result = "pushed" if pushed else "not pushed (the Pushgateway did not answer)"
+        failed = push_within(state.values(job_names), job_metrics, evaluation)
+        result = "pushed" if failed is None else f"not pushed ({failed})"
         return dg.SkipReason(f"Metrics of {len(job_names)} jobs {result}.")
 
     return job_metrics

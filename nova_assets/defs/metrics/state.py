@@ -6,7 +6,15 @@ counts for; gauges (last duration, last success, failure streak, items) follow t
 The cursor is durable, in the instance, so restarting every process — or the Pushgateway, which
 keeps nothing on disk — loses no count, and each evaluation costs what finished since the last
 one, however long the history. Counters only grow: deleting runs lowers none. A lost or
-unreadable cursor is rebuilt from history once, in pages.
+unreadable cursor is rebuilt from history, in pages, over as many evaluations as it takes.
+
+Each evaluation works within its budget (docs/design.md §10): it counts a chunk of events at a
+time and stops when the budget is spent, its position just past the last event counted. Events
+that commit after a higher storage id was read are found by a recheck (`reading.py`).
+
+A run's end is the stamp of its status event, which the run's `end_time` is set from: the event
+is in the log a moment before Dagster writes the run's `end_time`, and the count may read it in
+between.
 
 A run of another job that materialized one of our assets (the UI's `__ASSET_JOB`) is tagged, once
 it finished, with `nova/counts_for.<job>` for each job it counts for (docs/design.md §5), so
@@ -15,32 +23,36 @@ it finished, with `nova/counts_for.<job>` for each job it counts for (docs/desig
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
 
+from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import JobSpec, counts_for_tag, jobs_of_run
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
+from nova_assets.defs.metrics.reading import (
+    EVENTS_PER_PAGE,
+    LateCommits,
+    StatusEvent,
+    status_events,
+)
 from nova_assets.defs.metrics.recount import PENDING_WINDOW, JobMetrics, items_of_run
+
+__all__ = ["EVENTS_PER_PAGE", "JobState", "MetricsState", "advance"]
 
 ATTRIBUTED_TAG = "nova/counts_for"
 """On a run of another job, the jobs it was found to count for (comma-separated, "-" for none)."""
-_PAGE = 100
-STATE_VERSION = 1
-EVENTS_PER_PAGE = 1000
-REBUILD_BUDGET_S = 40.0
-"""Time one evaluation may spend catching up on history, inside the 60 s evaluation timeout."""
+CHUNK = 100
+"""Events counted between two looks at the budget (their runs are read in one query)."""
+STATE_VERSION = 2
+"""2 added the recheck of late commits (`late`); a version 1 state is read and carried on."""
 DELIVERY_LOOKBACK = timedelta(minutes=10)
 """Runs tagged delivered this long before the last look are read again (clocks that differ)."""
 AWAITING_LIMIT = 10_000
 """Failed runs waiting for their DLQ delivery that the state keeps (the newest)."""
-_STATUS_EVENTS = {
-    dg.DagsterEventType.RUN_SUCCESS: "success",
-    dg.DagsterEventType.RUN_FAILURE: "failure",
-}
 
 
 @dataclass
@@ -61,8 +73,9 @@ class MetricsState:
     """Everything the `job_metrics` sensor knows, kept in its cursor (durable, in the instance).
 
     `position` is the storage id of the last run status event (RUN_SUCCESS / RUN_FAILURE) of the
-    event log that was counted; the totals only ever grow. `awaiting` holds the failed runs not
-    yet seen delivered to the DLQ: run id → [failure time, jobs it counts for].
+    event log that was read in order; `late` finds those below it that committed after it was
+    read. The totals only ever grow. `awaiting` holds the failed runs not yet seen delivered to
+    the DLQ: run id → [failure time, jobs it counts for].
     """
 
     position: int = 0
@@ -70,20 +83,27 @@ class MetricsState:
     awaiting: dict[str, list[Any]] = field(default_factory=dict)
     settled_until: float = 0.0
     caught_up: bool = False
+    late: LateCommits = field(default_factory=LateCommits)
 
     @classmethod
     def parse(cls, raw: str | None) -> "MetricsState | None":
         """The stored state, or None when there is none or it cannot be read (rebuild it)."""
         try:
             stored = json.loads(raw or "")
-            if not isinstance(stored, dict) or stored.get("version") != STATE_VERSION:
+            if not isinstance(stored, dict) or stored.get("version") not in (1, STATE_VERSION):
                 return None
+            late = (
+                LateCommits.from_json(stored["late"])
+                if stored["version"] == STATE_VERSION
+                else LateCommits.from_now()
+            )
             return cls(
                 position=int(stored["position"]),
                 jobs={name: JobState(**values) for name, values in stored["jobs"].items()},
                 awaiting={str(k): [float(v[0]), list(v[1])] for k, v in stored["awaiting"].items()},
                 settled_until=float(stored["settled_until"]),
                 caught_up=bool(stored["caught_up"]),
+                late=late,
             )
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return None
@@ -97,6 +117,7 @@ class MetricsState:
                 "awaiting": self.awaiting,
                 "settled_until": self.settled_until,
                 "caught_up": self.caught_up,
+                "late": self.late.to_json(),
             }
         )
 
@@ -114,81 +135,114 @@ class MetricsState:
         ]
 
 
-def _status_events(
-    instance: dg.DagsterInstance, after: int
-) -> tuple[list[tuple[int, str, str]], int | None]:
-    """The run status events after storage id `after`, in storage order, up to one page.
-
-    Returns (storage id, status, run id) triples and the storage id they run to when a page was
-    full (more follow), else None.
-    """
-    events, bound = [], None
-    for event_type, status in _STATUS_EVENTS.items():
-        records = instance.fetch_run_status_changes(
-            dg.RunStatusChangeRecordsFilter(event_type=event_type, after_storage_id=after),
-            limit=EVENTS_PER_PAGE,
-            ascending=True,
-        ).records
-        events += [(r.storage_id, status, r.run_id) for r in records]
-        if len(records) == EVENTS_PER_PAGE:
-            last = records[-1].storage_id
-            bound = last if bound is None else min(bound, last)
-    events.sort()
-    return [e for e in events if bound is None or e[0] <= bound], bound
-
-
 def advance(
     instance: dg.DagsterInstance,
     state: MetricsState,
     specs: Sequence[JobSpec],
-    budget_s: float = REBUILD_BUDGET_S,
+    budget: Budget | None = None,
 ) -> MetricsState:
-    """Count the runs that finished since `state.position`, page by page, within `budget_s`.
+    """Count the runs that finished since `state.position`, until done or the budget is spent.
 
-    Each finished run counts for the jobs it belongs to (§5); a run of another job is tagged
-    with them on the way (`nova/counts_for.<job>`). Failed runs wait in `awaiting` until their
-    DLQ delivery tag shows; the totals only ever grow, so deleting runs lowers no counter.
+    First the recheck pass in progress (events below the position that committed late), then on
+    from the position, a page at a time. Each finished run counts for the jobs it belongs to
+    (§5); a run of another job is tagged with them on the way (`nova/counts_for.<job>`). Failed
+    runs wait in `awaiting` until their DLQ delivery tag shows; the totals only ever grow, so
+    deleting runs lowers no counter.
     """
-    deadline = time.monotonic() + budget_s
-    names = {spec.name for spec in specs}
-    while True:
-        events, bound = _status_events(instance, state.position)
-        records = _run_records(instance, [run_id for _, _, run_id in events])
-        newest_success: dict[str, str] = {}
-        for storage_id, status, run_id in events:
-            state.position = storage_id
-            record = records.get(run_id)
-            if record is None:  # deleted since it finished: nothing left to count
-                continue
-            jobs = _jobs_counted(instance, record.dagster_run, specs, names)
-            for job in jobs:
-                _count(state.jobs.setdefault(job, JobState()), status, record)
-                if status == "success":
-                    newest_success[job] = run_id
-            if status == "failure" and jobs:
-                if record.dagster_run.tags.get(DELIVERED_TAG) == DELIVERED_VALUE:
-                    for job in jobs:
-                        state.jobs[job].dlq_messages += 1
-                else:
-                    state.awaiting[run_id] = [record.end_time or time.time(), jobs]
-        for job, run_id in newest_success.items():
-            state.jobs[job].items_processed = items_of_run(instance, run_id)
-        if bound is None:
+    budget = budget if budget is not None else Budget.for_sensor()
+    counter = _Counter(instance, state, specs)
+    late = state.late
+    late.begin_pass(time.time())
+
+    def rechecked(event: StatusEvent) -> None:
+        late.pass_after = event.storage_id
+
+    def read(event: StatusEvent) -> None:
+        state.position = event.storage_id
+
+    while late.pass_started is not None and not budget.exhausted:
+        events, more = status_events(
+            instance, late.pass_after, through=state.position, stamped_after=late.horizon
+        )
+        if not counter.count(events, budget, rechecked, skip=late.counted):
+            break
+        if not more:
+            late.finish_pass()
+    while late.pass_started is None and not budget.exhausted:
+        events, more = status_events(instance, state.position)
+        if not counter.count(events, budget, read):
+            break
+        if not more:
             state.caught_up = True
             break
-        if time.monotonic() >= deadline:
-            break
+    counter.finish()
+    late.bound_size()
     _settle_deliveries(instance, state)
     return state
 
 
+class _Counter:
+    """Adds status events to the state's totals, a chunk at a time, within a budget."""
+
+    def __init__(
+        self, instance: dg.DagsterInstance, state: MetricsState, specs: Sequence[JobSpec]
+    ) -> None:
+        self.instance, self.state, self.specs = instance, state, specs
+        self.names = {spec.name for spec in specs}
+        self.newest_success: dict[str, tuple[float, str]] = {}
+        """Job → (stamp, run id) of its newest success counted in this evaluation."""
+
+    def count(
+        self,
+        events: Sequence[StatusEvent],
+        budget: Budget,
+        mark: Callable[[StatusEvent], None],
+        skip: Callable[[StatusEvent], bool] = lambda _: False,
+    ) -> bool:
+        """Count `events` in order, `mark`ing each once done; False if the budget ran out first."""
+        for start in range(0, len(events), CHUNK):
+            if budget.exhausted:
+                return False
+            chunk = events[start : start + CHUNK]
+            records = _run_records(self.instance, [e.run_id for e in chunk if not skip(e)])
+            for event in chunk:
+                if not skip(event):
+                    self._add(event, records.get(event.run_id))
+                    self.state.late.remember(event)
+                mark(event)
+        return True
+
+    def finish(self) -> None:
+        """Read the items of each job's newest success, if counted in this evaluation."""
+        for job, (stamp, run_id) in self.newest_success.items():
+            state = self.state.jobs[job]
+            if stamp >= (state.last_success_timestamp or 0.0):
+                state.items_processed = items_of_run(self.instance, run_id)
+
+    def _add(self, event: StatusEvent, record: dg.RunRecord | None) -> None:
+        if record is None:  # deleted since it finished: nothing left to count
+            return
+        state = self.state
+        jobs = _jobs_counted(self.instance, record.dagster_run, self.specs, self.names)
+        for job in jobs:
+            _count(state.jobs.setdefault(job, JobState()), event, record)
+            newest = self.newest_success.get(job)
+            if event.status == "success" and (newest is None or event.timestamp >= newest[0]):
+                self.newest_success[job] = (event.timestamp, event.run_id)
+        if event.status == "failure" and jobs:
+            if record.dagster_run.tags.get(DELIVERED_TAG) == DELIVERED_VALUE:
+                for job in jobs:
+                    state.jobs[job].dlq_messages += 1
+            else:
+                state.awaiting[event.run_id] = [event.timestamp, jobs]
+
+
 def _run_records(instance: dg.DagsterInstance, run_ids: Sequence[str]) -> dict[str, dg.RunRecord]:
-    records: dict[str, dg.RunRecord] = {}
-    for chunk in range(0, len(run_ids), _PAGE):
-        wanted = list(dict.fromkeys(run_ids[chunk : chunk + _PAGE]))
-        found = instance.get_run_records(dg.RunsFilter(run_ids=wanted))
-        records.update((r.dagster_run.run_id, r) for r in found)
-    return records
+    wanted = list(dict.fromkeys(run_ids))
+    if not wanted:
+        return {}
+    found = instance.get_run_records(dg.RunsFilter(run_ids=wanted))
+    return {r.dagster_run.run_id: r for r in found}
 
 
 def _jobs_counted(
@@ -206,13 +260,15 @@ def _jobs_counted(
     return jobs
 
 
-def _count(job: JobState, status: str, record: dg.RunRecord) -> None:
-    if record.start_time and record.end_time:
-        job.duration_seconds = record.end_time - record.start_time
-    if status == "success":
+def _count(job: JobState, event: StatusEvent, record: dg.RunRecord) -> None:
+    """Add one finished run; its end is its status event's stamp, never a missing `end_time`."""
+    if record.start_time:
+        job.duration_seconds = event.timestamp - record.start_time
+    if event.status == "success":
         job.successes += 1
         job.consecutive_failures = 0
-        job.last_success_timestamp = record.end_time
+        # The newest stamp: an event that committed late may be counted after a newer one.
+        job.last_success_timestamp = max(job.last_success_timestamp or 0.0, event.timestamp)
     else:
         job.failures += 1
         job.consecutive_failures += 1

@@ -61,7 +61,12 @@ from nova_assets.core.resources import (
 )
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.suggestions.checks import CHECKS, evaluate_checks, live_exclusions
-from nova_assets.defs.suggestions.graph import build_graph, drop_finished_graphs, drop_graph
+from nova_assets.defs.suggestions.graph import (
+    build_graph,
+    drop_finished_graphs,
+    drop_graph,
+    graph_id_for,
+)
 from nova_assets.defs.suggestions.ranking import TOP_SUGGESTIONS, active_users
 from nova_assets.defs.suggestions.shards import (
     CHUNK_USERS,
@@ -136,7 +141,7 @@ def build_suggested_users_asset(
         started = time.time()
         as_of = config.resolve(context)
         users = active_users(clickhouse, as_of)
-        graph_id = context.run_id.replace("-", "")
+        graph_id = graph_id_for(context.instance, context.run_id)
         drop_finished_graphs(clickhouse, context.instance, graph_id, context.log)
         built_at = time.perf_counter()
         graph = build_graph(clickhouse, graph_id)

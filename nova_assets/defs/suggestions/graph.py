@@ -2,7 +2,16 @@
 
 `build_graph` resolves the live edges into tables of the run's own in WORK_DATABASE (the
 expensive part, once per run); `drop_graph` removes them at the run's end, and
-`drop_finished_graphs` the ones that runs which never got there left behind. `SessionGraph` copies
+`drop_finished_graphs` the ones that runs which never got there left behind.
+
+Several Dagster instances may share one ClickHouse (staging and production, blue and green), and
+none knows the others' runs. So a graph is named after its instance as well as its run
+(`graph_id_for`): its id is OWNER_DIGITS hex digits of the instance's storage id, then the rest
+of the run id's. An instance drops its own graphs unless their run is in flight; another
+instance's, or one from before graphs were named so, only once FOREIGN_GRAPH_AGE_S old, far
+beyond any run's maximum runtime.
+
+`SessionGraph` copies
 the graph into Join tables of a ClickHouse session and ranks from them; when the session is lost
 (a balancer that sends a new connection to another server, a server restart, a session expired),
 its tables are gone and the ranking query says so (`UNKNOWN_TABLE` naming them,
@@ -11,6 +20,7 @@ chunk again, which gives the same lists. Only after MAX_SESSION_LOSSES losses in
 give up, with a transient fault that the step's retry policy retries.
 """
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,9 +51,22 @@ from nova_assets.defs.suggestions.sql import (
     load_statements,
     most_followed_statement,
 )
+from nova_assets.internals.storage_identity import storage_id
 
 MAX_SESSION_LOSSES = 3
 """Sessions lost in a row (no chunk ranked in between) before the step gives up and retries."""
+OWNER_DIGITS = 8
+"""Hex digits of a graph's id that name its instance; the other 24 are the run id's last 24 (90
+random bits of a UUID4: no two runs' graphs meet)."""
+FOREIGN_GRAPH_AGE_S = 86_400
+"""How old another instance's graph must be before this one drops it: a day, 24 times the
+longest a run may take (`dagster/max_runtime`)."""
+_GRAPH_HOLDING_STATUSES = [
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+"""The statuses of a run whose graph may be in use: it began executing and has not ended."""
 
 
 @dataclass(frozen=True)
@@ -89,29 +112,80 @@ def drop_graph(clickhouse: ClickHouseResource, graph_id: str) -> None:
         clickhouse.command(f"DROP TABLE IF EXISTS {graph_table(graph_id, part)}")
 
 
-def graphs_in_storage(clickhouse: ClickHouseResource) -> set[str]:
-    """The ids of every run graph in WORK_DATABASE (none if the database does not exist yet)."""
+def instance_owner(instance: dg.DagsterInstance) -> str:
+    """The OWNER_DIGITS hex digits that name the instance's graphs."""
+    return hashlib.sha256(storage_id(instance).encode()).hexdigest()[:OWNER_DIGITS]
+
+
+def graph_id_for(instance: dg.DagsterInstance, run_id: str, owner: str | None = None) -> str:
+    """The id of a run's graph: the instance's owner digits, then the run id's last digits."""
+    owner = owner if owner is not None else instance_owner(instance)
+    return owner + uuid.UUID(run_id).hex[OWNER_DIGITS:]
+
+
+@dataclass(frozen=True)
+class StoredGraph:
+    """A graph found in WORK_DATABASE, and how long ago its newest table was created."""
+
+    graph_id: str
+    age_s: float
+
+
+def graphs_in_storage(clickhouse: ClickHouseResource) -> list[StoredGraph]:
+    """Every run graph in WORK_DATABASE (none if the database does not exist yet)."""
     rows = clickhouse.query_rows(
-        "SELECT name FROM system.tables "
+        "SELECT name, dateDiff('second', metadata_modification_time, now()) FROM system.tables "
         "WHERE database = {db:String} AND startsWith(name, {p:String})",
         {"db": WORK_DATABASE, "p": GRAPH_PREFIX},
     )
-    ids = {str(name)[len(GRAPH_PREFIX) :].rsplit("_", 1)[0] for (name,) in rows}
-    return {graph_id for graph_id in ids if GRAPH_ID_PATTERN.match(graph_id)}
+    ages: dict[str, float] = {}
+    for name, age in rows:
+        stem = str(name)[len(GRAPH_PREFIX) :]
+        for part in GRAPH_PARTS:
+            graph_id = stem.removesuffix(f"_{part}")
+            if graph_id != stem and GRAPH_ID_PATTERN.match(graph_id):
+                ages[graph_id] = min(ages.get(graph_id, float(age)), float(age))
+    return [StoredGraph(graph_id, age) for graph_id, age in sorted(ages.items())]
 
 
 def drop_finished_graphs(
-    clickhouse: ClickHouseResource, instance: dg.DagsterInstance, keep: str, log: Any
-) -> None:
-    """Drop the graphs of runs that have finished, or that this instance does not know.
+    clickhouse: ClickHouseResource,
+    instance: dg.DagsterInstance,
+    keep: str,
+    log: Any,
+    foreign_after_s: float = FOREIGN_GRAPH_AGE_S,
+) -> list[str]:
+    """Drop this instance's graphs whose run is not in flight, and other graphs a day old.
 
-    A run that failed or was killed before its last step leaves its graph behind.
+    A run that failed or was killed before its last step leaves its graph behind; so does a run
+    deleted since. Another instance's graph may belong to a run in flight there, which this
+    instance cannot see: it is dropped only once `foreign_after_s` old. Returns the graphs
+    dropped.
     """
-    for graph_id in graphs_in_storage(clickhouse) - {keep}:
-        run = instance.get_run_by_id(str(uuid.UUID(graph_id)))
-        if run is None or run.is_finished:
-            drop_graph(clickhouse, graph_id)
-            log.info(f"{SUGGESTIONS_ASSET}: dropped the graph left by run {uuid.UUID(graph_id)}.")
+    owner = instance_owner(instance)
+    stored = graphs_in_storage(clickhouse)
+    in_flight = set()
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=_GRAPH_HOLDING_STATUSES)):
+        try:
+            in_flight.add(graph_id_for(instance, record.dagster_run.run_id, owner))
+        except ValueError:  # not a UUID: no run of Dagster's, so no graph of ours either
+            continue
+    dropped = []
+    for graph in stored:
+        if graph.graph_id == keep or graph.graph_id in in_flight:
+            continue
+        if graph.graph_id.startswith(owner):
+            why = "left by a run of this instance that is no longer in flight"
+        elif graph.age_s >= foreign_after_s:
+            why = (
+                f"of another instance, or from before graphs were named so, {graph.age_s:.0f} s old"
+            )
+        else:
+            continue
+        drop_graph(clickhouse, graph.graph_id)
+        dropped.append(graph.graph_id)
+        log.info(f"{SUGGESTIONS_ASSET}: dropped the graph {graph.graph_id}, {why}.")
+    return dropped
 
 
 # -- the graph in a session ---------------------------------------------------------------------

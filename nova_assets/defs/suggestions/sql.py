@@ -15,11 +15,13 @@ from nova_assets.core.sources import BLOCKS, ENGAGEMENT_EVENTS, FOLLOWS, in_wind
 
 WORK_DATABASE = "nova_work"
 """Where runs keep their graph between shards; dropped by the run's last step, or by a later run
-once the run that built it has finished."""
+of the same Dagster instance once the run that built it has finished (another instance's graphs
+only once a day old: several instances may share one ClickHouse server)."""
 GRAPH_PREFIX = f"{SUGGESTIONS_ASSET}_graph_"
 GRAPH_PARTS = ("follows", "blocked", "most_followed")
 GRAPH_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-"""A graph's id: its run's id, hex digits only."""
+"""A graph's id: 8 hex digits of its Dagster instance's identity, then the last 24 of its run's id
+(`graph.py`)."""
 
 # The session's tables: the follower counts while building, the graph's Join tables while ranking.
 _COUNTS = "suggested_users_follower_counts"
