@@ -20,9 +20,12 @@ from nova_assets.core.bounded import WaitExceeded, call_within
 from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import JobSpec, job_specs
 from nova_assets.core.resources import JobMetricsResource
+from nova_assets.core.resources.observability import failure_reason
 from nova_assets.core.settings import load_settings
+from nova_assets.defs.metrics.floor import read_floors
 from nova_assets.defs.metrics.recount import JobMetrics, compute_job_metrics
 from nova_assets.defs.metrics.state import EVENTS_PER_PAGE, MetricsState, advance
+from nova_assets.defs.retention.ledger import retired_totals
 
 PUSH_JOB = "nova_assets"
 """The Pushgateway grouping (`job` label) all metrics are pushed under."""
@@ -136,9 +139,11 @@ def build_job_metrics_sensor(
         if state is None:
             context.log.info(
                 "No readable metrics state in the cursor: rebuilding it from run history, "
-                f"{EVENTS_PER_PAGE} runs per page."
+                f"{EVENTS_PER_PAGE} runs per page, on top of the runs the retention deleted."
             )
-            state = MetricsState()
+            state = MetricsState.rebuilding(
+                {name: retired_totals(context.instance, name) for name in job_names}
+            )
         push_share = min(float(job_metrics.timeout), PUSH_SHARE * evaluation.seconds)
         counting = Budget(max(0.0, evaluation.left() - push_share))
         state = advance(context.instance, state, specs, counting)
@@ -148,6 +153,16 @@ def build_job_metrics_sensor(
                 f"Rebuilding the metrics from run history: at event {state.position}; "
                 "nothing pushed until it is done."
             )
+        if state.floor_pending:
+            try:
+                floors = read_floors(job_metrics.gateway, PUSH_JOB, evaluation.left(at_most=3.0))
+            except Exception as exc:  # no floor, no push: a lower count would reach Prometheus
+                return dg.SkipReason(
+                    "Metrics rebuilt from history; not pushed until the Pushgateway's counters "
+                    f"can be read, so none goes down ({type(exc).__name__}: {failure_reason(exc)})."
+                )
+            state.raise_to(floors)
+            context.update_cursor(state.serialize())
         failed = push_within(state.values(job_names), job_metrics, evaluation)
         result = "pushed" if failed is None else f"not pushed ({failed})"
         return dg.SkipReason(f"Metrics of {len(job_names)} jobs {result}.")

@@ -23,7 +23,7 @@ it finished, with `nova/counts_for.<job>` for each job it counts for (docs/desig
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,6 +84,30 @@ class MetricsState:
     settled_until: float = 0.0
     caught_up: bool = False
     late: LateCommits = field(default_factory=LateCommits)
+    floor_pending: bool = False
+    """A rebuild from history: before its first push its totals are raised to what the gateway
+    holds (`floor.py`), since runs deleted by hand are counted nowhere else."""
+
+    @classmethod
+    def rebuilding(cls, retired: Mapping[str, Mapping[str, int]]) -> "MetricsState":
+        """A state to rebuild from history, starting from what deleted runs counted for."""
+        jobs = {
+            name: JobState(
+                successes=kinds.get("success", 0),
+                failures=kinds.get("failure", 0),
+                dlq_messages=kinds.get("dlq", 0),
+            )
+            for name, kinds in retired.items()
+        }
+        return cls(jobs=jobs, floor_pending=True)
+
+    def raise_to(self, floors: Mapping[tuple[str, str], float]) -> None:
+        """Raise each total to at least its floor: (job, success | failure | dlq) → value."""
+        for (name, kind), floor in floors.items():
+            job = self.jobs.setdefault(name, JobState())
+            attribute = {"success": "successes", "failure": "failures", "dlq": "dlq_messages"}
+            setattr(job, attribute[kind], max(getattr(job, attribute[kind]), int(floor)))
+        self.floor_pending = False
 
     @classmethod
     def parse(cls, raw: str | None) -> "MetricsState | None":
@@ -104,6 +128,7 @@ class MetricsState:
                 settled_until=float(stored["settled_until"]),
                 caught_up=bool(stored["caught_up"]),
                 late=late,
+                floor_pending=bool(stored.get("floor_pending", False)),
             )
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return None
@@ -118,6 +143,7 @@ class MetricsState:
                 "settled_until": self.settled_until,
                 "caught_up": self.caught_up,
                 "late": self.late.to_json(),
+                "floor_pending": self.floor_pending,
             }
         )
 
