@@ -63,10 +63,10 @@ E2E_START_ORDER = (
     "test_failures_reach_the_operator_however_launched_and_are_replayed_once[dagster_dev0]",
     "test_an_operator_materializes_from_the_ui_in_a_real_browser",
     "test_failures_reach_the_operator_however_launched_and_are_replayed_once[dagster_dev1]",
-    "test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn[dagster_dev0]",
+    "test_the_daemon_keeps_caches_fresh_ui_runs_take_their_turn_and_old_runs_go[dagster_dev0]",
     "test_caches_fill_at_start_and_heal_after_a_flush_and_an_outage",
     "test_after_a_hard_kill_the_orphaned_run_fails_frees_its_slot_and_reaches_the_dlq",
-    "test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn[dagster_dev1]",
+    "test_the_daemon_keeps_caches_fresh_ui_runs_take_their_turn_and_old_runs_go[dagster_dev1]",
 )
 """The end-to-end tests run before the rest, in this order. pytest-xdist hands each worker two
 tests to begin with, so each long test is paired with a short one: the workers finish at about

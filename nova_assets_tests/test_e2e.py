@@ -33,6 +33,7 @@ from nova_assets.core.settings import Settings
 from nova_assets.defs.demo import SCHEDULED_AT_TAG
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.conftest import REDIS_URL, free_ports
+from nova_assets_tests.retention_checks import check_the_retention
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -316,7 +317,7 @@ def dagster_dev(tmp_path, request):
 
 
 @pytest.mark.parametrize("dagster_dev", [{}, {"instance": "postgres"}], indirect=True)
-def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
+def test_the_daemon_keeps_caches_fresh_ui_runs_take_their_turn_and_old_runs_go(dagster_dev):
     port, prefix, log = dagster_dev.port, dagster_dev.prefix, dagster_dev.log
     started = datetime.now(UTC)
     # Two Materialize clicks on trending_posts_1h while its schedule ticks every minute.
@@ -380,6 +381,8 @@ def test_the_daemon_keeps_caches_fresh_and_ui_runs_take_their_turn(dagster_dev):
         timeout_s=90,
     )
     assert attributed
+    # A week later: the daemon's retention deletes the old runs and keeps what must stay.
+    check_the_retention(dagster_dev.home, dagster_dev.env, _graphql, port, _poll, log)
 
 
 HEAL_WITHIN_S = 120

@@ -1,9 +1,9 @@
 """`run_retention`: the daemon deletes finished runs older than `RUN_RETENTION_DAYS` (default 7).
 
 A sensor of the code location, so it is visible in the UI (Automation) with each evaluation's
-summary, and counted in no job's metrics: it launches no run. Each evaluation works at most
-`RETENTION_BUDGET_S`, a page of runs at a time, then leaves the rest to the next; a backlog of a
-year is caught up over many evaluations, and the instance is never held for longer than one
+summary, and counted in no job's metrics: it launches no run. Every 30 s, an evaluation works at
+most `RETENTION_BUDGET_S`, a page of runs at a time, then leaves the rest to the next; a backlog of
+a year is caught up over many evaluations, and the instance is never held for longer than one
 run's deletion (docs/design.md §10). `nova-assets history prune` does the same by hand.
 """
 
@@ -17,7 +17,7 @@ from nova_assets.defs.retention.prune import cutoff_for, prune
 RETENTION_BUDGET_S = 10.0
 """At most this long an evaluation (and never more than the sensor budget): the retention shares
 the instance with every tick, and on a small host its CPU with the runs."""
-RETENTION_INTERVAL_S = 60
+RETENTION_INTERVAL_S = 30
 
 
 @dg.sensor(

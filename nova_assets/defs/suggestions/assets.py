@@ -32,8 +32,10 @@ doubt, claim no follow and suggest no one across a block. (A background merge of
 the last inserted one instead; the rule decides only while both rows are still there.)
 """
 
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -200,6 +202,7 @@ def build_suggested_users_asset(
         redis_cache: RedisCacheResource,
     ) -> Iterator[dg.Output | dg.AssetCheckResult]:
         materialization = _finish(context, results, clickhouse, redis_cache)
+        drop_step_outputs(context)
         yield dg.Output(None, "result", metadata=materialization.metadata)
         yield from materialization.check_results or []
 
@@ -275,6 +278,23 @@ def _finish(
         keys=[redis_cache.key(SUGGESTIONS_ASSET, u) for u in sample],
     )
     return with_reason(context, result)
+
+
+def drop_step_outputs(context: dg.OpExecutionContext) -> None:
+    """Remove what the plan and the shards handed on through the run's storage folder.
+
+    Dagster's default IO manager keeps each step's output in `<storage>/<run_id>/<step_key>/`
+    for good; once the run's values are written and checked, the shards and their results are
+    of no more use, so a finished run leaves none of them (docs/design.md §10). Compute logs, in
+    the same folder, stay with the run until the retention removes it.
+    """
+    folder = Path(context.instance.storage_directory()) / context.run_id
+    if not folder.is_dir():
+        return
+    for step in folder.iterdir():
+        ours = step.name.startswith((f"{SUGGESTIONS_OP}.{PLAN_OP}", f"{SUGGESTIONS_OP}.{SHARD_OP}"))
+        if step.is_dir() and ours:
+            shutil.rmtree(step, ignore_errors=True)
 
 
 def _sample_table(served: Mapping[int, Mapping[str, Any] | None]) -> str:

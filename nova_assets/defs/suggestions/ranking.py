@@ -30,11 +30,21 @@ class UserSuggestions:
         return self.ranked < TOP_SUGGESTIONS
 
 
-def active_users(clickhouse: ClickHouseResource, as_of: datetime) -> list[int]:
-    """Users with any event (of any type) in (as_of - 7 d, as_of], ascending."""
+def active_users(
+    clickhouse: ClickHouseResource, as_of: datetime, first: int = 0, last: int = 2**64 - 1
+) -> list[int]:
+    """Users with any event (of any type) in (as_of - 7 d, as_of], ascending.
+
+    With `first` and `last`, only those between them (user ids, both included): a shard's users.
+    """
     rows = clickhouse.query_rows(
         ACTIVE_USERS_SQL,
-        {"start_ms": epoch_ms(as_of - ACTIVE_WINDOW), "as_of_ms": epoch_ms(as_of)},
+        {
+            "start_ms": epoch_ms(as_of - ACTIVE_WINDOW),
+            "as_of_ms": epoch_ms(as_of),
+            "first": first,
+            "last": last,
+        },
     )
     return [int(row[0]) for row in rows]
 

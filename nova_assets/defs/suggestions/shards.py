@@ -20,7 +20,7 @@ from nova_assets.core.jobs import SUGGESTIONS_ASSET
 from nova_assets.core.resources import ClickHouseResource, RedisCacheResource
 from nova_assets.defs.suggestions.checks import CHECK_SAMPLE_USERS, check_sample
 from nova_assets.defs.suggestions.graph import Graph, session_graph
-from nova_assets.defs.suggestions.ranking import UserSuggestions
+from nova_assets.defs.suggestions.ranking import UserSuggestions, active_users
 
 CHUNK_USERS = 2000
 """Users ranked per ClickHouse query; a chunk is written completely before the next is ranked."""
@@ -116,7 +116,13 @@ class Shard:
     graph_id: str
     graph: Graph
     as_of: datetime
-    user_ids: tuple[int, ...]
+    first_user: int
+    """The shard's users are the active users from `first_user` to `last_user`, both included:
+    the step reads them again (`active_users`), so a shard passed between steps (pickled by
+    Dagster's IO manager under the run's storage folder) is a few numbers, whatever its size."""
+    last_user: int
+    users: int
+    """How many active users the plan found in that range (for the progress lines)."""
     started: float
     """When the run's plan began (epoch seconds): the materialization's time counts from it."""
     graph_s: float
@@ -150,7 +156,7 @@ class ShardResult:
     def describe(self, started: float) -> str:
         elapsed = time.perf_counter() - started
         rate = self.users / elapsed if elapsed > 0 else 0.0
-        total = len(self.shard.user_ids)
+        total = self.shard.users
         left = (total - self.users) / rate if rate > 0 else 0.0
         return (
             f"{SUGGESTIONS_ASSET} {self.shard.name}: {self.users:,}/{total:,} users written "
@@ -168,8 +174,14 @@ def plan_shards(
     started: float,
     graph_s: float,
 ) -> list[Shard]:
-    """Split the active users (ascending) into shards of at most `shard_users`, at least one."""
-    starts = range(0, max(len(users), 1), shard_users)
+    """Split the active users (ascending) into shards of at most `shard_users`, at least one.
+
+    Each shard is a range of user ids, from its first active user to its last; with no active
+    users the one shard is an empty range.
+    """
+    if not users:
+        return [Shard(0, 1, graph_id, graph, as_of, 1, 0, 0, started, graph_s)]
+    starts = range(0, len(users), shard_users)
     return [
         Shard(
             i,
@@ -177,7 +189,9 @@ def plan_shards(
             graph_id,
             graph,
             as_of,
-            tuple(users[a : a + shard_users]),
+            users[a],
+            users[min(a + shard_users, len(users)) - 1],
+            len(users[a : a + shard_users]),
             started,
             graph_s,
         )
@@ -198,7 +212,7 @@ def suggest_shard(
     result = ShardResult(shard)
     # Connect once here, so the writer threads share one client and its connection pool.
     redis_cache.client()
-    users = shard.user_ids
+    users = active_users(clickhouse, shard.as_of, shard.first_user, shard.last_user)
     with (
         session_graph(clickhouse, shard.graph_id, log) as graph,
         ThreadPoolExecutor(WRITERS_IN_FLIGHT) as writers,

@@ -153,6 +153,7 @@ ACTIVE_USERS_SQL = f"""
 SELECT DISTINCT user_id
 FROM {ENGAGEMENT_EVENTS}
 WHERE {in_window("event_time")}
+  AND user_id BETWEEN {{first:UInt64}} AND {{last:UInt64}}
 ORDER BY user_id
 """
 
