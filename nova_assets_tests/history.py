@@ -102,8 +102,7 @@ def add_history(instance: dg.DagsterInstance, runs: Sequence[FinishedRun]) -> No
         step = (run.end - run.start) / (run.log_events + 1)
         filler = "step output " * (run.log_bytes // 12)
         event_rows += [
-            _event(run, None, run.start + (i + 1) * step, filler)
-            for i in range(run.log_events)
+            _event(run, None, run.start + (i + 1) * step, filler) for i in range(run.log_events)
         ]
         event_rows.append(_event(run, finished, run.end))
     with instance.run_storage.connect() as connection:
