@@ -9,22 +9,19 @@ nova-assets dlq replay RUN_ID                 run a failed run's assets again, w
 """
 
 import argparse
-import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import KafkaError, KafkaException
 
 import nova_assets
+from nova_assets.cli_errors import USAGE, CommandError, Parser, one_line, port, quiet_library_logs
 from nova_assets.core.cache_asset import asset_pool
-from nova_assets.core.jobs import job_specs, jobs_of_run
+from nova_assets.core.jobs import job_specs
 from nova_assets.core.resources import CLICKHOUSE_POOL, ClickHouseResource, KafkaDLQResource
 from nova_assets.core.resources.clickhouse import (
     EmbeddedEngineMissingError,
@@ -33,7 +30,6 @@ from nova_assets.core.resources.clickhouse import (
 from nova_assets.core.settings import Settings, SettingsError
 from nova_assets.core.urls import redact_url
 from nova_assets.defs.dlq import reading as dlq
-from nova_assets.defs.dlq.sensors import plan_replays
 from nova_assets.local import seed, stack
 
 ALERT_RULES = Path(nova_assets.__file__).resolve().parents[1] / "ops" / "prometheus" / "alerts.yml"
@@ -97,7 +93,25 @@ def _services(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_spec(args: argparse.Namespace) -> seed.SeedSpec:
+    """The options as a `SeedSpec`; a value out of its range is a usage error naming the option."""
+    try:
+        return seed.SeedSpec(
+            seed=args.seed,
+            users=args.users,
+            posts=args.posts,
+            events=args.events,
+            days=args.days,
+            follows_per_user=args.follows_per_user,
+            as_of=args.as_of or datetime.now(UTC).replace(microsecond=0),
+        )
+    except ValueError as exc:
+        option = re.sub(r"SeedSpec\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))
+        raise CommandError(f"seed: {option}", USAGE) from None
+
+
 def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    spec = _seed_spec(args)
     if not settings.embedded_clickhouse and not args.allow_server:
         # Demo data in, or --replace truncating, the tables of a real ClickHouse server would be
         # a disaster: a server is seeded only when asked for by name.
@@ -131,21 +145,16 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
                 )
                 return 1
             seed.truncate(clickhouse)
-        spec = seed.SeedSpec(
-            seed=args.seed,
-            users=args.users,
-            posts=args.posts,
-            events=args.events,
-            days=args.days,
-            follows_per_user=args.follows_per_user,
-            as_of=args.as_of or datetime.now(UTC).replace(microsecond=0),
-        )
         print(
             f"Seeding {clickhouse.describe()}: {spec.users} users, {spec.posts} posts, "
             f"{spec.events} events over {spec.days} days (seed {spec.seed})…"
         )
         summary = seed.generate(clickhouse, spec)
         print(summary.describe())
+    except ClickHouseError as exc:
+        raise CommandError(
+            f"seed: ClickHouse at {clickhouse.describe()}: {one_line(exc)}"
+        ) from None
     finally:
         clickhouse.close()
     return 0
@@ -155,99 +164,43 @@ def _instance(settings: Settings, args: argparse.Namespace) -> int:
     """Write DAGSTER_HOME/dagster.yaml from the packaged template and MAX_CONCURRENT_JOBS."""
     from nova_assets.local.instance import initialize_pools, write_instance
 
-    target = write_instance(args.home, settings.max_concurrent_jobs, args.template)
     pools = [CLICKHOUSE_POOL, *(asset_pool(s.asset, embedded=False) for s in job_specs(settings))]
-    initialize_pools(args.home, pools)
+    try:
+        target = write_instance(args.home, settings.max_concurrent_jobs, args.template)
+        initialize_pools(args.home, pools)
+    except OSError as exc:
+        raise CommandError(
+            f"instance: {exc.strerror or exc}: {exc.filename or args.home}"
+        ) from None
     print(f"Dagster instance config written to {target}; pools ready: {', '.join(pools)}")
     return 0
 
 
-LOCATION_NAME = "nova_assets"
-"""The code location's name, as workspace.yaml gives it to `dagster dev`."""
-
-
 def _replay(settings: Settings, run_id: str) -> int:
-    """Launch the replay of one failed run through the instance (DAGSTER_HOME), as the sensor does.
+    """Launch the replay of one failed run (`nova_assets/replay.py`)."""
+    from nova_assets.replay import replay
 
-    `dagster job launch` submits each run to the instance's run coordinator, so the replay waits
-    its turn under the same limits as any run.
-    """
-    import dagster as dg
-
-    with dg.DagsterInstance.get() as instance:
-        failed = instance.get_run_by_id(run_id)
-        if failed is None:
-            print(f"error: the instance has no run {run_id!r}", file=sys.stderr)
-            return 1
-        specs = job_specs(settings)
-        owners = set(jobs_of_run(instance, failed, specs))
-        assets = [spec.asset for spec in specs if spec.name in owners]
-        replays = plan_replays(instance, specs, run_id, assets, failed.job_name)
-    if not replays:
-        print(f"error: run {run_id} materializes no asset of {LOCATION_NAME}", file=sys.stderr)
-        return 1
-    dagster = str(Path(sys.executable).parent / "dagster")
-    with tempfile.TemporaryDirectory() as scratch:
-        workspace = Path(scratch) / "workspace.yaml"
-        workspace.write_text(
-            "load_from:\n  - python_module:\n      module_name: nova_assets.definitions\n"
-            f"      location_name: {LOCATION_NAME}\n"
-        )
-        for replay in replays:
-            new_run = str(uuid.uuid4())
-            launched = subprocess.run(
-                [
-                    *(dagster, "job", "launch", "-w", str(workspace), "-j", replay.job_name),
-                    *("--run-id", new_run, "--tags", json.dumps(replay.tags)),
-                    *("--config-json", json.dumps(replay.run_config)),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if launched.returncode != 0:
-                print(
-                    f"error: launching {replay.job_name} failed:\n{launched.stderr}",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"Launched run {new_run} of {replay.job_name}, replaying run {run_id}.")
+    for line in replay(settings, run_id):
+        print(line)
     return 0
 
 
 def _health(settings: Settings, args: argparse.Namespace) -> int:
-    """Print each job's health; exit 0 when all are ok, 1 otherwise, 2 on an unreadable instance."""
-    import dagster as dg
-
+    """Print each job's health (`nova_assets/health.py`, which says the exit codes)."""
     from nova_assets import health
 
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.nova_home / "dagster")
-    if not home.is_dir():
-        print(
-            f"error: the Dagster instance folder {home} does not exist; set DAGSTER_HOME to the "
-            "instance of the deployment (make dev uses <NOVA_HOME>/dagster)",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            jobs = health.report(instance, job_specs(settings))
-    except Exception as exc:  # any fault of the instance is one answer: it cannot be read
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(
-            f"error: cannot read the Dagster instance in {home}: {type(exc).__name__}: {reason}",
-            file=sys.stderr,
-        )
-        return 2
-    print(health.as_json(jobs) if args.json else health.as_table(jobs))
-    return 0 if health.overall(jobs) == health.OK else 1
+    answer = health.answer(settings, as_json_output=args.json)
+    if answer.error:
+        print(f"error: {answer.error}", file=sys.stderr)
+    if answer.out:
+        print(answer.out)
+    return answer.code
 
 
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "replay":
         if not args.run_id:
-            print("error: dlq replay needs the failed run's id: dlq replay RUN_ID", file=sys.stderr)
-            return 2
+            raise CommandError("dlq replay needs the failed run's id: dlq replay RUN_ID", USAGE)
         return _replay(settings, args.run_id)
     kafka = KafkaDLQResource(
         brokers=",".join(settings.kafka_brokers),
@@ -283,20 +236,23 @@ def _positive_int(value: str) -> int:
 
 
 def _utc(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        raise argparse.ArgumentTypeError("give a UTC time, e.g. 2026-11-28T12:00:00Z")
-    return parsed.astimezone(UTC)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is not None:
+            return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time; or year 1 or 9999 shifted past the range
+        pass
+    raise argparse.ArgumentTypeError(f"give a UTC time, e.g. 2026-11-28T12:00:00Z, not {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nova-assets", description=__doc__.splitlines()[0])
+    parser = Parser(prog="nova-assets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     services = commands.add_parser("services", help="start, stop or inspect the local stack")
     services.add_argument("action", choices=["up", "down", "status"])
     for name in ("redis", "kafka", "kafka-controller", "pushgateway", "prometheus", "postgres"):
-        services.add_argument(f"--{name}-port", type=int, default=None)
+        services.add_argument(f"--{name}-port", type=port, default=None)
     services.add_argument(
         "--with-prometheus",
         action="store_true",
@@ -320,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     services.add_argument(
         "--redis-cluster-port",
-        type=int,
+        type=port,
         default=None,
         help="the first of the Redis Cluster's six consecutive ports (default 7000); each "
         "node's cluster bus listens 10000 above its port",
     )
     services.add_argument(
         "--kafka-cluster-port",
-        type=int,
+        type=port,
         default=None,
         help="the first of the Kafka cluster's six consecutive ports (default 9192): brokers "
         "on 9192, 9194, 9196, each node's controller on the port after its broker",
@@ -376,12 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Run one subcommand; every failure is one `error:` line on stderr and an exit code.
+
+    `nova_assets/cli_errors.py` gives the exit codes; settings errors list each bad variable.
+    """
     handlers = {
         "services": _services,
         "seed": _seed,
@@ -389,7 +343,24 @@ def main(argv: list[str] | None = None) -> int:
         "health": _health,
         "dlq": _dlq,
     }
-    return handlers[args.command](settings, args)
+    try:
+        args = build_parser().parse_args(argv)
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return USAGE
+        with quiet_library_logs():
+            return handlers[args.command](settings, args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last resort: one line naming the fault, never a traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
