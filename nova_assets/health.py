@@ -33,7 +33,7 @@ from nova_assets.core.jobs import JobSpec, active_run, counts_for_tag, job_specs
 from nova_assets.core.settings import Settings
 from nova_assets.core.text_table import text_table
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
-from nova_assets.defs.metrics.recount import UNHEALTHY_AFTER_FAILURES, compute_job_metrics
+from nova_assets.defs.metrics.recount import PENDING_WINDOW, UNHEALTHY_AFTER_FAILURES
 from nova_assets.internals.readonly_instance import UnreadableInstance, read_instance
 from nova_assets.served import NOT_SERVED, UNKNOWN, UNREACHABLE, Served, served_caches
 
@@ -62,8 +62,8 @@ class JobHealth:
     """What Redis serves for the job's cache (`nova_assets/served.py`)."""
 
 
-def _verdict(finished: int, streak: int, age: float | None, interval_sec: int, cache: str) -> str:
-    if finished == 0:
+def _verdict(finished: bool, streak: int, age: float | None, interval_sec: int, cache: str) -> str:
+    if not finished:
         return NEVER_RUN
     if streak >= UNHEALTHY_AFTER_FAILURES:
         return FAILING
@@ -87,11 +87,59 @@ def _delivered_since(instance: dg.DagsterInstance, job: str, since: datetime) ->
     )
 
 
+@dataclass(frozen=True)
+class _Recent:
+    """What health reads of a job's runs: bounded windows, never a count of all of history."""
+
+    finished: bool
+    last_success_timestamp: float | None
+    consecutive_failures: int
+    dlq_pending: int
+
+
+def _recent(instance: dg.DagsterInstance, job_name: str) -> _Recent:
+    """The newest finished run and success, the failures since, the last day's pending failures.
+
+    Each is a query of at most a few rows or an indexed count over a bounded span (the failure
+    streak, the last day), so the answer takes as long on a year of history as on a day's.
+    """
+    counted = {counts_for_tag(job_name): "true"}
+
+    def newest(statuses: list[dg.DagsterRunStatus]) -> dg.RunRecord | None:
+        records = [
+            *instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=statuses), limit=1),
+            *instance.get_run_records(dg.RunsFilter(tags=counted, statuses=statuses), limit=1),
+        ]
+        return max(records, key=lambda r: r.create_timestamp, default=None)
+
+    def count(tags: dict[str, str] | None = None, **filters: Any) -> int:
+        own = dg.RunsFilter(job_name=job_name, tags=tags or {}, **filters)
+        other = dg.RunsFilter(tags={**counted, **(tags or {})}, **filters)
+        return instance.get_runs_count(own) + instance.get_runs_count(other)
+
+    failure = [dg.DagsterRunStatus.FAILURE]
+    last = newest([dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE])
+    success = newest([dg.DagsterRunStatus.SUCCESS])
+    streak = count(
+        statuses=failure, **({"created_after": success.create_timestamp} if success else {})
+    )
+    day = {"updated_after": datetime.now(UTC) - PENDING_WINDOW}
+    pending = count(statuses=failure, **day) - count(
+        {DELIVERED_TAG: DELIVERED_VALUE}, statuses=failure, **day
+    )
+    return _Recent(
+        finished=last is not None,
+        last_success_timestamp=success.end_time if success else None,
+        consecutive_failures=streak,
+        dlq_pending=pending,
+    )
+
+
 def job_health(
     instance: dg.DagsterInstance, spec: JobSpec, now: float, cache: Served = Served(UNKNOWN)
 ) -> JobHealth:
     """One job's health from the instance's records and what Redis serves for its cache."""
-    metrics = compute_job_metrics(instance, spec.name)
+    metrics = _recent(instance, spec.name)
     last = metrics.last_success_timestamp
     age = now - last if last is not None else None
     active = active_run(instance, spec)
@@ -109,7 +157,7 @@ def job_health(
         job_name=spec.name,
         asset=spec.asset,
         verdict=_verdict(
-            metrics.successes + metrics.failures,
+            metrics.finished,
             metrics.consecutive_failures,
             age,
             spec.interval_sec,
