@@ -6,6 +6,8 @@ nova-assets instance --home DIR              the local Dagster instance config i
 nova-assets health [--json]                   each job's health; exit 0 ok, 1 not, 2 unreadable
 nova-assets dlq list [--job J] [--limit N] [--scan N]   the dead-letter queue, newest first
 nova-assets dlq replay RUN_ID                 run a failed run's assets again, with its run config
+nova-assets history size [--json]             the instance's runs, events, files and bytes
+nova-assets history prune [--dry-run]         delete the runs past RUN_RETENTION_DAYS, by hand
 """
 
 import argparse
@@ -197,6 +199,18 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
     return answer.code
 
 
+def _history(settings: Settings, args: argparse.Namespace) -> int:
+    """The instance's footprint, or the run retention by hand (`nova_assets/history.py`)."""
+    from nova_assets import history
+
+    if args.action == "size":
+        print(history.size(settings, as_json=args.json))
+    else:
+        for line in history.prune_by_hand(settings, dry_run=args.dry_run):
+            print(line)
+    return 0
+
+
 def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "replay":
         if not args.run_id:
@@ -328,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=dlq.LIST_SCAN,
         help=f"messages read back from the end of each partition (default {dlq.LIST_SCAN})",
     )
+    past = commands.add_parser("history", help="the instance's footprint; prune old runs")
+    past.add_argument("action", choices=["size", "prune"])
+    past.add_argument("--json", action="store_true", help="size: one JSON document")
+    past.add_argument("--dry-run", action="store_true", help="prune: say what would go")
     return parser
 
 
@@ -342,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "instance": _instance,
         "health": _health,
         "dlq": _dlq,
+        "history": _history,
     }
     try:
         args = build_parser().parse_args(argv)

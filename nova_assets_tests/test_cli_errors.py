@@ -86,6 +86,9 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], int, st
             "No such file or directory",
         ),
         "health: no instance": (["health"], {}, 2, "does not exist"),
+        "history: unknown action": (["history", "vacuum"], {}, 2, "invalid choice: 'vacuum'"),
+        "history size: no instance": (["history", "size"], {}, 2, "does not exist"),
+        "history prune: no instance": (["history", "prune"], {}, 2, "no Dagster instance in"),
         "dlq: unknown action": (["dlq", "purge"], {}, 2, "invalid choice: 'purge'"),
         "dlq list: limit 0": (["dlq", "list", "--limit", "0"], {}, 2, "a whole number from 1"),
         "dlq list: broker down": (
@@ -158,6 +161,7 @@ def test_settings_errors_list_each_variable_without_a_traceback(tmp_path):
         "instance": ["instance", "--home", str(tmp_path / "home")],
         "health": ["health"],
         "dlq": ["dlq", "list"],
+        "history": ["history", "size"],
     }
     done = _run_side_by_side({name: (argv, env) for name, argv in commands.items()})
     assert set(done) == SUBCOMMANDS

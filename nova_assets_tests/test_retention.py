@@ -4,6 +4,7 @@ The runs are really run (their event databases, compute logs and step outputs ar
 then made older by moving their creation time back in the instance's run storage.
 """
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -188,3 +189,31 @@ def test_the_sensor_prunes_past_the_setting_and_stops_at_zero(history, tmp_path,
         assert "deleted 3 run(s)" in done.skip_message, done.skip_message
         assert len(instance.get_runs()) == 3
     load_settings.cache_clear()
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "nova-assets"), "history", *args],
+        env={"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(home), "NOVA_HOME": str(home.parent)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_an_operator_sizes_and_prunes_the_history_by_hand(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    listing = sorted((p, p.stat().st_size) for p in home.rglob("*") if p.is_file())
+    size = _cli(home, "size", "--json")
+    assert size.returncode == 0, size.stderr
+    assert json.loads(size.stdout)["runs"] == 6
+    dry = _cli(home, "prune", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 3 run(s)" in dry.stdout and "kept 2" in dry.stdout
+    # Neither wrote anything.
+    assert sorted((p, p.stat().st_size) for p in home.rglob("*") if p.is_file()) == listing
+    pruned = _cli(home, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.startswith("Runs finished more than 7 day(s) ago: deleted 3 run(s)")
+    assert json.loads(_cli(home, "size", "--json").stdout)["runs"] == 3

@@ -55,8 +55,7 @@ def event_count(instance: dg.DagsterInstance) -> int:
 
 def database_bytes(instance: dg.DagsterInstance) -> int | None:
     """The size of the PostgreSQL database the instance stores in; None for other storage."""
-    storage = instance.run_storage
-    if type(storage).__module__.split(".")[0] != "dagster_postgres":
-        return None
-    with storage.connect() as conn:  # type: ignore[attr-defined]
+    with instance.run_storage.connect() as conn:  # type: ignore[attr-defined]
+        if conn.dialect.name != "postgresql":
+            return None
         return int(conn.execute(db.text("SELECT pg_database_size(current_database())")).scalar())

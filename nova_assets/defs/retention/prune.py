@@ -111,10 +111,10 @@ def retired_of(runs: Sequence[dg.DagsterRun], job_names: Iterable[str]) -> Retir
     return totals
 
 
-def footprint(instance: dg.DagsterInstance, run_id: str) -> int:
+def footprint(instance: dg.DagsterInstance, run_id: str, storage: Path | None = None) -> int:
     """Bytes of the files one run left: its event database and its folder under `storage/`."""
     size = sum(path.stat().st_size for path in event_files(instance, run_id))
-    folder = Path(instance.storage_directory()) / run_id
+    folder = (storage or Path(instance.storage_directory())) / run_id
     if folder.is_dir():
         size += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return size
@@ -138,10 +138,12 @@ def prune(
     *,
     dry_run: bool = False,
     page: int = PAGE,
+    storage: Path | None = None,
 ) -> Pruned:
     """Delete the finished runs created before `cutoff`, oldest first, until `budget` is spent.
 
-    `job_names` are the jobs whose metrics count runs (the ledger keeps their totals).
+    `job_names` are the jobs whose metrics count runs (the ledger keeps their totals). `storage`
+    is the instance's storage folder when the instance object was opened elsewhere (read-only).
 
     Each page is recorded in the ledger before any of its runs is deleted; a page interrupted
     half-way (a crash, a kill) is finished at the start of the next prune.
@@ -179,7 +181,7 @@ def prune(
         done.by_job.update(retired)
         done.deleted += len(doomed)
         if dry_run:
-            done.bytes += sum(footprint(instance, run.run_id) for run in doomed)
+            done.bytes += sum(footprint(instance, run.run_id, storage) for run in doomed)
             continue
         if doomed:
             started = time.monotonic()

@@ -35,8 +35,9 @@ class Footprint:
         return "\n".join(lines)
 
 
-def footprint_of(instance: dg.DagsterInstance) -> Footprint:
-    files = [p for p in Path(instance.root_directory).rglob("*") if p.is_file()]
+def footprint_of(instance: dg.DagsterInstance, home: Path | None = None) -> Footprint:
+    """The footprint of `instance`, whose folder is `home` (default: the instance's own)."""
+    files = [p for p in (home or Path(instance.root_directory)).rglob("*") if p.is_file()]
     return Footprint(
         runs=instance.get_runs_count(),
         indexed_events=event_count(instance),
