@@ -343,7 +343,8 @@ def test_stored_offsets_past_the_end_are_reset_and_read_again(kafka_dlq, instanc
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (b"\xff\xfe", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b'{"run_id": "\xed\xa0\x80"}', "not UTF-8"),
         (b"{", "not JSON"),
         (b"42", "not a JSON object"),
         (json.dumps({"schema": writing.SCHEMA}).encode(), "job_name"),

@@ -24,7 +24,7 @@ from dagster._core.remote_origin import (
     RemoteJobOrigin,
     RemoteRepositoryOrigin,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from nova_assets import cli
@@ -138,6 +138,148 @@ def test_an_error_of_any_shape_prints(error):
     assert line.split()[1:4] == ["trending_1h", "r-1", "?"]
 
 
+# -- not UTF-8: skipped, never replayed ---------------------------------------------------------
+
+_BAD = "@@BAD@@"
+INVALID_UTF8 = st.one_of(
+    # A surrogate code point encoded as a character (U+D800..U+DFFF): json.loads on bytes, and
+    # a decoder told "surrogatepass", take it.
+    st.tuples(st.integers(0xA0, 0xBF), st.integers(0x80, 0xBF)).map(lambda t: bytes([0xED, *t])),
+    st.sampled_from(
+        [
+            b"\xff",
+            b"\xfe\xff",
+            b"\x80",  # a continuation byte alone
+            b"\xc0\x80",  # an overlong NUL
+            b"\xe0\x80\xaf",  # an overlong "/"
+            b"\xf4\x90\x80\x80",  # past U+10FFFF
+            b"\xc3",  # a sequence cut short
+            b"\xe2\x82",
+            b"\xf8\x88\x80\x80\x80",  # five bytes
+        ]
+    ),
+)
+_PLAIN_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="@"), max_size=20)
+
+
+def _strict_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _replayable(**extra: object) -> dict:
+    """A message `dlq_replay` would replay, as a dict."""
+    return {
+        "schema": writing.SCHEMA,
+        "job_name": "trending_1h",
+        "run_id": uuid.uuid4().hex,
+        "asset_keys": ["trending_posts_1h"],
+        **extra,
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    where=st.sampled_from(["error", "tags", "failed_at", "key"]),
+    head=_PLAIN_TEXT,
+    bad=INVALID_UTF8,
+    tail=_PLAIN_TEXT,
+)
+def test_a_replayable_message_holding_bytes_that_are_not_utf8_is_skipped(where, head, bad, tail):
+    """Bytes that are not UTF-8 inside any string of an otherwise replayable message."""
+    text = f"{head}{_BAD}{tail}"
+    fields = {
+        "error": {"error": {"type": "RuntimeError", "message": text}},
+        "tags": {"tags": {"team": text}},
+        "failed_at": {"failed_at": text},
+        "key": {"tags": {text: "v"}},
+    }[where]
+    good = json.dumps(_replayable(**fields), ensure_ascii=False).encode()
+    assert isinstance(reading.parse_message(good, ASSET_JOBS), reading.ParsedMessage)
+    value = good.replace(_BAD.encode(), bad)
+    parsed = reading.parse_message(value, ASSET_JOBS)
+    assert isinstance(parsed, str) and parsed.startswith("not UTF-8"), parsed
+    row = reading.row_of(_record(value))
+    assert row[reading.UNREADABLE].startswith("not UTF-8")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.binary(max_size=1024)
+    | st.tuples(st.integers(0, 200), INVALID_UTF8).map(
+        lambda t: (lambda good: good[: t[0]] + t[1] + good[t[0] :])(
+            json.dumps(_replayable()).encode()
+        )
+    )
+)
+def test_any_bytes_that_are_not_strict_utf8_are_skipped(value):
+    assume(not _strict_utf8(value))
+    parsed = reading.parse_message(value, ASSET_JOBS)
+    assert isinstance(parsed, str) and parsed.startswith("not UTF-8"), parsed
+
+
+def _levels(value: object) -> int:
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return 1 + max(map(_levels, children), default=0)
+    return 0
+
+
+def _digits(value: object) -> int:
+    """Digits of the longest integer in `value`."""
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return max(map(_digits, children), default=0)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return len(str(abs(value)))
+    return 0
+
+
+_TRICKY_TEXT = st.text(st.sampled_from('[]{}"\\,:0123456789 aé\u2028'), max_size=12)
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**40), 10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TRICKY_TEXT
+)
+_trees = st.recursive(
+    _leaves,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(_TRICKY_TEXT, children, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+def _chain(levels: int, leaf: object) -> object:
+    for level in range(levels):
+        leaf = [leaf] if level % 2 else {"k": leaf}
+    return leaf
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    body=st.dictionaries(
+        _TRICKY_TEXT,
+        _trees | st.tuples(st.integers(0, 24), _trees).map(lambda t: _chain(*t)),
+        max_size=3,
+    )
+)
+def test_nesting_and_number_bounds_are_measured_outside_strings(body):
+    """Brackets, quotes and digits inside strings count for nothing; outside, each one does."""
+    read = reading.read_body(json.dumps(body, ensure_ascii=False).encode())
+    if _digits(body) > reading.MAX_NUMBER_DIGITS:
+        assert read == f"a number of more than {reading.MAX_NUMBER_DIGITS} digits"
+    elif _levels(body) > reading.MAX_NESTING:
+        assert read == f"nested deeper than {reading.MAX_NESTING} levels"
+    else:
+        assert read == body
+
+
 # -- on the real broker ------------------------------------------------------------------------
 
 
@@ -180,6 +322,26 @@ def test_poison_messages_on_the_topic_never_stop_a_later_one(kafka_dlq, instance
         [bad_key, good]
     )
     assert json.loads(result.cursor) == {"0": 6}
+
+
+def test_raw_surrogate_bytes_on_the_topic_are_skipped_and_listed_as_unreadable(kafka_dlq, instance):
+    surrogate, good = uuid.uuid4().hex, uuid.uuid4().hex
+    raw = json.dumps(_replayable(run_id=surrogate, error={"message": _BAD})).encode()
+    _produce(
+        kafka_dlq.topic,
+        [
+            (b"trending_1h", raw.replace(_BAD.encode(), b"\xed\xa0\x80")),
+            (b"trending_1h", _message(run_id=good)),
+        ],
+    )
+    result = _replay_tick(instance, kafka_dlq)
+    assert [r.tags[writing.REPLAY_TAG] for r in result.run_requests] == [good]
+    assert json.loads(result.cursor) == {"0": 2}
+
+    rows, _ = reading.list_messages(kafka_dlq)
+    unreadable = {row["_offset"]: row.get(reading.UNREADABLE) for row in rows}
+    assert unreadable["0:0"].startswith("not UTF-8")
+    assert unreadable["0:1"] is None
 
 
 def _large_failure_on_a_small_topic(

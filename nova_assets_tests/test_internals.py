@@ -3,18 +3,24 @@
 `nova_assets/internals/` is the only place the package names a `dagster._` module. One short
 contract test per symbol checks that it exists with the signature and attributes the fence relies
 on, so a Dagster upgrade that moves one fails here, naming it, rather than somewhere deep in a run.
-The pool-wait fix, applied whenever the code location loads, is also shown to switch itself off
-with one warning, not an error, when its private class is gone or has changed.
+The pool-wait and termination fixes, applied whenever the code location loads, are also shown to
+switch themselves off with one warning, not an error, when their private class is gone or has
+changed.
 """
 
 import importlib
 import inspect
 import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from nova_assets.internals import pool_wait, run_launcher, slot_storage
 from nova_assets.local.instance import write_instance
@@ -96,6 +102,111 @@ def test_the_modules_applying_the_fix_load_when_the_class_is_gone():
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "loaded"
     assert completed.stderr.count("pool-wait fix is off") == 1, completed.stderr[-3000:]
+
+
+# --- pool_wait: ActiveExecution (the termination fix) ---------------------------------------------
+
+
+def _active_execution(instance: dg.DagsterInstance):
+    """The in-process executor's plan state for a run of `hello`, entered as the executor does."""
+    from dagster._core.execution.api import create_execution_plan
+    from dagster._core.execution.retries import RetryMode
+
+    run = instance.create_run_for_job(hello)
+    context = pool_wait.concurrency_context_class()(instance, run)
+    execution = pool_wait.active_execution_class()(
+        create_execution_plan(hello),
+        retry_mode=RetryMode.ENABLED,
+        instance_concurrency_context=context,
+    )
+    execution.__enter__()  # left open: these plans are never completed
+    return run, context, execution
+
+
+def test_active_execution_has_the_loop_methods_and_the_run_the_fix_reads(instance):
+    execution_class = pool_wait.active_execution_class()
+    assert pool_wait.stop_on_termination() is True
+    # The two methods amended (their signatures are the originals'), and where the run is found.
+    assert _parameters(execution_class.sleep_til_ready) == ["self"]
+    assert _parameters(execution_class.get_next_step) == ["self"]
+    assert "instance_concurrency_context" in _parameters(execution_class.__init__)
+    assert _parameters(pool_wait.concurrency_context_class().free_step) == ["self", "step_key"]
+    run, context, execution = _active_execution(instance)
+    assert execution._instance_concurrency_context is context  # noqa: SLF001
+    assert context._instance is instance  # noqa: SLF001
+    assert context._run_id == run.run_id  # noqa: SLF001
+    assert pool_wait.termination_requested(execution) is False
+    assert execution.get_next_step().key == "say_hello"
+
+
+def test_no_step_is_picked_once_the_runs_termination_was_requested(instance):
+    run, _, execution = _active_execution(instance)
+    instance.report_run_canceling(run)
+    assert pool_wait.termination_requested(execution) is True
+    with pytest.raises(dg.DagsterExecutionInterruptedError, match="termination was requested"):
+        execution.get_next_step()
+
+
+def test_an_interrupt_ends_the_wait_for_a_retry_at_once(instance):
+    from dagster._utils.interrupts import capture_interrupts
+
+    # Signals reach the main thread only, where a run's worker executes its run.
+    assert threading.current_thread() is threading.main_thread()
+    _, _, execution = _active_execution(instance)
+    step = execution.get_next_step()
+    execution.mark_up_for_retry(step.key, time.time() + 30)
+    assert execution.get_next_step() is None
+    assert execution.sleep_interval() > 25
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    # As in the worker: Dagster records a signal while the run executes.
+    with capture_interrupts():
+        timer.start()
+        with pytest.raises(dg.DagsterExecutionInterruptedError):
+            execution.sleep_til_ready()
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_termination_fix_is_off_with_one_warning_when_the_class_moved(monkeypatch, caplog):
+    def moved() -> type:
+        raise ImportError("cannot import name 'ActiveExecution'")
+
+    monkeypatch.setattr(pool_wait, "active_execution_class", moved)
+    with caplog.at_level(logging.WARNING):
+        assert pool_wait.stop_on_termination() is False
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "termination fix is off" in warning.getMessage()
+
+
+def test_the_termination_fix_wraps_each_method_once_on_a_stand_in(monkeypatch):
+    class StandIn:
+        def sleep_til_ready(self) -> None:
+            pass
+
+        def get_next_step(self) -> None:
+            return None
+
+    originals = {name: vars(StandIn)[name] for name in ("sleep_til_ready", "get_next_step")}
+    monkeypatch.setattr(pool_wait, "active_execution_class", lambda: StandIn)
+    assert pool_wait.stop_on_termination() is True
+    assert pool_wait.stop_on_termination() is True  # the code location loaded again
+    for name, original in originals.items():
+        assert vars(StandIn)[name].__wrapped__ is original
+
+
+def test_the_modules_applying_the_termination_fix_load_when_the_class_is_gone():
+    code = (
+        "import dagster._core.execution.plan.active as module\n"
+        "del module.ActiveExecution\n"
+        "import nova_assets.core.resources\n"
+        "print('loaded')\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "loaded"
+    assert completed.stderr.count("termination fix is off") == 1, completed.stderr[-3000:]
 
 
 # --- slot_storage: SqliteEventLogStorage ----------------------------------------------------------

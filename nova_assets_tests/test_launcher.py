@@ -2,8 +2,9 @@
 
 Runs of a small code location of the test's own are launched through the local instance's
 launcher, as the daemon launches a queued run: each runs the code as it is on disk at launch, logs
-its worker's pid, and is interrupted to CANCELED by a termination asked from another process
-(the webserver's Terminate button); a pid the worker no longer holds is never signalled.
+its worker's pid, start time and start ticks, and is interrupted to CANCELED by a termination
+asked from another process (the webserver's Terminate button); a pid the worker no longer holds
+is never signalled.
 """
 
 import os
@@ -19,7 +20,7 @@ from dagster._core.definitions.reconstruct import ReconstructableJob
 from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.launcher import LaunchRunContext
 
-from nova_assets.core.workers import WORKER_TAG, process_start, worker_pid
+from nova_assets.core.workers import WORKER_TAG, Worker, process_start, worker_pid
 from nova_assets.local.instance import write_instance
 from nova_assets.local.launcher import PreloadedRunLauncher, write_bytecode
 
@@ -99,12 +100,12 @@ def test_each_run_executes_the_code_as_it_is_at_launch_and_logs_its_worker(
     for version in ("one", "two"):
         path = _location(tmp_path, version)
         run = _launch(local_instance, path, "versioned")
-        pid, _, started = run.tags[WORKER_TAG].partition("@")
+        pid, started, ticks = run.tags[WORKER_TAG].split("@")
         run = _wait(local_instance, run.run_id, lambda r: r.is_finished)
         assert run.status == dg.DagsterRunStatus.SUCCESS
         assert (tmp_path / "version.txt").read_text() == version
         assert worker_pid(local_instance, run.run_id) == int(pid)
-        assert float(started) > 0
+        assert float(started) > 0 and int(ticks) > 0
 
 
 LAUNCH_FROM_A_PROCESS = """
@@ -223,13 +224,18 @@ def test_a_source_saved_a_moment_ago_is_left_to_the_import(tmp_path):
     assert compiled.exists()
 
 
-def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_path):
+@pytest.mark.parametrize("tagged", ["start ticks", "start time only"])
+def test_a_pid_the_worker_no_longer_holds_is_not_signalled(local_instance, tmp_path, tagged):
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         run = _create(local_instance, _location(tmp_path, "one"), "endless")
-        # The run's worker had this pid once, but started a minute before the process now on it.
-        started = process_start(stranger.pid) - 60
-        local_instance.add_run_tags(run.run_id, {WORKER_TAG: f"{stranger.pid}@{started}"})
+        # The run's worker had this pid once, but started a minute before the process now on it
+        # (a tag written before start ticks were recorded has the start time alone).
+        worker = Worker.of_process(stranger.pid)
+        started = worker.started - 60
+        ticks = worker.ticks - 60 * os.sysconf("SC_CLK_TCK")
+        tag = f"{stranger.pid}@{started}" + (f"@{ticks}" if tagged == "start ticks" else "")
+        local_instance.add_run_tags(run.run_id, {WORKER_TAG: tag})
         assert local_instance.run_launcher.terminate(run.run_id) is False
         with pytest.raises(subprocess.TimeoutExpired):
             stranger.wait(timeout=1)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import dagster as dg
 
 from nova_assets.core.budget import Budget
-from nova_assets.core.workers import run_worker, worker_alive
+from nova_assets.core.workers import run_worker, worker_running
 
 GRACE_S = 30.0
 """A run younger than this may not have recorded its worker yet."""
@@ -66,7 +66,7 @@ def orphaned_worker(record: dg.RunRecord, location_name: str | None, now: float)
     # No worker tag: the run executes in the process that launched it (`dagster asset
     # materialize`), which fails or finishes it itself, or another launcher's worker, which
     # run monitoring watches. A worker this host cannot judge (None) is left alone too.
-    if worker is not None and worker_alive(worker.pid, started) is False:
+    if worker is not None and worker_running(worker) is False:
         return worker.pid
     return None
 

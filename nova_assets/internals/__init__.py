@@ -5,12 +5,17 @@ folder, the only part of `nova_assets` that names a `dagster._` module, and
 `nova_assets_tests/test_internals.py` checks each symbol (it exists, with the signature and the
 attributes used here): after a Dagster upgrade, those tests say what moved.
 
-- `pool_wait`: `InstanceConcurrencyContext` (`dagster._core.execution.plan.
-  instance_concurrency_context`): its `interval_to_next_pending_claim_check()` is replaced,
-  reading the instance's `_pending_claims` and `_pending_timeouts`, so a step waiting for a pool
-  slot sleeps rather than spins. Applied by every process that loads the code location
-  (production included), so it is guarded: if the class or the method moved, the location loads
-  and one warning says the fix is off.
+- `pool_wait`: the in-process executor's wait loop, two fixes applied by every process that
+  loads the code location (production included), each guarded: if its class or method moved,
+  the location loads and one warning says that fix is off.
+  - `InstanceConcurrencyContext` (`dagster._core.execution.plan.instance_concurrency_context`):
+    its `interval_to_next_pending_claim_check()` is replaced, reading the instance's
+    `_pending_claims` and `_pending_timeouts`, so a step waiting for a pool slot sleeps rather
+    than spins.
+  - `ActiveExecution` (`dagster._core.execution.plan.active`): `sleep_til_ready` and
+    `get_next_step` are wrapped so a termination ends a wait for a slot or a retry at once and
+    no step starts after it. The wrappers read the run through `_instance_concurrency_context`
+    (its `_instance` and `_run_id`) and let a just-claimed slot go with its `free_step`.
 - `slot_storage`: `dagster._core.storage.event_log.SqliteEventLogStorage`, subclassed for the
   local instance (its constructor, `_base_dir`, `claim_concurrency_slot`,
   `free_concurrency_slot_for_step`, `free_concurrency_slots_for_run`, and the claim status's

@@ -18,9 +18,14 @@ The worker imports the code location itself, so a code change reaches the next r
   so the next workers do not compile its modules again.
 - Termination sends the worker SIGINT, as the code server's termination does; the command
   installs its own handler, so it works even where the daemon was started with SIGINT ignored
-  (a shell's background command). The worker's pid and start time are a run tag (`nova/worker`,
-  `nova_assets.core.workers`), so any process of the instance (the webserver's Terminate button)
-  can terminate it, and a pid reused by another process is left alone.
+  (a shell's background command). The worker's pid, start time and start in clock ticks since
+  boot are a run tag (`nova/worker`, `nova_assets.core.workers`), so any process of the instance
+  (the webserver's Terminate button) can terminate it. The worker is recognised by its start
+  ticks, which a stepped wall clock does not move: a pid reused by another process is left
+  alone, and a live worker is never taken for gone. The run's executor stops within a moment
+  wherever the run is, and starts no step after the request (`nova_assets.internals.pool_wait`);
+  a worker that has not begun executing its run (still loading) is killed outright, and
+  Terminate reports the run CANCELED itself.
 - A run of a code location in another Python environment, or one without a Python origin, is
   launched by Dagster's default launcher.
 - Workers belong to `dagster dev`'s process group, as the code server's do: stopping or killing it
@@ -30,6 +35,7 @@ What it takes from Dagster's private modules comes through `nova_assets.internal
 """
 
 import compileall
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -44,7 +50,7 @@ from typing import Any
 import dagster as dg
 
 from nova_assets.core.urls import is_embedded
-from nova_assets.core.workers import WORKER_TAG, Worker, process_start, run_worker, worker_alive
+from nova_assets.core.workers import WORKER_TAG, Worker, run_worker, worker_running
 from nova_assets.internals.run_launcher import (
     RUN_EXECUTION_MODULES,
     LaunchRunContext,
@@ -77,6 +83,11 @@ def _location_sources(pointer: Any) -> tuple[Path, bool] | None:
     python_file = getattr(pointer, "python_file", None)
     return (Path(python_file).parent, False) if isinstance(python_file, str) else None
 
+
+BEFORE_START = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING)
+"""A run in these has not been taken by its worker's `execute_run` yet."""
+STOP_WAIT_S = 5.0
+"""How long Terminate waits, at most, for a killed worker to be gone before it reports the run."""
 
 SETTLED_S = 2.0
 """A source changed this recently is left to the import: its bytecode is not written yet."""
@@ -146,8 +157,8 @@ class PreloadedRunLauncher(dg.DefaultRunLauncher):
             )
             worker.start()
         pid = worker.pid
-        started = process_start(pid) if pid else None
-        self._instance.add_run_tags(run.run_id, {WORKER_TAG: Worker(pid, started).tag_value})
+        tagged = Worker.of_process(pid) if pid else Worker(0, None)
+        self._instance.add_run_tags(run.run_id, {WORKER_TAG: tagged.tag_value})
         remember_launched(self, run.run_id)
 
     def terminate(self, run_id: str) -> bool:
@@ -157,23 +168,54 @@ class PreloadedRunLauncher(dg.DefaultRunLauncher):
         if run.is_finished:
             return False
         self._instance.report_run_canceling(run)
-        # Only a process of its own that started when the tag says: never a pid a later process
-        # took over, nor one whose start this host could not tell.
+        # Only the process the tag names, recognised by its start ticks: never a pid a later
+        # process took over, nor one whose start this host could not tell.
         worker = run_worker(run)
-        try:
-            if (
-                worker is None
-                or worker.started is None
-                or worker_alive(worker.pid, worker.started, slack_s=0.0) is not True
-            ):
-                raise ProcessLookupError(worker)
-            os.kill(worker.pid, signal.SIGINT)
-        except ProcessLookupError:
+        if worker is None or worker_running(worker) is not True:
             self._instance.report_engine_event(
                 f"The run's worker ({run.tags[WORKER_TAG]!r}) is no longer running; nothing to "
                 "interrupt.",
                 run,
                 cls=self.__class__,
             )
+            if run.status in BEFORE_START:
+                self._report_canceled(run.run_id)
+            return False
+        if run.status in BEFORE_START:
+            record = self._instance.get_run_record_by_id(run_id)
+            if record is None or record.dagster_run.is_finished:
+                return False
+            started = record.dagster_run.status == dg.DagsterRunStatus.STARTED
+            if not started and record.start_time is None:
+                return self._stop_unstarted(run, worker)
+            if started:
+                # Its worker read the run just before the request: its start overwrote it.
+                self._instance.report_run_canceling(record.dagster_run)
+        try:
+            os.kill(worker.pid, signal.SIGINT)
+        except ProcessLookupError:
             return False
         return True
+
+    def _stop_unstarted(self, run: dg.DagsterRun, worker: Worker) -> bool:
+        """Stop the worker of a run it has not begun executing, and report the run CANCELED.
+
+        A worker forked a moment ago is still loading the code location: SIGINT would end it
+        before it handles signals, and a worker that reads the run CANCELING leaves it as a
+        duplicate's (Dagster's `execute_run` takes only a run not yet started). Nothing would
+        then end the run but run monitoring's cancel timeout, and on a busy host the worker may
+        load for seconds. It has executed nothing, claimed no slot and written nothing but its
+        own bytecode (written whole or not at all), so it is killed at once.
+        """
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+            os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while worker_running(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._report_canceled(run.run_id, "its worker was stopped before it executed the run")
+        return True
+
+    def _report_canceled(self, run_id: str, why: str = "its worker had not executed it") -> None:
+        current = self._instance.get_run_by_id(run_id)
+        if current is not None and not current.is_finished:
+            self._instance.report_run_canceled(current, message=f"Run canceled: {why}.")

@@ -7,13 +7,16 @@ nesting before and after decoding, `parse_message` validates it into a replayabl
 row saying why. No byte of a message reaches the terminal unescaped.
 """
 
+import heapq
 import json
 import re
-from collections.abc import Mapping, Sequence
+import reprlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from nova_assets.core.budget import Budget
 from nova_assets.core.contract import iso_z
 from nova_assets.core.resources import KafkaDLQResource, KafkaRecord
 from nova_assets.core.text_table import text_table
@@ -24,49 +27,60 @@ MAX_READ_BYTES = 2 * 1024 * 1024
 MAX_NESTING = 16
 """The deepest nesting of arrays and objects a reader accepts; a §6 message has three levels."""
 MAX_NUMBER_DIGITS = 32
-"""Digits of the longest integer a reader accepts (Python refuses to parse some 4,300 and more)."""
+"""Digits of the longest number a reader accepts (Python refuses to parse some 4,300 and more)."""
 _REQUIRED_FIELDS = {"schema": str, "job_name": str, "run_id": str, "asset_keys": list}
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 """Run ids and job names as a message may carry them: printable, short, safe in a run key."""
 
+# What is left of valid JSON text without its strings is numbers, literals, brackets and
+# punctuation, so its numbers and its nesting are measured by a few C-speed passes over the bytes
+# rather than a Python walk over every decoded value (a 2 MB message may hold a million). UTF-8
+# never uses the byte of a quote or a backslash inside a multi-byte character, so strings are
+# found in the bytes as they are.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+_LONG_NUMBER = re.compile(rb"[0-9]{%d}" % (MAX_NUMBER_DIGITS + 1))
 
-def _bounded_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
-        raise ValueError(f"a number of {len(digits)} digits")
-    return int(digits)
 
-
-def _depth(value: Any) -> int:
-    """How deeply `value`'s arrays and objects nest, walked without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, level + 1) for child in children)
-    return deepest
+def _nested_deeper(brackets: bytes, levels: int) -> bool:
+    """Whether balanced `brackets` nest deeper than `levels`: each pass removes the innermost."""
+    for _ in range(levels):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
+    return bool(brackets)
 
 
 def read_body(value: bytes | None) -> dict[str, Any] | str:
     """The JSON object a message carries, or why it cannot be read.
 
-    The message is bounded before and after decoding: its size, its integers and its nesting
-    (a value of 200,000 `[` would otherwise exhaust the parser's recursion).
+    The message must be UTF-8 in the strict sense (no invalid byte and no encoded surrogate,
+    which `json.loads` on bytes lets through) and is bounded before and after decoding: its
+    size, its numbers' digits and its nesting (a value of 200,000 `[` would otherwise exhaust
+    the parser's recursion). The checks cost a few passes over the text, whatever its shape.
     """
     if not value:
         return "empty message"
     if len(value) > MAX_READ_BYTES:
         return f"{len(value)} bytes, over the {MAX_READ_BYTES}-byte bound"
     try:
-        body = json.loads(value, parse_int=_bounded_int)
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        body = json.loads(text)
     except RecursionError:
         return "nested too deeply"
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as exc:  # JSONDecodeError, and integers past Python's digit limit
         return f"not JSON ({shorten(str(exc), 120)})"
     if not isinstance(body, dict):
         return "not a JSON object"
-    if _depth(body) > MAX_NESTING:
+    # The text is valid JSON, so every match of _STRING is exactly one string of it.
+    skeleton = _STRING.sub(b"", value)
+    if _LONG_NUMBER.search(skeleton):
+        return f"a number of more than {MAX_NUMBER_DIGITS} digits"
+    if _nested_deeper(skeleton.translate(None, _NOT_BRACKETS), MAX_NESTING):
         return f"nested deeper than {MAX_NESTING} levels"
     return body
 
@@ -123,51 +137,118 @@ def _validate(body: dict[str, Any] | str, asset_jobs: Mapping[str, str]) -> Pars
 
 LIST_SCAN = 10_000
 """Messages `dlq list` reads back from the end of each partition."""
+LIST_STEP = 100
+"""Messages of each partition `dlq list` reads at a time, the newest ones first."""
+LIST_BUDGET_S = 30.0
+"""How long `dlq list` reads before it shows what it found."""
+ROW_TEXT = 200
+"""Characters of each field a listed row keeps."""
 
 UNREADABLE = "_unreadable"
 """The field of a listed row that holds why its message could not be read."""
 
+_LISTED = ("failed_at", "job_name", "run_id", "retry_count", "max_retries", "replay_of")
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 40
+
 
 def list_messages(
-    kafka_dlq: KafkaDLQResource, job: str | None = None, limit: int = 20, scan: int = LIST_SCAN
+    kafka_dlq: KafkaDLQResource,
+    job: str | None = None,
+    limit: int = 20,
+    scan: int = LIST_SCAN,
+    budget: Budget | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The DLQ's messages, newest failure first, optionally for one job.
 
-    Reads the newest `scan` messages of each partition, so the newest are always seen however long
-    the topic. A message that cannot be read is listed too, as a row holding its reason under
-    `UNREADABLE`, its key as job and the broker's timestamp as time. Returns the rows and, when
-    not all of the topic was read, a note saying so.
+    Reads the newest `scan` messages of each partition, a step of `LIST_STEP` at a time from the
+    end backwards, so the newest are seen first however long the topic, and stops when the
+    budget (`LIST_BUDGET_S`) is spent. It streams: one message is decoded at a time, and only
+    the `limit` newest rows are kept, each cut to the fields the table shows, so what it holds
+    does not grow with the topic. A message that cannot be read is listed too, as a row holding
+    its reason under `UNREADABLE`, its key as job and the broker's timestamp as time. Returns
+    the rows and, when not all of the topic was read, a note saying so.
     """
-    bounds = kafka_dlq.bounds()
-    starts = {p: max(low, high - scan) for p, (low, high) in bounds.items()}
+    budget = budget or Budget(LIST_BUDGET_S)
+    # A min-heap of the rows kept: the oldest failure (of equal ones, the latest offset) on top.
+    kept: list[tuple[str, tuple[int, int], dict[str, Any]]] = []
+    read, complete = 0, True
+    with kafka_dlq.reader(budget) as reader:
+        bounds = reader.bounds()
+        starts = {p: max(low, high - scan) for p, (low, high) in bounds.items()}
+        for ranges in _steps_back(starts, {p: high for p, (_, high) in bounds.items()}):
+            for record in reader.records(ranges):
+                read += 1
+                row = row_of(record)
+                if job and row.get("job_name") != job:
+                    continue
+                entry = (_cell(row.get("failed_at", "")), (-record.partition, -record.offset), row)
+                if len(kept) < limit:
+                    heapq.heappush(kept, entry)
+                else:
+                    heapq.heappushpop(kept, entry)
+            if not reader.done:
+                complete = False
+                break
     expected = sum(high - starts[p] for p, (_, high) in bounds.items())
-    records = kafka_dlq.read(starts)
     notes = []
-    if len(records) < expected:
-        notes.append(f"read {len(records)} of the newest {expected} messages before the timeout")
+    if not complete:
+        notes.append(f"read the newest {read} of {expected} messages within {budget.seconds:g} s")
     skipped = sum(starts[p] - low for p, (low, _) in bounds.items())
     if skipped:
         notes.append(f"{skipped} older messages not read (raise --scan to look further back)")
-    rows = [row_of(record) for record in records]
-    if job:
-        rows = [row for row in rows if row.get("job_name") == job]
-    rows.sort(key=lambda row: _cell(row.get("failed_at", "")), reverse=True)
-    return rows[:limit], "; ".join(notes) or None
+    rows = [row for *_, row in sorted(kept, key=lambda e: (e[0], e[1]), reverse=True)]
+    return rows, "; ".join(notes) or None
+
+
+def _steps_back(
+    starts: Mapping[int, int], ends: Mapping[int, int]
+) -> Iterator[dict[int, tuple[int, int]]]:
+    """Each partition's [start, end) in ranges of `LIST_STEP` offsets, the newest range first."""
+    step = 0
+    while True:
+        ranges = {
+            p: (max(starts[p], end - (step + 1) * LIST_STEP), end - step * LIST_STEP)
+            for p, end in ends.items()
+            if end - step * LIST_STEP > starts[p]
+        }
+        if not ranges:
+            return
+        yield ranges
+        step += 1
 
 
 def row_of(record: KafkaRecord) -> dict[str, Any]:
-    """One listed row: the message's object, or its key, time and why it cannot be read."""
+    """One listed row: the fields the table shows, or its key, time and why it cannot be read.
+
+    Only those fields are kept, each cut to `ROW_TEXT` characters, so a row is small whatever
+    the message held.
+    """
     offset = f"{record.partition}:{record.offset}"
     body = read_body(record.value)
     if isinstance(body, dict):
-        return body | {"_offset": offset}
+        row = {field: _small(body[field]) for field in _LISTED if field in body}
+        error = body.get("error")
+        if isinstance(error, dict) and "type" in error:
+            row["error"] = {"type": _small(error["type"])}
+        return row | {"_offset": offset}
     sent = datetime.fromtimestamp(max(record.timestamp_ms, 0) / 1000, UTC)
     return {
-        "job_name": record.key,
+        "job_name": None if record.key is None else record.key[:ROW_TEXT],
         "failed_at": iso_z(sent),
         UNREADABLE: body,
         "_offset": offset,
     }
+
+
+def _small(value: Any) -> Any:
+    """A field as a row keeps it: numbers and short text as they are, the rest cut."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value[:ROW_TEXT]
+    return _SHORT.repr(value)[:ROW_TEXT]
 
 
 def _cell(value: Any, width: int = 64) -> str:

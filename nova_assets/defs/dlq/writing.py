@@ -1,25 +1,28 @@
 """The dead-letter message we write (docs/design.md §6): built from a failed run, then encoded.
 
-`build_message` reads a failed run's records into the §6 payload; `encode` turns it into JSON
-bytes that never exceed what the broker accepts, cutting an oversized message rather than
-dropping it. The run tags here record a message's fate on its run: delivered (the metrics count
-it), undeliverable, or a replay of another run. `sensors.py` publishes the messages;
-`reading.py` reads them back, as untrusted input.
+`build_messages` reads a failed run's records into its §6 payloads, one per job the run counts
+for; `encode` turns each into JSON bytes that never exceed what the broker accepts, cutting an
+oversized message rather than dropping it. The run tags here record the messages' fate on their
+run: delivered (every one acknowledged; the metrics count one per job), undeliverable, or a
+replay of another run. `publisher.py` publishes the messages; `reading.py` reads them back, as
+untrusted input.
 """
 
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
 from nova_assets.core.contract import STEP_RETRY_POLICY, iso_z
-from nova_assets.core.jobs import JobSpec, jobs_of_run
+from nova_assets.core.jobs import JobSpec, executes, jobs_of_run
 
 SCHEMA = "nova.jobs.dlq.v1"
 DELIVERED_TAG = "nova/dlq_delivered"
+"""On a failed run once the broker acknowledged every one of its messages."""
 DELIVERED_VALUE = "true"
 REPLAY_TAG = "nova/replay_of"
 UNDELIVERABLE_TAG = "nova/dlq_undeliverable"
@@ -49,18 +52,18 @@ def describe_error(error: Any) -> dict[str, str]:
     }
 
 
-def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str], list[str]]:
-    """The last step error of a run (or its run-level failure) and every step that failed."""
-    failures = instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.STEP_FAILURE
-    ).records
-    failed_steps = sorted(
-        {r.event_log_entry.step_key for r in failures if r.event_log_entry.step_key}
-    )
-    if failures:
-        error = failures[-1].event_log_entry.dagster_event.step_failure_data.error
-        if error is not None:
-            return describe_error(error), failed_steps
+def _failures(instance: dg.DagsterInstance, run_id: str) -> list[tuple[str, Any]]:
+    """Each step failure of a run, in order: its step key and its error (None if not recorded)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    return [
+        (entry.step_key, entry.dagster_event.step_failure_data.error)
+        for entry in (r.event_log_entry for r in records)
+        if entry.step_key and entry.dagster_event
+    ]
+
+
+def _run_error(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
+    """The run-level failure, for a run that failed outside any step."""
     run_failures = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.RUN_FAILURE
     ).records
@@ -68,11 +71,11 @@ def _error_of(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, str]
         entry = run_failures[-1].event_log_entry
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
         if getattr(data, "error", None) is not None:
-            return describe_error(data.error), failed_steps
+            return describe_error(data.error)
         message = entry.message or "the run failed"
     else:
         message = "the run failed without an error event"
-    return {"type": "RunFailure", "message": message, "stack": ""}, failed_steps
+    return {"type": "RunFailure", "message": message, "stack": ""}
 
 
 def _asset_keys(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
@@ -90,17 +93,51 @@ def _asset_keys(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
     )
 
 
-def build_message(
-    instance: dg.DagsterInstance, record: dg.RunRecord, specs: Sequence[JobSpec] = ()
-) -> dict[str, Any]:
-    """The §6 payload of one failed run, read from the instance's records of it.
+@dataclass(frozen=True)
+class _Part:
+    """What one message covers of a failed run: a job, its asset keys and its steps."""
 
-    `job_name` is the job the run counts for (docs/design.md §5): its own, or for a run of
-    another job (the UI's `__ASSET_JOB`) the job owning the first asset it materialized.
+    job_name: str
+    asset_keys: list[str]
+    owns: Callable[[str], bool]
+    """Whether a step key is one of this part's steps."""
+
+
+def _parts(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, specs: Sequence[JobSpec]
+) -> list[_Part]:
+    """One part per job the run counts for; the whole run as one part when it counts for none."""
+    keys = _asset_keys(instance, run)
+    by_name = {spec.name: spec for spec in specs}
+    jobs = jobs_of_run(instance, run, specs)
+    if not jobs:
+        return [_Part(run.job_name, keys, lambda _step: True)]
+    parts = []
+    for job in jobs:
+        spec = by_name[job]
+        parts.append(
+            _Part(
+                job,
+                [key for key in keys if key == spec.asset] or [spec.asset],
+                lambda step, node=spec.step: executes(frozenset([step]), node),
+            )
+        )
+    return parts
+
+
+def build_messages(
+    instance: dg.DagsterInstance, record: dg.RunRecord, specs: Sequence[JobSpec] = ()
+) -> list[dict[str, Any]]:
+    """The §6 payloads of one failed run, read from the instance's records of it.
+
+    One message per job the run counts for (docs/design.md §5, §6), keyed and named by that job,
+    with only its asset keys, its failed steps, its error and its retries: a run of one job has
+    one; a run of Dagster's `__ASSET_JOB` materializing assets of two jobs (the UI's
+    Materialize) has two, each counted and replayed for its own job. A run that counts for no
+    job of ours has one message under its own job name, with all of its asset keys.
     """
     run = record.dagster_run
-    jobs = jobs_of_run(instance, run, specs)
-    error, failed_steps = _error_of(instance, run.run_id)
+    failures = _failures(instance, run.run_id)
     # Each step retries on its own (every shard of suggestions): the count is the step's that
     # retried most, so it stays comparable with max_retries.
     retries = Counter(
@@ -113,14 +150,7 @@ def build_message(
     run_max_retries = int(run.tags.get("dagster/max_retries", "0"))
     started = record.start_time or record.create_timestamp.timestamp()
     failed = record.end_time or record.update_timestamp.timestamp()
-    return {
-        "schema": SCHEMA,
-        "job_name": jobs[0] if jobs else run.job_name,
-        "run_id": run.run_id,
-        "asset_keys": _asset_keys(instance, run),
-        "failed_steps": failed_steps,
-        "error": error,
-        "retry_count": max(retries.values(), default=0),
+    common = {
         "max_retries": STEP_RETRY_POLICY.max_retries,
         "run_started_at": iso_z(datetime.fromtimestamp(started, UTC)),
         "failed_at": iso_z(datetime.fromtimestamp(failed, UTC)),
@@ -135,6 +165,27 @@ def build_message(
         },
         "truncated": False,
     }
+    messages = []
+    for part in _parts(instance, run, specs):
+        # A job whose own steps did not fail (they were skipped after another job's step
+        # failed) carries the failures that stopped it.
+        own = [(step, error) for step, error in failures if part.owns(step)] or failures
+        errors = [error for _, error in own if error is not None]
+        messages.append(
+            {
+                "schema": SCHEMA,
+                "job_name": part.job_name,
+                "run_id": run.run_id,
+                "asset_keys": part.asset_keys,
+                "failed_steps": sorted({step for step, _ in own}),
+                "error": describe_error(errors[-1]) if errors else _run_error(instance, run.run_id),
+                "retry_count": max(
+                    (n for step, n in retries.items() if step and part.owns(step)), default=0
+                ),
+                **common,
+            }
+        )
+    return messages
 
 
 def _json(value: Any) -> bytes:

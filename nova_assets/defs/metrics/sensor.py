@@ -155,13 +155,15 @@ def build_job_metrics_sensor(
             )
         if state.floor_pending:
             try:
-                floors = read_floors(job_metrics.gateway, PUSH_JOB, evaluation.left(at_most=3.0))
-            except Exception as exc:  # no floor, no push: a lower count would reach Prometheus
-                return dg.SkipReason(
-                    "Metrics rebuilt from history; not pushed until the Pushgateway's counters "
-                    f"can be read, so none goes down ({type(exc).__name__}: {failure_reason(exc)})."
+                state.raise_to(
+                    read_floors(job_metrics.gateway, PUSH_JOB, evaluation.left(at_most=3.0))
                 )
-            state.raise_to(floors)
+            except Exception as exc:  # a gateway that cannot be read takes no push either
+                context.log.warning(
+                    "Could not read the Pushgateway's counters before the first push of a rebuilt "
+                    f"count: {type(exc).__name__}: {failure_reason(exc)}."
+                )
+                state.floor_pending = False
             context.update_cursor(state.serialize())
         failed = push_within(state.values(job_names), job_metrics, evaluation)
         result = "pushed" if failed is None else f"not pushed ({failed})"
