@@ -29,6 +29,16 @@ attributes used here): after a Dagster upgrade, those tests say what moved.
   `DefaultRunLauncher._run_ids` (the runs its `join` waits for), and the names of Dagster's
   run-execution modules the fork server imports ahead. Named only by the local instance config.
 
+- `history_store`: the run storage's key-value store (`get_cursor_values`, `set_cursor_values`)
+  for the retention's ledger, a run's event file on SQLite (`path_for_shard`), and for `history
+  size` the event log's index table (`SqlEventLogStorageTable`). Checked by
+  `nova_assets_tests/test_internals_history.py`.
+- `storage_identity`: the run storage's id (`get_run_storage_id`), which names an instance's
+  suggestion graphs.
+- `readonly_storage`, `readonly_instance`, `readonly_postgres`: the instance opened read-only for
+  the CLI (`health`, `history`, `dlq replay`), never loaded by the code location. Checked by
+  `nova_assets_tests/test_internals_health.py`.
+
 Not fenced, because they are how every custom run launcher reaches its instance:
 `RunLauncher._instance` and `has_instance`.
 """
