@@ -88,11 +88,11 @@ def test_the_pool_wait_fix_replaces_a_spinning_method_on_a_stand_in(monkeypatch)
     assert StandIn.interval_to_next_pending_claim_check is pool_wait.interval_to_next_claim
 
 
-def test_the_modules_applying_the_fix_load_when_the_class_is_gone():
-    """In a fresh process whose Dagster lacks the class, the resources still import, warning."""
+def _loads_without(module: str, cls: str, warning: str) -> None:
+    """In a fresh process whose Dagster lacks `module.cls`, the resources import, warning once."""
     code = (
-        "import dagster._core.execution.plan.instance_concurrency_context as module\n"
-        "del module.InstanceConcurrencyContext\n"
+        f"import {module} as module\n"
+        f"del module.{cls}\n"
         "import nova_assets.core.resources\n"
         "print('loaded')\n"
     )
@@ -101,7 +101,15 @@ def test_the_modules_applying_the_fix_load_when_the_class_is_gone():
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "loaded"
-    assert completed.stderr.count("pool-wait fix is off") == 1, completed.stderr[-3000:]
+    assert completed.stderr.count(warning) == 1, completed.stderr[-3000:]
+
+
+def test_the_modules_applying_the_fix_load_when_the_class_is_gone():
+    _loads_without(
+        "dagster._core.execution.plan.instance_concurrency_context",
+        "InstanceConcurrencyContext",
+        "pool-wait fix is off",
+    )
 
 
 # --- pool_wait: ActiveExecution (the termination fix) ---------------------------------------------
@@ -195,18 +203,9 @@ def test_the_termination_fix_wraps_each_method_once_on_a_stand_in(monkeypatch):
 
 
 def test_the_modules_applying_the_termination_fix_load_when_the_class_is_gone():
-    code = (
-        "import dagster._core.execution.plan.active as module\n"
-        "del module.ActiveExecution\n"
-        "import nova_assets.core.resources\n"
-        "print('loaded')\n"
+    _loads_without(
+        "dagster._core.execution.plan.active", "ActiveExecution", "termination fix is off"
     )
-    completed = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.strip() == "loaded"
-    assert completed.stderr.count("termination fix is off") == 1, completed.stderr[-3000:]
 
 
 # --- slot_storage: SqliteEventLogStorage ----------------------------------------------------------
