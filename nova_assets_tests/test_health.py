@@ -30,6 +30,7 @@ from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.local.instance import initialize_pools, write_instance
 from nova_assets_tests.history import FinishedRun, add_history, history_instance
+from nova_assets_tests.layouts import write_per_run_instance
 
 SPECS = job_specs(Settings.from_env({}))
 COMMAND = str(Path(sys.executable).parent / "nova-assets")
@@ -116,11 +117,16 @@ def _stand_in() -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"dagster/row_count": 3})
 
 
+@pytest.mark.parametrize("layout", ["one event database", "a database per run"])
 def test_the_local_layout_with_runs_and_events_is_read_without_a_trace(
-    tmp_path, monkeypatch, capsys, redis_cache
+    layout, tmp_path, monkeypatch, capsys, redis_cache
 ):
-    """Runs, a run's own event file, an index: afterwards not even a `-wal` file is new."""
-    home = _local_instance(tmp_path / "home")
+    """Runs and their events, in one database or in a file per run: no file new afterwards."""
+    home = tmp_path / "home"
+    if layout == "one event database":
+        _local_instance(home)
+    else:
+        write_per_run_instance(home)
     job = dg.define_asset_job("trending_1h", selection=[_stand_in], tags={JOB_TAG: "trending_1h"})
     definitions = dg.Definitions(assets=[_stand_in], jobs=[job])
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -131,7 +137,7 @@ def test_the_local_layout_with_runs_and_events_is_read_without_a_trace(
         key, {"window": "1h", "generated_at": "2026-01-01T00:00:00Z", "items": []}, 600
     )
     shard = home / "history" / "runs" / f"{done.run_id}.db"
-    assert shard.is_file()
+    assert shard.is_file() == (layout == "a database per run")
     before = listing(home)
     capsys.readouterr()  # the run's own log lines
 
@@ -143,6 +149,8 @@ def test_the_local_layout_with_runs_and_events_is_read_without_a_trace(
     assert jobs["trending_24h"]["verdict"] == "never run"
     assert code == 1
     assert listing(home) == before
+    if layout == "one event database":
+        return
 
     # A run whose own event file is gone reads as a run without events.
     shard.unlink()
@@ -188,10 +196,18 @@ def _not_sqlite(home: Path) -> None:
     (home / "history" / "runs.db").write_bytes(b"not a database" * 100)
 
 
-def _corrupt_index(home: Path) -> None:
+def _corrupt(database: Path) -> None:
+    database.write_bytes(database.read_bytes()[:100] + b"\0" * 4000)
+
+
+def _corrupt_event_log(home: Path) -> None:
     _local_instance(home)
-    index = home / "history" / "runs" / "index.db"
-    index.write_bytes(index.read_bytes()[:100] + b"\0" * 4000)
+    _corrupt(home / "history" / "events" / "event_log.db")
+
+
+def _corrupt_index(home: Path) -> None:
+    write_per_run_instance(home)
+    _corrupt(home / "history" / "runs" / "index.db")
 
 
 def _no_tables(home: Path) -> None:
@@ -217,6 +233,7 @@ NOT_INSTANCES = {
     "a zero-byte runs.db": (_zero_bytes, "runs.db is empty (0 bytes)"),
     "runs.db a folder": (_a_folder, "runs.db is not a file"),
     "runs.db not SQLite": (_not_sqlite, "runs.db is not a SQLite database"),
+    "a corrupt event log": (_corrupt_event_log, "event_log.db cannot be read"),
     "a corrupt event index": (_corrupt_index, "index.db cannot be read"),
     "no Dagster tables": (_no_tables, "holds no `runs` table"),
     "dagster.yaml not YAML": (_not_yaml, "dagster.yaml cannot be read"),

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import pytest
 
 from nova_assets.internals import pool_wait, run_launcher, slot_storage
 from nova_assets.local.instance import write_instance
+from nova_assets_tests.layouts import write_per_run_instance
 
 ROOT = Path(__file__).parents[1]
 
@@ -208,11 +210,10 @@ def test_the_modules_applying_the_termination_fix_load_when_the_class_is_gone():
     )
 
 
-# --- slot_storage: SqliteEventLogStorage ----------------------------------------------------------
+# --- slot_storage: ConsolidatedSqliteEventLogStorage, SqliteEventLogStorage, the polling watcher --
 
 
-def test_sqlite_event_log_storage_has_the_slot_methods_the_subclass_wraps(tmp_path):
-    base = slot_storage.SqliteEventLogStorage
+def _has_the_slot_methods(base: type) -> None:
     assert _parameters(base.__init__) == ["self", "base_dir", "inst_data"]
     assert _parameters(base.claim_concurrency_slot) == [
         "self",
@@ -224,19 +225,85 @@ def test_sqlite_event_log_storage_has_the_slot_methods_the_subclass_wraps(tmp_pa
     assert _parameters(base.free_concurrency_slot_for_step) == ["self", "run_id", "step_key"]
     assert _parameters(base.free_concurrency_slots_for_run) == ["self", "run_id"]
 
-    home = tmp_path / "dagster"
-    write_instance(home, max_concurrent_jobs=5)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        storage = instance.event_log_storage
-        assert isinstance(storage, slot_storage.SlotLockedSqliteEventLogStorage)
-        # The folder the lock file goes into.
-        assert Path(storage._base_dir) == home.resolve() / "history" / "runs"  # noqa: SLF001
-        storage.initialize_concurrency_limit_to_default("a_pool")
-        status = storage.claim_concurrency_slot("a_pool", "a-run", "a-step")
+
+def _claims_a_slot(storage) -> None:
+    storage.initialize_concurrency_limit_to_default("a_pool")
+    status = storage.claim_concurrency_slot("a_pool", "a-run", "a-step")
     # The claim status the subclass reads and amends.
     assert status.is_claimed
     assert hasattr(status, "enqueued_timestamp")
     assert status.with_sleep_interval(0.2).sleep_interval == 0.2
+    # The lock file sits in the storage's own folder (`_base_dir`).
+    assert (Path(storage._base_dir) / slot_storage.LOCK_FILE).is_file()  # noqa: SLF001
+
+
+def test_the_local_event_log_is_one_database_that_can_give_pages_back(tmp_path):
+    base = slot_storage.ConsolidatedSqliteEventLogStorage
+    _has_the_slot_methods(base)
+    assert _parameters(base._init_db) == ["self"]  # noqa: SLF001
+    assert _parameters(base.get_db_path) == ["self"]
+    assert _parameters(base.watch) == ["self", "run_id", "cursor", "callback"]
+    assert _parameters(base.end_watch) == ["self", "run_id", "handler"]
+    assert _parameters(base.dispose) == ["self"]
+
+    home = tmp_path / "dagster"
+    write_instance(home, max_concurrent_jobs=5)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, slot_storage.LocalEventLogStorage)
+        database = home.resolve() / "history" / "events" / "event_log.db"
+        assert storage.get_db_path() == str(database)
+        _claims_a_slot(storage)
+        run = instance.add_run(dg.DagsterRun(job_name="a_job"))
+        for _ in range(400):
+            instance.report_engine_event("x" * 2000, run)
+        grown = database.stat().st_size
+        instance.delete_run(run.run_id)
+        freed = storage.reclaim_space()
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # INCREMENTAL
+    assert freed > 700_000
+    assert database.stat().st_size < grown - 700_000
+
+
+def test_the_polling_watcher_hands_a_run_s_new_events_to_the_ui(tmp_path):
+    watcher = slot_storage.SqlPollingEventWatcher
+    assert _parameters(watcher.__init__) == ["self", "event_log_storage"]
+    assert _parameters(watcher.watch_run) == ["self", "run_id", "cursor", "callback"]
+    assert _parameters(watcher.unwatch_run) == ["self", "run_id", "handler"]
+    assert _parameters(watcher.close) == ["self"]
+
+    write_instance(tmp_path, max_concurrent_jobs=5)
+    seen: list[str] = []
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        run = instance.add_run(dg.DagsterRun(job_name="a_job"))
+
+        def callback(entry: dg.EventLogEntry, _cursor: str) -> None:
+            seen.append(entry.message)
+
+        # Another process reading keeps the database's changes in its WAL file: the file Dagster's
+        # own watcher watches is not modified, and the UI would not see the event.
+        reader = sqlite3.connect(tmp_path / "history" / "events" / "event_log.db")
+        reader.execute("SELECT count(*) FROM event_logs").fetchall()
+        instance.watch_event_logs(run.run_id, None, callback)
+        instance.report_engine_event("first", run)
+        deadline = time.monotonic() + 10
+        while "first" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        instance.end_watch_event_logs(run.run_id, callback)
+        reader.close()
+    assert "first" in seen
+
+
+def test_a_home_with_a_database_per_run_keeps_it_with_the_slot_locks(tmp_path):
+    base = slot_storage.SqliteEventLogStorage
+    _has_the_slot_methods(base)
+    home = write_per_run_instance(tmp_path / "dagster")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, slot_storage.SlotLockedSqliteEventLogStorage)
+        assert Path(storage._base_dir) == home.resolve() / "history" / "runs"  # noqa: SLF001
+        _claims_a_slot(storage)
 
 
 # --- run_launcher: LaunchRunContext, ExecuteRunArgs, api_cli, _run_ids, the preloaded modules -----

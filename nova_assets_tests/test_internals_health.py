@@ -30,8 +30,9 @@ from nova_assets.internals.readonly_storage import (
     ReadOnlySqliteEventLogStorage,
     read_only_url,
 )
-from nova_assets.local.instance import initialize_pools, write_instance
+from nova_assets.local.instance import write_instance
 from nova_assets_tests.history import history_instance
+from nova_assets_tests.layouts import write_per_run_instance
 
 
 def _parameters(function) -> list[str]:
@@ -57,8 +58,7 @@ def test_the_sqlite_event_log_routes_every_connection_through_connect(tmp_path):
     assert _parameters(SqliteEventLogStorage._initdb) == ["self", "engine", "for_index_shard"]  # noqa: SLF001
     assert _parameters(SqliteEventLogStorage._connect) == ["self", "shard"]  # noqa: SLF001
     assert _parameters(SqliteEventLogStorage.conn_string_for_shard) == ["self", "shard_name"]
-    write_instance(tmp_path, 5)
-    initialize_pools(tmp_path, ["clickhouse"])
+    write_per_run_instance(tmp_path)
     base = tmp_path / "history" / "runs"
     before = sorted(base.iterdir())
     storage = ReadOnlySqliteEventLogStorage(str(base))

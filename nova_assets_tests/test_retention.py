@@ -25,6 +25,7 @@ from nova_assets.defs.retention.prune import cutoff_for, prune
 from nova_assets.defs.retention.sensor import run_retention
 from nova_assets.defs.retention.size import footprint_of
 from nova_assets.local.instance import write_instance
+from nova_assets_tests.layouts import write_per_run_instance
 
 ROOT = Path(__file__).parents[1]
 JOBS = ["pair_job", "broken_job"]
@@ -97,6 +98,8 @@ def test_old_runs_go_with_their_files_and_what_must_stay_stays(history, tmp_path
     home = _copy(history[0], tmp_path / "home")
     runs = history[1]
     before = _du(home)
+    events = home / "history" / "events" / "event_log.db"
+    events_before = events.stat().st_size
     with dg.DagsterInstance.from_config(str(home)) as instance:
         done = prune(instance, JOBS, cutoff_for(7), Budget(20))
         left = {run.run_id for run in instance.get_runs()}
@@ -111,8 +114,10 @@ def test_old_runs_go_with_their_files_and_what_must_stay_stays(history, tmp_path
         assert not (home / "history" / "runs" / f"{run_id}.db").exists()
     assert (home / "storage" / runs["pair_2"] / "pair.numbers" / "result").is_file()
     after = _du(home)
-    # What the prune says it freed is gone from the disk (SQLite may shrink its own files too).
-    assert before - after >= done.bytes > 3 * 100_000, (before, after, done.bytes)
+    # What the prune says it freed is gone from the disk: the runs' folders, and the pages of
+    # their events, which the event database gave back.
+    assert before - after >= done.bytes > 3 * 20_000, (before, after, done.bytes)
+    assert events.stat().st_size < events_before - 3 * 10_000
     assert ledger.pending == []
     assert ledger.totals == Counter(
         {("pair_job", "success"): 2, ("broken_job", "failure"): 1, ("broken_job", "dlq"): 1}
@@ -126,8 +131,25 @@ def test_a_dry_run_changes_nothing_and_says_what_would_go(history, tmp_path):
         done = prune(instance, JOBS, cutoff_for(7), Budget(20), dry_run=True)
         assert len(instance.get_runs()) == 6
         assert Ledger.load(instance).totals == Counter()
-    assert (done.deleted, done.kept) == (3, 2) and done.bytes > 300_000
+    assert (done.deleted, done.kept) == (3, 2) and done.bytes > 3 * 20_000
     assert sorted((p, p.stat().st_size) for p in home.rglob("*") if p.is_file()) == before
+
+
+def test_on_a_home_with_a_database_per_run_the_run_s_file_goes_too(tmp_path):
+    home = write_per_run_instance(tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        run = instance.add_run(
+            dg.DagsterRun(job_name="pair_job", status=dg.DagsterRunStatus.SUCCESS)
+        )
+        instance.report_engine_event("a step", run)
+    own_file = home / "history" / "runs" / f"{run.run_id}.db"
+    assert own_file.is_file()
+    _age(home, [run.run_id], days=10)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        done = prune(instance, JOBS, cutoff_for(7), Budget(20))
+        assert instance.get_runs() == []
+    assert done.deleted == 1 and done.bytes >= 100_000
+    assert not own_file.exists()
 
 
 def test_runs_inside_the_retention_stay(history, tmp_path):

@@ -48,7 +48,7 @@ class _Storage:
 
 _HERE = "nova_assets.internals.readonly_storage"
 _SHARDED = {"SqliteEventLogStorage", "SlotLockedSqliteEventLogStorage"}
-_CONSOLIDATED = {"ConsolidatedSqliteEventLogStorage"}
+_CONSOLIDATED = {"ConsolidatedSqliteEventLogStorage", "LocalEventLogStorage"}
 _POSTGRES = {"PostgresRunStorage", "PostgresEventLogStorage", "PostgresScheduleStorage"}
 
 

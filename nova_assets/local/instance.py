@@ -25,13 +25,7 @@ def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None =
     config = yaml.safe_load(template.read_text() if template else template_text())
     config["concurrency"]["runs"]["max_concurrent_runs"] = max_concurrent_jobs
     config["concurrency"]["pools"]["op_granularity_run_buffer"] = max_concurrent_jobs
-    # Dagster's own SQLite event log and folder (DAGSTER_HOME/history/runs), with pool slots
-    # claimed one process at a time (nova_assets/internals/slot_storage.py).
-    config["event_log_storage"] = {
-        "module": "nova_assets.internals.slot_storage",
-        "class": "SlotLockedSqliteEventLogStorage",
-        "config": {"base_dir": str(home.resolve() / "history" / "runs")},
-    }
+    config["event_log_storage"] = event_log_config(home)
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     target.write_text(
@@ -39,6 +33,26 @@ def write_instance(home: Path, max_concurrent_jobs: int, template: Path | None =
         + yaml.safe_dump(config, sort_keys=False)
     )
     return target
+
+
+def event_log_config(home: Path) -> dict:
+    """The local event log: every run's events in one SQLite database (history/events).
+
+    Pool slots are claimed one process at a time (nova_assets/internals/slot_storage.py).
+
+    A home written before keeps Dagster's database per run (DAGSTER_HOME/history/runs): its run
+    history stays readable, and the run retention removes it as it ages (docs/decisions.md).
+    """
+    legacy = home.resolve() / "history" / "runs"
+    if (legacy / "index.db").exists():
+        cls, base = "SlotLockedSqliteEventLogStorage", legacy
+    else:
+        cls, base = "LocalEventLogStorage", home.resolve() / "history" / "events"
+    return {
+        "module": "nova_assets.internals.slot_storage",
+        "class": cls,
+        "config": {"base_dir": str(base)},
+    }
 
 
 def initialize_pools(home: Path, pools: Sequence[str]) -> None:

@@ -1,9 +1,10 @@
 """Run retention: delete finished runs older than `RUN_RETENTION_DAYS`, their files with them.
 
-Dagster keeps every run forever, and its `delete_run` removes a run's rows but not its files: on
-the local instance each run's event database (about 200 kB) and its folder under `storage/`
-(compute logs, step outputs) stay. `prune` deletes a run with all of them, so the disk space comes
-back (docs/design.md §10). Kept whatever their age:
+Dagster keeps every run forever, and its `delete_run` removes a run's rows but not its files: its
+folder under `storage/` (compute logs, step outputs) stays, and on an instance with a database
+per run that file too. `prune` deletes a run with all of them, and has the local instance's single
+event database give the freed pages back after each page of runs, so the disk space comes back
+(docs/design.md §10). Kept whatever their age:
 
 - the run that made the latest materialization of each asset (the UI's asset pages show it);
 - a failed run whose DLQ delivery is not recorded (pending, or marked undeliverable: an operator
@@ -29,7 +30,7 @@ from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import COUNTS_FOR_PREFIX
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.retention.ledger import Ledger, Retired
-from nova_assets.internals.history_store import event_files
+from nova_assets.internals.history_store import event_bytes, event_files, reclaim
 
 FINISHED = [
     dg.DagsterRunStatus.SUCCESS,
@@ -56,7 +57,7 @@ class Pruned:
     def summary(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
         text = (
-            f"{verb} {self.deleted} run(s) ({_mib(self.bytes)} of files), kept {self.kept} "
+            f"{verb} {self.deleted} run(s) ({_mib(self.bytes)} on disk), kept {self.kept} "
             "past the retention (latest materializations, undelivered failures)"
         )
         return text + ("; more remain" if self.more else "")
@@ -112,7 +113,13 @@ def retired_of(runs: Sequence[dg.DagsterRun], job_names: Iterable[str]) -> Retir
 
 
 def footprint(instance: dg.DagsterInstance, run_id: str, storage: Path | None = None) -> int:
-    """Bytes of the files one run left: its event database and its folder under `storage/`."""
+    """Bytes one run takes: its events (a file of its own, or rows) and its `storage/` folder."""
+    shared = 0 if event_files(instance, run_id) else event_bytes(instance, run_id)
+    return shared + folder_bytes(instance, run_id, storage)
+
+
+def folder_bytes(instance: dg.DagsterInstance, run_id: str, storage: Path | None = None) -> int:
+    """Bytes of one run's files: its event database, if it has one, and its `storage/` folder."""
     size = sum(path.stat().st_size for path in event_files(instance, run_id))
     folder = (storage or Path(instance.storage_directory())) / run_id
     if folder.is_dir():
@@ -152,9 +159,10 @@ def prune(
     done = Pruned()
     if ledger.pending and not dry_run:
         for run_id in ledger.pending:
-            done.bytes += footprint(instance, run_id)
+            done.bytes += folder_bytes(instance, run_id)
             delete_run(instance, run_id)
         ledger.settle(instance)
+        done.bytes += reclaim(instance)
     keep = latest_materialization_runs(instance)
     cursor: str | None = None
     while True:
@@ -187,7 +195,8 @@ def prune(
             started = time.monotonic()
             ledger.record(instance, retired, [run.run_id for run in doomed])
             for run in doomed:
-                done.bytes += footprint(instance, run.run_id)
+                done.bytes += folder_bytes(instance, run.run_id)
                 delete_run(instance, run.run_id)
             ledger.settle(instance)
+            done.bytes += reclaim(instance)
             done.longest_page_s = max(done.longest_page_s, time.monotonic() - started)
