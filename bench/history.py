@@ -2,23 +2,32 @@
 
     .venv/bin/python bench/history.py [--day 3300] [--month 100000] [--year 1200000]
 
-Production runs about 3,300 runs a day (docs/design.md §5). For each span, a fresh SQLite instance
-gets that span's runs of the five jobs in bulk (`nova_assets_tests.history`; the month's runs
-carry twelve 3 kB log lines each, about what a real run writes, the year's only their start and
-end events, to fit a disk). Then, side by side in the same run:
+Production runs about 3,300 runs a day (docs/design.md §5). For each span, a fresh instance with
+the local instance's event log gets that span's runs of the five jobs in bulk
+(`nova_assets_tests.history`; the day's and month's runs carry twelve 3 kB log lines each, about
+what a real run writes, the year's only their start and end events, to fit a disk; failed runs
+are delivered to the DLQ, as the publisher tags them). Side by side in the same run:
 
 - kept: every run, as Dagster leaves it;
-- retained: after the run retention (`RUN_RETENTION_DAYS`, 7) caught up, timed as it goes: runs
-  deleted per second, and the longest single page (how long it holds the instance at most).
+- retained: the last `RUN_RETENTION_DAYS` (7) of the same span, what the run retention leaves
+  once it has caught up (written as such: deleting a year at the measured rate takes hours).
 
 Each gets its size on disk, `nova-assets health` (the command, in a process of its own), the
-metrics sensor's rebuild from history, and the GraphQL queries of the UI's runs page and asset
-catalog on a `dagster-webserver` of that instance. Targets: `health` on a year within 20 % of a
-day; no page of the retention over 1 s.
+metrics sensor's rebuild from history, one evaluation of each sensor (`sensor_ticks.py`), and the
+GraphQL queries of the UI's runs page and asset catalog on a `dagster-webserver` of that instance.
+On each kept instance the retention then runs for three evaluations: runs deleted per second,
+the longest page, and how long a tick's writes (a run and an event, in a process of their own,
+every 0.1 s) take while it deletes, beside the same writes with nothing deleting.
+
+The steady state: each job really run twice on a local instance (`dagster job execute`, demo
+data), the bytes of its second run, times the runs a week at `make dev`'s cadence and at
+production's. Targets: steady state under 2 GB locally; `health` on a year within 20 % of a day;
+every sensor evaluation under 5 s at a year; no tick delayed by the retention over 1 s.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -26,13 +35,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import common
+import dagster as dg
+import sensor_ticks
 
 from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
+from nova_assets.defs.demo import DEMO_TRAFFIC_JOB
+from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.metrics.state import MetricsState, advance
 from nova_assets.defs.retention import prune as retention
 from nova_assets_tests.history import FinishedRun, add_history, history_instance
@@ -43,6 +57,9 @@ BIN = Path(sys.executable).parent
 DAY_S = 86_400
 RETENTION_DAYS = 7
 CHUNK = 10_000
+CATCH_UP_EVALUATIONS = 3
+PROBE_EVERY_S = 0.1
+IDLE_PROBE_S = 5.0
 
 RUNS_QUERY = """
 query Runs($filter: RunsFilter, $limit: Int) {
@@ -56,26 +73,32 @@ query Catalog {
 }"""
 
 
-def write_span(instance, runs: int, days: float, log_events: int) -> None:
-    """`runs` finished runs of the jobs in turn, evenly over the last `days`, one in 7 failed."""
+def write_span(instance, runs: int, days: float, log_events: int, last_days: float = 0) -> None:
+    """`runs` finished runs of the jobs in turn, evenly over the last `days`, one in 7 failed.
+
+    With `last_days`, only those of the span's last `last_days` are written.
+    """
     now = time.time()
     every = days * DAY_S / runs
     first = now - days * DAY_S
+    since = now - last_days * DAY_S if last_days else first
+    delivered = {DELIVERED_TAG: DELIVERED_VALUE}
     for start in range(0, runs, CHUNK):
-        add_history(
-            instance,
-            [
-                FinishedRun(
-                    job_name=NAMES[i % len(NAMES)],
-                    ok=i % 7 != 0,
-                    start=first + i * every,
-                    end=first + i * every + 2.0,
-                    log_events=log_events,
-                    log_bytes=3000,
-                )
-                for i in range(start, min(runs, start + CHUNK))
-            ],
-        )
+        batch = [
+            FinishedRun(
+                job_name=NAMES[i % len(NAMES)],
+                ok=i % 7 != 0,
+                start=first + i * every,
+                end=first + i * every + 2.0,
+                tags={} if i % 7 else delivered,
+                log_events=log_events,
+                log_bytes=3000,
+            )
+            for i in range(start, min(runs, start + CHUNK))
+            if first + i * every >= since
+        ]
+        if batch:
+            add_history(instance, batch)
 
 
 def du(path: Path) -> int:
@@ -154,60 +177,155 @@ def ui_queries_ms(home: Path) -> tuple[float, float]:
     return sorted(runs)[2] * 1000, sorted(catalog)[2] * 1000
 
 
-def catch_up(instance) -> dict[str, float]:
-    """Run the retention to the end, one evaluation's budget at a time; its rates."""
-    deleted, evaluations, longest = 0, 0, 0.0
-    started = time.perf_counter()
-    cutoff = retention.cutoff_for(RETENTION_DAYS)
-    while True:
-        done = retention.prune(instance, NAMES, cutoff, Budget(10.0))
-        longest = max(longest, done.longest_page_s)
-        deleted += done.deleted
-        evaluations += 1
-        if not done.more:
-            break
-    seconds = time.perf_counter() - started
+def _probe(home: str, stop, seconds) -> None:
+    """What a tick writes (a run, an event of it), every PROBE_EVERY_S until `stop`; the times."""
+    with dg.DagsterInstance.from_config(home) as instance:
+        while not stop.is_set():
+            started = time.perf_counter()
+            run = instance.add_run(dg.DagsterRun(job_name="probe", run_id=uuid.uuid4().hex))
+            instance.report_engine_event("probe", run)
+            seconds.append(time.perf_counter() - started)
+            time.sleep(PROBE_EVERY_S)
+
+
+class TickProbe:
+    """A tick's writes in a process of their own; the longest they took while it ran."""
+
+    def __init__(self, home: Path) -> None:
+        context = multiprocessing.get_context("fork")
+        self.stop = context.Event()
+        self.seconds = context.Manager().list()
+        self.process = context.Process(target=_probe, args=(str(home), self.stop, self.seconds))
+
+    def __enter__(self) -> "TickProbe":
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.process.join(timeout=60)
+
+    def longest_s(self) -> float:
+        return max(self.seconds, default=float("nan"))
+
+
+def catch_up(home: Path) -> dict[str, float]:
+    """Three evaluations of the retention, beside a tick's writes; its rates and holds."""
+    with TickProbe(home) as idle:
+        time.sleep(IDLE_PROBE_S)
+    deleted, longest = 0, 0.0
+    with history_instance(home) as instance:
+        cutoff = retention.cutoff_for(RETENTION_DAYS)
+        past = instance.get_runs_count(dg.RunsFilter(created_before=cutoff))
+        with TickProbe(home) as busy:
+            started = time.perf_counter()
+            for _ in range(CATCH_UP_EVALUATIONS):
+                done = retention.prune(instance, NAMES, cutoff, Budget(10.0))
+                longest = max(longest, done.longest_page_s)
+                deleted += done.deleted
+                if not done.more:
+                    break
+            seconds = time.perf_counter() - started
+    rate = deleted / seconds
     return {
         "deleted": deleted,
-        "rate": deleted / seconds,
-        "evaluations": evaluations,
+        "rate": rate,
+        "hours_to_catch_up": past / rate / 3600,
         "longest_page_s": longest,
+        "tick_idle_s": idle.longest_s(),
+        "tick_busy_s": busy.longest_s(),
+    }
+
+
+def sensors(home: Path) -> dict[str, float]:
+    """Each sensor's slower of two evaluations (the first without a cursor) on `home`."""
+    return {name: max(times) for name, times in sensor_ticks.evaluate_each(home).items()}
+
+
+def _row(label: str, home: Path, instance, runs: int) -> dict:
+    return {
+        "history": label,
+        "runs": runs,
+        "bytes": du(home),
+        "health_s": health_s(home),
+        "rebuild_s": rebuild_s(instance),
     }
 
 
 def measure(label: str, runs: int, days: float, log_events: int) -> list[dict]:
+    """The span kept and, if longer than the retention, retained; then the kept one caught up."""
     rows = []
-    with tempfile.TemporaryDirectory(dir=common.ROOT / ".nova") as scratch:
-        home = Path(scratch)
-        with history_instance(home) as instance:
-            write_span(instance, runs, days, log_events)
-            rows.append(
-                {
-                    "history": f"{label}, kept",
-                    "runs": runs,
-                    "bytes": du(home),
-                    "health_s": health_s(home),
-                    "rebuild_s": rebuild_s(instance),
-                }
-            )
-        rows[-1]["runs_ms"], rows[-1]["catalog_ms"] = ui_queries_ms(home)
-        if days <= RETENTION_DAYS:
-            return rows
-        with history_instance(home) as instance:
-            rates = catch_up(instance)
-            left = instance.get_runs_count()
-            rows.append(
-                {
-                    "history": f"{label}, retained ({RETENTION_DAYS} d)",
-                    "runs": left,
-                    "bytes": du(home),
-                    "health_s": health_s(home),
-                    "rebuild_s": rebuild_s(instance),
-                    **rates,
-                }
-            )
-        rows[-1]["runs_ms"], rows[-1]["catalog_ms"] = ui_queries_ms(home)
+    spans = [("kept", 0)] if days <= RETENTION_DAYS else [("kept", 0), ("retained", RETENTION_DAYS)]
+    for kind, last_days in spans:
+        with tempfile.TemporaryDirectory(dir=common.ROOT / ".nova") as scratch:
+            home = Path(scratch)
+            with history_instance(home) as instance:
+                write_span(instance, runs, days, log_events, last_days)
+                name = f"{label}, {kind}" + (f" ({RETENTION_DAYS} d)" if last_days else "")
+                rows.append(_row(name, home, instance, instance.get_runs_count()))
+            rows[-1]["runs_ms"], rows[-1]["catalog_ms"] = ui_queries_ms(home)
+            if kind == "kept" and days > RETENTION_DAYS:
+                rows[-1].update(catch_up(home))
+            rows[-1]["sensors"] = sensors(home)
     return rows
+
+
+def real_run_bytes() -> dict[str, int]:
+    """Bytes one run of each job adds to a local instance: its second run, really run."""
+    names = [*NAMES, DEMO_TRAFFIC_JOB]
+    added = {}
+    with tempfile.TemporaryDirectory(dir=common.ROOT / ".nova") as scratch:
+        state = Path(scratch)
+        env = {
+            "PATH": os.environ["PATH"],
+            "NOVA_HOME": str(state),
+            "DAGSTER_HOME": str(state / "dagster"),
+            "REDIS_URL": common.REDIS_URL,
+            "REDIS_KEY_PREFIX": "bench-history",
+            "DLQ_TOPIC": "nova-bench-history-dlq",
+        }
+        for command in (["seed", "--if-empty"], ["instance", "--home", env["DAGSTER_HOME"]]):
+            subprocess.run(
+                [str(BIN / "nova-assets"), *command], env=env, check=True, capture_output=True
+            )
+        for name in names:
+            for attempt in range(2):
+                before = du(state / "dagster")
+                subprocess.run(
+                    [
+                        str(BIN / "dagster"),
+                        "job",
+                        "execute",
+                        "-m",
+                        "nova_assets.definitions",
+                        "-j",
+                        name,
+                    ],
+                    env=env,
+                    cwd=common.ROOT,
+                    check=True,
+                    capture_output=True,
+                )
+                added[name] = du(state / "dagster") - before
+    return added
+
+
+def steady_state(added: dict[str, int]) -> None:
+    """A week of runs at make dev's cadence and at production's, at the bytes measured."""
+    per_day = {spec.name: DAY_S / spec.interval_sec for spec in SPECS}
+    production = sum(per_day[name] * added[name] for name in NAMES) * RETENTION_DAYS
+    local = production + DAY_S / 60 * added[DEMO_TRAFFIC_JOB] * RETENTION_DAYS
+    print("\n| job | bytes a run (second run, really run) | runs a day |")
+    print("|---|---:|---:|")
+    for name, size in added.items():
+        print(f"| {name} | {size:,} | {per_day.get(name, DAY_S / 60):,.0f} |")
+    print(
+        f"\nSteady state at the default retention ({RETENTION_DAYS} d): "
+        f"{local / 1e9:.2f} GB at make dev's cadence "
+        f"({sum(per_day.values()) + DAY_S / 60:,.0f} runs a day; target < 2 GB: "
+        f"{'met' if local < 2e9 else 'missed'}), {production / 1e9:.2f} GB at production's "
+        f"({sum(per_day.values()):,.0f} runs a day)."
+    )
 
 
 def main() -> None:
@@ -217,11 +335,12 @@ def main() -> None:
     parser.add_argument("--year", type=int, default=1_200_000)
     args = parser.parse_args()
     print("\n## Run history over time: kept, and after the run retention\n")
+    steady_state(real_run_bytes())
     print(
-        "| history | runs | size (MiB) | `health` (s) | metrics rebuild (s) "
-        "| runs page (ms) | asset catalog (ms) |"
+        "\n| history | runs | size (MiB) | `health` (s) | metrics rebuild (s) "
+        "| runs page (ms) | asset catalog (ms) | slowest sensor evaluation (s) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for label, runs, days, events in (
         ("a day", args.day, 1, 12),
@@ -230,26 +349,38 @@ def main() -> None:
     ):
         for row in measure(label, runs, days, events):
             rows.append(row)
+            slowest = max(row["sensors"], key=row["sensors"].get)
             print(
                 f"| {row['history']} | {row['runs']:,} | {row['bytes'] / 2**20:,.0f} "
                 f"| {row['health_s']:.2f} | {row['rebuild_s']:.1f} | {row['runs_ms']:,.0f} "
-                f"| {row['catalog_ms']:,.0f} |",
+                f"| {row['catalog_ms']:,.0f} | {row['sensors'][slowest]:.2f} ({slowest}) |",
                 flush=True,
             )
+    print("\n| sensor | " + " | ".join(row["history"] for row in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for name in rows[0]["sensors"]:
+        print(f"| {name} | " + " | ".join(f"{row['sensors'][name]:.2f}" for row in rows) + " |")
     print(
-        "\n| retention catch-up | runs deleted | runs/s | evaluations (10 s) | longest page (s) |"
+        "\n| retention catch-up | runs deleted | runs/s | hours to catch up | longest page (s) "
+        "| a tick's writes, longest (s): idle | while deleting |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         if "rate" in row:
             print(
                 f"| {row['history']} | {row['deleted']:,} | {row['rate']:,.0f} "
-                f"| {row['evaluations']} | {row['longest_page_s']:.2f} |"
+                f"| {row['hours_to_catch_up']:.1f} | {row['longest_page_s']:.2f} "
+                f"| {row['tick_idle_s']:.3f} | {row['tick_busy_s']:.3f} |"
             )
-    day, year = rows[0]["health_s"], rows[-1]["health_s"]
+    day, year = rows[0], rows[-1]
+    slowest_year = max(max(row["sensors"].values()) for row in rows if "a year" in row["history"])
+    delay = max((row["tick_busy_s"] for row in rows if "rate" in row), default=float("nan"))
     print(
-        f"\n`health`, a year retained vs a day: {year / day:.2f}x "
-        f"(target ≤ 1.2x: {'met' if year <= 1.2 * day else 'missed'})."
+        f"\n`health`, a year retained vs a day: {year['health_s'] / day['health_s']:.2f}x "
+        f"(target ≤ 1.2x: {'met' if year['health_s'] <= 1.2 * day['health_s'] else 'missed'}); "
+        f"slowest sensor evaluation at a year {slowest_year:.2f} s (target < 5 s: "
+        f"{'met' if slowest_year < 5 else 'missed'}); longest tick write while the retention "
+        f"deletes {delay:.2f} s (target ≤ 1 s: {'met' if delay <= 1 else 'missed'})."
     )
 
 

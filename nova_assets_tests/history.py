@@ -4,7 +4,7 @@ Dagster's own path (`add_run`, then each event through `handle_new_event`) costs
 run; a year of Nova's schedules is over a million. These rows are what that path writes — the
 run with its tags in the run storage, its RUN_START and RUN_SUCCESS/RUN_FAILURE events in the
 event log — inserted a page at a time through Dagster's own tables, into an instance whose event
-log is one SQLite database (`history_instance`).
+log is one SQLite database, the local instance's (`history_instance`).
 
 Test and benchmark code: it writes Dagster's private tables (`RunsTable`, `RunTagsTable`,
 `SqlEventLogStorageTable`) directly, so it is not part of the shipped package.
@@ -18,10 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import yaml
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
 
 from nova_assets.core.jobs import JOB_TAG
+from nova_assets.local.instance import event_log_config
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,13 @@ class FinishedRun:
 
 @contextmanager
 def history_instance(home: Path) -> Iterator[dg.DagsterInstance]:
-    """A persistent instance in `home` whose event log is a single SQLite database."""
+    """A persistent instance in `home` with the local instance's event log: one SQLite database."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n"
-        "event_log_storage:\n"
-        "  module: dagster._core.storage.event_log\n"
-        "  class: ConsolidatedSqliteEventLogStorage\n"
-        f"  config:\n    base_dir: {home / 'history'}\n"
+        yaml.safe_dump(
+            {"telemetry": {"enabled": False}, "event_log_storage": event_log_config(home)},
+            sort_keys=False,
+        )
     )
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
