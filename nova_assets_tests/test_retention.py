@@ -152,6 +152,29 @@ def test_on_a_home_with_a_database_per_run_the_run_s_file_goes_too(tmp_path):
     assert not own_file.exists()
 
 
+def test_a_successful_run_s_files_go_after_a_day_and_the_run_stays(history, tmp_path):
+    home = _copy(history[0], tmp_path / "home")
+    runs = history[1]
+    _age(home, list(runs.values()), days=2)
+    folders = {name: home / "storage" / run_id for name, run_id in runs.items()}
+    assert all(folders[name].is_dir() for name in ("pair_0", "pair_1", "pair_2", "delivered"))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        dry = prune(instance, JOBS, cutoff_for(7), Budget(20), dry_run=True)
+        assert all(folders[name].is_dir() for name in ("pair_0", "pair_1"))
+        done = prune(instance, JOBS, cutoff_for(7), Budget(20))
+        again = prune(instance, JOBS, cutoff_for(7), Budget(20))
+        left = {run.run_id for run in instance.get_runs()}
+    assert left == set(runs.values())
+    assert (dry.files_removed, done.files_removed, again.files_removed) == (2, 2, 0)
+    assert done.deleted == 0 and done.bytes == dry.bytes > 0
+    assert "removed the files of 2 successful run(s) over 1 day(s) old" in done.summary()
+    # The old successes lose their folders; the latest materialization's run and the failures
+    # keep theirs.
+    assert not folders["pair_0"].exists() and not folders["pair_1"].exists()
+    assert (folders["pair_2"] / "pair.numbers" / "result").is_file()
+    assert folders["delivered"].is_dir() and folders["undelivered"].is_dir()
+
+
 def test_runs_inside_the_retention_stay(history, tmp_path):
     home = _copy(history[0], tmp_path / "home")
     with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -11,6 +11,10 @@ event database give the freed pages back after each page of runs, so the disk sp
   replays it with its run config);
 - a run not finished (queued, starting, in progress, canceling).
 
+A successful run's files (its compute logs: the lines its event log holds too) go after
+`FILES_KEPT_DAYS`, its run and events staying for the whole retention; a failed run keeps them as
+long as the run.
+
 What is deleted first goes into the ledger (`ledger.py`): the job totals its runs counted for, so
 the counters never go down, and the ids about to go, so a prune cut short by a crash finishes
 those runs first, next time, and counts none twice.
@@ -30,7 +34,13 @@ from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import COUNTS_FOR_PREFIX
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.retention.ledger import Ledger, Retired
-from nova_assets.internals.history_store import event_bytes, event_files, reclaim
+from nova_assets.internals.history_store import (
+    event_bytes,
+    event_files,
+    read_value,
+    reclaim,
+    write_value,
+)
 
 FINISHED = [
     dg.DagsterRunStatus.SUCCESS,
@@ -39,6 +49,10 @@ FINISHED = [
 ]
 PAGE = 50
 """Runs read, judged and deleted at a time: the ledger is written once per page."""
+FILES_KEPT_DAYS = 1
+"""How long a successful run keeps its files under `storage/` (compute logs)."""
+FILES_CURSOR = "nova/retention/files_through"
+"""The creation time (ISO) of the newest successful run whose files are already removed."""
 
 
 @dataclass
@@ -53,6 +67,8 @@ class Pruned:
     by_job: Counter[tuple[str, str]] = field(default_factory=Counter)
     longest_page_s: float = 0.0
     """The longest a page took to record and delete: the most one prune holds back other work."""
+    files_removed: int = 0
+    """Successful runs past `FILES_KEPT_DAYS` whose files were removed (the runs stay)."""
 
     def summary(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
@@ -60,6 +76,11 @@ class Pruned:
             f"{verb} {self.deleted} run(s) ({_mib(self.bytes)} on disk), kept {self.kept} "
             "past the retention (latest materializations, undelivered failures)"
         )
+        if self.files_removed:
+            text += (
+                f"; {'would remove' if dry_run else 'removed'} the files of "
+                f"{self.files_removed} successful run(s) over {FILES_KEPT_DAYS} day(s) old"
+            )
         return text + ("; more remain" if self.more else "")
 
 
@@ -121,10 +142,18 @@ def footprint(instance: dg.DagsterInstance, run_id: str, storage: Path | None = 
 def folder_bytes(instance: dg.DagsterInstance, run_id: str, storage: Path | None = None) -> int:
     """Bytes of one run's files: its event database, if it has one, and its `storage/` folder."""
     size = sum(path.stat().st_size for path in event_files(instance, run_id))
-    folder = (storage or Path(instance.storage_directory())) / run_id
-    if folder.is_dir():
-        size += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return size
+    return size + tree_bytes(storage_folder(instance, run_id, storage))
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 if it is not there)."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def storage_folder(instance: dg.DagsterInstance, run_id: str, storage: Path | None = None) -> Path:
+    return (storage or Path(instance.storage_directory())) / run_id
 
 
 def delete_run(instance: dg.DagsterInstance, run_id: str) -> None:
@@ -132,7 +161,7 @@ def delete_run(instance: dg.DagsterInstance, run_id: str) -> None:
     files = event_files(instance, run_id)
     instance.delete_run(run_id)
     instance.compute_log_manager.delete_logs(prefix=[run_id])
-    shutil.rmtree(Path(instance.storage_directory()) / run_id, ignore_errors=True)
+    shutil.rmtree(storage_folder(instance, run_id), ignore_errors=True)
     for path in files:
         path.unlink(missing_ok=True)
 
@@ -176,7 +205,7 @@ def prune(
             cursor=cursor,
         )
         if not records:
-            return done
+            break
         kept = [record.dagster_run for record in records if must_keep(record, keep)]
         doomed = [record.dagster_run for record in records if not must_keep(record, keep)]
         done.kept += len(kept)
@@ -200,3 +229,49 @@ def prune(
             ledger.settle(instance)
             done.bytes += reclaim(instance)
             done.longest_page_s = max(done.longest_page_s, time.monotonic() - started)
+    remove_old_files(instance, done, budget, keep, dry_run=dry_run, page=page, storage=storage)
+    return done
+
+
+def remove_old_files(
+    instance: dg.DagsterInstance,
+    done: Pruned,
+    budget: Budget,
+    keep: set[str],
+    *,
+    dry_run: bool = False,
+    page: int = PAGE,
+    storage: Path | None = None,
+) -> None:
+    """Remove the `storage/` folders of successful runs created over `FILES_KEPT_DAYS` ago.
+
+    The runs in `keep` (each asset's latest materialization) keep theirs. Goes on from
+    `FILES_CURSOR` (the newest such run already done), so each run is visited once.
+    """
+    before = cutoff_for(FILES_KEPT_DAYS)
+    through = read_value(instance, FILES_CURSOR)
+    after = datetime.fromisoformat(through) if through else None
+    while True:
+        if budget.exhausted:
+            done.more = True
+            return
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.SUCCESS], created_before=before, created_after=after
+            ),
+            limit=page,
+            order_by="create_timestamp",
+            ascending=True,
+        )
+        if not records:
+            return
+        for record in records:
+            folder = storage_folder(instance, record.dagster_run.run_id, storage)
+            if record.dagster_run.run_id not in keep and folder.is_dir():
+                done.files_removed += 1
+                done.bytes += tree_bytes(folder)
+                if not dry_run:
+                    shutil.rmtree(folder, ignore_errors=True)
+        after = max(record.create_timestamp for record in records)
+        if not dry_run:
+            write_value(instance, FILES_CURSOR, after.isoformat())
