@@ -16,12 +16,16 @@ attributes used here): after a Dagster upgrade, those tests say what moved.
     `get_next_step` are wrapped so a termination ends a wait for a slot or a retry at once and
     no step starts after it. The wrappers read the run through `_instance_concurrency_context`
     (its `_instance` and `_run_id`) and let a just-claimed slot go with its `free_step`.
-- `slot_storage`: `dagster._core.storage.event_log.SqliteEventLogStorage`, subclassed for the
-  local instance (its constructor, `_base_dir`, `claim_concurrency_slot`,
-  `free_concurrency_slot_for_step`, `free_concurrency_slots_for_run`, and the claim status's
-  `is_claimed`, `enqueued_timestamp` and `with_sleep_interval`) so SQLite hands a pool slot to
-  one process at a time and a waiting step asks again sooner. Named only by the local instance
-  config.
+- `slot_storage`: the local instance's event log. `dagster._core.storage.event_log.
+  ConsolidatedSqliteEventLogStorage` subclassed (its constructor, `_base_dir`, `_init_db`,
+  `get_db_path`, `watch`, `end_watch`, `dispose`) so every run's events go into one database that
+  gives deleted runs' pages back, watched by `SqlPollingEventWatcher`
+  (`dagster._core.storage.event_log.polling_event_watcher`); it and `SqliteEventLogStorage` (for
+  homes written with a database per run) get the same slot locks around `claim_concurrency_slot`,
+  `free_concurrency_slot_for_step` and `free_concurrency_slots_for_run`, reading the claim
+  status's `is_claimed`, `enqueued_timestamp` and `with_sleep_interval`, so SQLite hands a pool
+  slot to one process at a time and a waiting step asks again sooner. Named only by the local
+  instance config.
 - `run_launcher`: what the local run launcher needs besides the public `dg.DefaultRunLauncher`:
   `dagster._core.launcher.LaunchRunContext` (the argument of `launch_run`),
   `dagster._grpc.types.ExecuteRunArgs` (the argument of `dagster api execute_run`),
@@ -30,8 +34,9 @@ attributes used here): after a Dagster upgrade, those tests say what moved.
   run-execution modules the fork server imports ahead. Named only by the local instance config.
 
 - `history_store`: the run storage's key-value store (`get_cursor_values`, `set_cursor_values`)
-  for the retention's ledger, a run's event file on SQLite (`path_for_shard`), and for `history
-  size` the event log's index table (`SqlEventLogStorageTable`). Checked by
+  for the retention's ledger and cursor, a run's event file on SQLite (`path_for_shard`), the
+  event log's table (`SqlEventLogStorageTable`: a run's bytes, and the count for `history size`),
+  and the local event log's `reclaim_space`. Checked by
   `nova_assets_tests/test_internals_history.py`.
 - `storage_identity`: the run storage's id (`get_run_storage_id`), which names an instance's
   suggestion graphs.
