@@ -13,11 +13,13 @@ from nova_assets.internals.history_store import database_bytes, event_count
 class Footprint:
     runs: int
     indexed_events: int
-    """Events in the event log's index: on PostgreSQL every event; on SQLite the index lists the
-    runs' status and asset events, each run's other events sit in the run's own file."""
+    """Events in the event log's table: every event on PostgreSQL and in the local instance's one
+    database; with a database per run, only the status and asset events its index lists."""
     files: int
-    """Files under the instance's folder (on SQLite its databases, one per run, and storage/)."""
+    """Files under the instance's folder (on SQLite its databases, and storage/)."""
     file_bytes: int
+    disk_bytes: int
+    """What the folder takes on disk, as `du` counts it (blocks of its files and folders)."""
     database_bytes: int | None
     """The PostgreSQL database's size; None when the instance stores in files."""
 
@@ -28,7 +30,8 @@ class Footprint:
         lines = [
             f"runs       {self.runs:,}",
             f"events     {self.indexed_events:,} (indexed)",
-            f"files      {self.files:,} ({self.file_bytes / 2**20:,.1f} MiB)",
+            f"files      {self.files:,} ({self.file_bytes / 2**20:,.1f} MiB; "
+            f"{self.disk_bytes / 2**20:,.1f} MiB on disk)",
         ]
         if self.database_bytes is not None:
             lines.append(f"database   {self.database_bytes / 2**20:,.1f} MiB (PostgreSQL)")
@@ -37,11 +40,14 @@ class Footprint:
 
 def footprint_of(instance: dg.DagsterInstance, home: Path | None = None) -> Footprint:
     """The footprint of `instance`, whose folder is `home` (default: the instance's own)."""
-    files = [p for p in (home or Path(instance.root_directory)).rglob("*") if p.is_file()]
+    folder = home or Path(instance.root_directory)
+    entries = [folder, *folder.rglob("*")]
+    files = [p for p in entries if p.is_file()]
     return Footprint(
         runs=instance.get_runs_count(),
         indexed_events=event_count(instance),
         files=len(files),
         file_bytes=sum(p.stat().st_size for p in files),
+        disk_bytes=sum(p.lstat().st_blocks * 512 for p in entries),
         database_bytes=database_bytes(instance),
     )
