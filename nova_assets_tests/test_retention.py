@@ -216,7 +216,9 @@ def test_the_footprint_counts_runs_files_and_bytes_and_drops_with_a_prune(histor
         after = footprint_of(instance)
     assert (before.runs, after.runs) == (6, 3)
     assert after.file_bytes == _du(home) < before.file_bytes
-    on_disk = subprocess.run(["du", "-s", "-B1", str(home)], capture_output=True, text=True)
+    on_disk = subprocess.run(
+        ["du", "-s", "-B1", str(home)], check=True, capture_output=True, text=True
+    )
     assert after.disk_bytes == int(on_disk.stdout.split()[0]) < before.disk_bytes
     assert after.files < before.files and after.indexed_events < before.indexed_events
     assert before.database_bytes is None
