@@ -29,13 +29,16 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import common
@@ -45,7 +48,6 @@ import sensor_ticks
 from nova_assets.core.budget import Budget
 from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import Settings
-from nova_assets.defs.demo import DEMO_TRAFFIC_JOB
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.metrics.state import MetricsState, advance
 from nova_assets.defs.retention import prune as retention
@@ -61,7 +63,6 @@ CHUNK = 10_000
 CATCH_UP_EVALUATIONS = 3
 PROBE_EVERY_S = 0.1
 IDLE_PROBE_S = 5.0
-REAL_RUNS = 4
 
 RUNS_QUERY = """
 query Runs($filter: RunsFilter, $limit: Int) {
@@ -273,15 +274,60 @@ def measure(label: str, runs: int, days: float, log_events: int) -> list[dict]:
     return rows
 
 
-def real_run_bytes() -> dict[str, tuple[int, int]]:
-    """What one run of each job adds to a local instance, on disk: in all, and its folder.
+def _finished_runs(home: Path) -> Counter:
+    """Finished runs of each job in the instance at `home`."""
+    with sqlite3.connect(f"file:{home / 'history' / 'runs.db'}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT pipeline_name, count(*) FROM runs WHERE status IN "
+            "('SUCCESS', 'FAILURE', 'CANCELED') GROUP BY pipeline_name"
+        ).fetchall()
+    return Counter(dict(rows))
 
-    Each job is really run `REAL_RUNS` times (`dagster job execute`, on demo data); the mean of
-    all but the first counts (the first also writes what every later run shares: the job's
-    snapshot, its asset keys).
+
+def _ticks(home: Path) -> Counter:
+    """Ticks in the instance at `home`, by kind (SCHEDULE, SENSOR) and status."""
+    with sqlite3.connect(f"file:{home / 'schedules' / 'schedules.db'}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT type, status, count(*) FROM job_ticks GROUP BY 1, 2").fetchall()
+    return Counter({(kind, status): count for kind, status, count in rows})
+
+
+def _database_bytes(path: Path) -> int:
+    """The bytes of a SQLite database's pages in use, its WAL file's included.
+
+    Its size once checkpointed, whatever a live writer's WAL file holds at the moment.
     """
-    names = [*NAMES, DEMO_TRAFFIC_JOB]
-    added = {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        pages, free, size = (
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+    return (pages - free) * size
+
+
+def _parts(home: Path) -> dict[str, int]:
+    """Bytes of the instance's events, runs and ticks, and its run folders on disk."""
+    return {
+        "events": _database_bytes(home / "history" / "events" / "event_log.db"),
+        "runs": _database_bytes(home / "history" / "runs.db"),
+        "folders": du(home / "storage"),
+        "ticks": _database_bytes(home / "schedules" / "schedules.db"),
+    }
+
+
+def _until(condition, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def make_dev_sample(minutes: float) -> dict:
+    """`dagster dev` on demo data, as `make dev` runs it: what `minutes` of its runs add.
+
+    Measured from the first finished runs on (the instance's first writes, its snapshots and
+    asset keys, are shared by every later run), on a folder of its own with Redis database 15.
+    """
     with tempfile.TemporaryDirectory(dir=common.ROOT / ".nova") as scratch:
         state = Path(scratch)
         home = state / "dagster"
@@ -297,52 +343,83 @@ def real_run_bytes() -> dict[str, tuple[int, int]]:
             subprocess.run(
                 [str(BIN / "nova-assets"), *command], env=env, check=True, capture_output=True
             )
-        command = [str(BIN / "dagster"), "job", "execute", "-m", "nova_assets.definitions"]
-        for name in names:
-            subprocess.run(
-                [*command, "-j", name], env=env, cwd=common.ROOT, check=True, capture_output=True
-            )
-            before = du(home)
-            for _ in range(REAL_RUNS - 1):
-                subprocess.run(
-                    [*command, "-j", name],
-                    env=env,
-                    cwd=common.ROOT,
-                    check=True,
-                    capture_output=True,
-                )
-            with dg.DagsterInstance.from_config(str(home)) as instance:
-                runs = instance.get_runs(dg.RunsFilter(job_name=name), limit=REAL_RUNS - 1)
-            folders = sum(du(home / "storage" / run.run_id) for run in runs)
-            added[name] = ((du(home) - before) // len(runs), folders // len(runs))
-    return added
-
-
-def steady_state(added: dict[str, tuple[int, int]]) -> None:
-    """A week of runs at make dev's cadence and at production's, at the bytes measured.
-
-    A successful run's folder (compute logs) stays a day (`FILES_KEPT_DAYS`), the rest the week.
-    """
-    per_day = {spec.name: DAY_S / spec.interval_sec for spec in SPECS}
-    per_day[DEMO_TRAFFIC_JOB] = DAY_S / 60
-    kept = {
-        name: per_day[name] * ((size - folder) * RETENTION_DAYS + folder * FILES_KEPT_DAYS)
-        for name, (size, folder) in added.items()
-    }
-    production = sum(kept[name] for name in NAMES)
-    local = production + kept[DEMO_TRAFFIC_JOB]
-    print("\n| job | bytes a run, on disk | of which its folder | runs a day | kept a week (MB) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (size, folder) in added.items():
-        print(
-            f"| {name} | {size:,} | {folder:,} | {per_day[name]:,.0f} | {kept[name] / 1e6:,.0f} |"
+        server = subprocess.Popen(
+            [
+                *(str(BIN / "dagster"), "dev", "-w", str(common.ROOT / "workspace.yaml")),
+                *("--host", "127.0.0.1", "--port", str(_free_port())),
+            ],
+            env=env,
+            cwd=home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        try:
+            _until(lambda: sum(_finished_runs(home).values()) >= 3, "the first runs", 300)
+            runs_before, ticks_before, parts_before = (
+                _finished_runs(home),
+                _ticks(home),
+                _parts(home),
+            )
+            started = time.monotonic()
+            time.sleep(minutes * 60)
+            runs_after, ticks_after, parts_after = _finished_runs(home), _ticks(home), _parts(home)
+            seconds = time.monotonic() - started
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+    runs = runs_after - runs_before
+    return {
+        "minutes": seconds / 60,
+        "runs": runs,
+        "ticks": ticks_after - ticks_before,
+        "bytes": {name: parts_after[name] - parts_before[name] for name in parts_after},
+    }
+
+
+def steady_state(sample: dict) -> None:
+    """A week of `make dev` at the bytes a run and a tick took in the sample, and the retention.
+
+    Runs at the schedules' cadence (the five jobs and the demo's every minute), ticks at the
+    sample's rate.
+
+    Runs stay `RUN_RETENTION_DAYS`, a successful run's folder `FILES_KEPT_DAYS`; skipped sensor
+    ticks a day, other ticks a week (dagster.yaml's `retention:`).
+    """
+    runs = sum(sample["runs"].values())
+    per_day = DAY_S / (sample["minutes"] * 60)
+    runs_a_day = sum(DAY_S / spec.interval_sec for spec in SPECS) + DAY_S / 60  # and the demo's
+    added = sample["bytes"]
+    run_bytes = (added["events"] + added["runs"]) / runs
+    folder_bytes = added["folders"] / runs
+    ticks = sample["ticks"]
+    tick_bytes = added["ticks"] / max(1, sum(ticks.values()))
+    tick_days = sum(
+        count * (1 if (kind, status) == ("SENSOR", "SKIPPED") else RETENTION_DAYS)
+        for (kind, status), count in ticks.items()
+    )
+    week_runs = runs_a_day * (run_bytes * RETENTION_DAYS + folder_bytes * FILES_KEPT_DAYS)
+    week_ticks = tick_days * per_day * tick_bytes
+    total = week_runs + week_ticks
+    by_job = ", ".join(f"{name} {count}" for name, count in sorted(sample["runs"].items()))
     print(
-        f"\nRuns at the default retention ({RETENTION_DAYS} d; folders {FILES_KEPT_DAYS} d): "
-        f"{local / 1e9:.2f} GB at make dev's cadence "
-        f"({sum(per_day.values()):,.0f} runs a day; target < 2 GB: "
-        f"{'met' if local < 2e9 else 'missed'}), {production / 1e9:.2f} GB without the demo "
-        f"traffic (production's {sum(per_day[name] for name in NAMES):,.0f} runs a day)."
+        f"\n`make dev` for {sample['minutes']:.1f} min: {runs} runs ({by_job}), "
+        f"{sum(ticks.values())} ticks.\n"
+    )
+    print("| a run or tick, on disk | bytes | kept | a week's steady state (GB) |")
+    print("|---|---:|---|---:|")
+    print(
+        f"| a run's events and row | {run_bytes:,.0f} | {RETENTION_DAYS} d "
+        f"| {runs_a_day * run_bytes * RETENTION_DAYS / 1e9:.2f} |"
+    )
+    print(
+        f"| a run's folder (compute logs) | {folder_bytes:,.0f} | {FILES_KEPT_DAYS} d "
+        f"| {runs_a_day * folder_bytes * FILES_KEPT_DAYS / 1e9:.2f} |"
+    )
+    print(f"| a tick | {tick_bytes:,.0f} | 1 d skipped, else 7 d | {week_ticks / 1e9:.2f} |")
+    print(
+        f"\nSteady state at the defaults: {total / 1e9:.2f} GB for {runs_a_day:,.0f} runs "
+        f"a day (target < 2 GB: {'met' if total < 2e9 else 'missed'})."
     )
 
 
@@ -351,9 +428,10 @@ def main() -> None:
     parser.add_argument("--day", type=int, default=3_300)
     parser.add_argument("--month", type=int, default=100_000)
     parser.add_argument("--year", type=int, default=1_200_000)
+    parser.add_argument("--make-dev-minutes", type=float, default=10.0)
     args = parser.parse_args()
     print("\n## Run history over time: kept, and after the run retention\n")
-    steady_state(real_run_bytes())
+    steady_state(make_dev_sample(args.make_dev_minutes))
     print(
         "\n| history | runs | size (MiB) | `health` (s) | metrics rebuild (s) "
         "| runs page (ms) | asset catalog (ms) | slowest sensor evaluation (s) |"
