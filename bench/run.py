@@ -25,6 +25,7 @@ FAMILIES = (
     "kafka_cluster.py",
     "scale.py",
     "tick_to_fresh.py",
+    "history.py",
 )
 # Unbuffered, so a family's lines reach the terminal as it prints them rather than when it exits;
 # in UTF-8, as the record is written (the tables print "≤" and "→").

@@ -14,7 +14,7 @@ from nova_assets.core.jobs import job_specs
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.retention.prune import cutoff_for, prune
 
-RETENTION_BUDGET_S = 10.0
+RETENTION_BUDGET_S = 4.0
 """At most this long an evaluation (and never more than the sensor budget): the retention shares
 the instance with every tick, and on a small host its CPU with the runs."""
 RETENTION_INTERVAL_S = 30
