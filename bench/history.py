@@ -439,7 +439,11 @@ def make_dev_sample(minutes: float) -> dict:
             seconds = time.monotonic() - started
         finally:
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a run still going holds it up: the rest goes too
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=60)
     runs = runs_after - runs_before
     return {
         "minutes": seconds / 60,
