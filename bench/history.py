@@ -549,15 +549,15 @@ def main() -> None:
                 f"| {row['days_to_catch_up']:.2f} | {row['longest_page_s']:.2f} "
                 f"| {row['tick_idle_s']:.3f} | {row['tick_busy_s']:.3f} |"
             )
-    day, year = rows[0], rows[-1]
-    slowest_year = max(
-        times[1] for row in rows if "a year" in row["history"] for times in row["sensors"].values()
-    )
+    day, year = rows[0], rows[-1]  # a day's history; a year, retained
+    # The targets are judged on a year of operation, that is with the retention at work.
+    year_retained = next(row for row in rows if row["history"].startswith("a year, retained"))
+    slowest_year = max(max(times) for times in year_retained["sensors"].values())
     delay = max((row["tick_busy_s"] for row in rows if "rate" in row), default=float("nan"))
     print(
         f"\n`health`, a year retained vs a day: {year['health_s'] / day['health_s']:.2f}x "
         f"(target ≤ 1.2x: {'met' if year['health_s'] <= 1.2 * day['health_s'] else 'missed'}); "
-        f"slowest sensor evaluation with its cursor at a year {slowest_year:.2f} s (target < 5 s: "
+        f"slowest sensor evaluation at a year, retained {slowest_year:.2f} s (target < 5 s: "
         f"{'met' if slowest_year < 5 else 'missed'}); longest tick write while the retention "
         f"deletes {delay:.2f} s (target ≤ 1 s: {'met' if delay <= 1 else 'missed'})."
     )

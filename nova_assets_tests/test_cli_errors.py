@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta, timezone
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], int, st
     write_instance(with_instance / "dagster", 5)
     nova = str(with_instance)
     return {
+        # First: it waits out the Kafka client's metadata timeout (10 s) while the others run.
+        "dlq list: broker down": (
+            ["dlq", "list"],
+            {"KAFKA_BROKERS": "127.0.0.1:1"},
+            1,
+            "cannot read the topic 'jobs-dlq' from 127.0.0.1:1",
+        ),
         "no command": ([], {}, 2, "the following arguments are required: command"),
         "unknown command": (["bogus"], {}, 2, "invalid choice: 'bogus'"),
         "services: unknown action": (["services", "restart"], {}, 2, "invalid choice: 'restart'"),
@@ -91,12 +99,6 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], int, st
         "history prune: no instance": (["history", "prune"], {}, 2, "no Dagster instance in"),
         "dlq: unknown action": (["dlq", "purge"], {}, 2, "invalid choice: 'purge'"),
         "dlq list: limit 0": (["dlq", "list", "--limit", "0"], {}, 2, "a whole number from 1"),
-        "dlq list: broker down": (
-            ["dlq", "list"],
-            {"KAFKA_BROKERS": "127.0.0.1:1"},
-            1,
-            "cannot read the topic 'jobs-dlq' from 127.0.0.1:1",
-        ),
         "dlq replay: no run id": (["dlq", "replay"], {}, 2, "needs the failed run's id"),
         "dlq replay: no instance": (["dlq", "replay", "abc"], {}, 2, "does not exist"),
         "dlq replay: unknown run": (
@@ -108,24 +110,26 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], int, st
     }
 
 
+AT_ONCE = 3
+"""Commands running at a time: one waiting on a dead broker, two for the two cores' imports.
+
+Every command imports Dagster (about a second of CPU), so more at once only share the cores.
+"""
+
+
 def _run_side_by_side(
     runs: dict[str, tuple[list[str], dict[str, str]]],
 ) -> dict[str, subprocess.CompletedProcess]:
-    started = {
-        name: subprocess.Popen(
-            [COMMAND, *argv],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    """Runs each command in its own process, `AT_ONCE` at a time, in the order given."""
+
+    def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [COMMAND, *argv], env=env, capture_output=True, text=True, timeout=180, check=False
         )
-        for name, (argv, env) in runs.items()
-    }
-    done = {}
-    for name, process in started.items():
-        out, err = process.communicate(timeout=180)
-        done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
-    return done
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        started = {name: pool.submit(run, argv, env) for name, (argv, env) in runs.items()}
+        return {name: future.result() for name, future in started.items()}
 
 
 def _environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
