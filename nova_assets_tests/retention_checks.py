@@ -106,7 +106,7 @@ def check_the_retention(
     assert deleted, "no old run was deleted"
     gone = [path for run_id in deleted for path in aged["files"].get(run_id, [])]
     if "DAGSTER_POSTGRES_URL" not in env:
-        # Local instance: each deleted run's event database and storage folder are gone too.
+        # Local instance: each deleted run's storage folder is gone too.
         assert gone and not any(path.exists() for path in gone), gone
     with instance_of(home, env) as instance:
         keys = instance.get_asset_keys()
