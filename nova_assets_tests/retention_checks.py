@@ -1,7 +1,7 @@
 """The run retention under a real daemon, checked at the end of an end-to-end test's `dagster dev`.
 
 The runs the daemon made are moved ten days back in the instance (a test may), beside a failed run
-not delivered to the DLQ and a run not started, both as old; then the daemon's `run_retention`
+not delivered to the DLQ and a run in progress, both as old; then the daemon's `run_retention`
 sensor must delete the old finished runs with their files and keep those two and the run of each
 asset's latest materialization, which the UI's asset page still shows.
 """
@@ -56,20 +56,22 @@ def _size(paths: list[Path]) -> int:
 
 
 def age_the_history(instance: dg.DagsterInstance) -> dict[str, Any]:
-    """Move every finished run ten days back; add an old undelivered failure and unstarted run."""
+    """Move every finished run ten days back; add an old undelivered failure and run in progress."""
     when = datetime.fromtimestamp(time.time() - AGE_S, UTC).replace(tzinfo=None)
     # A job of no code location here: the DLQ publisher leaves it, so its delivery stays
     # unrecorded (a failure of ours would be delivered within seconds, and then may go).
     failed = dg.DagsterRun(
         job_name="a_job_elsewhere", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.FAILURE
     )
-    waiting = dg.DagsterRun(
-        job_name="trending_1h", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.NOT_STARTED
+    # In progress, with no start time and no worker of ours: run monitoring and `orphaned_runs`
+    # leave it alone (a run NOT_STARTED this old, monitoring would fail for its start timeout).
+    running = dg.DagsterRun(
+        job_name="trending_1h", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED
     )
     instance.add_run(failed)
-    instance.add_run(waiting)
+    instance.add_run(running)
     finished = [run.run_id for run in instance.get_runs(dg.RunsFilter(statuses=FINISHED))]
-    aged = [*finished, waiting.run_id]
+    aged = [*finished, running.run_id]
     with instance.run_storage.connect() as conn:  # type: ignore[attr-defined]
         conn.execute(
             db.text(
@@ -79,7 +81,7 @@ def age_the_history(instance: dg.DagsterInstance) -> dict[str, Any]:
             {"when": when, "ids": aged},
         )
     files = {run_id: _files_of(instance, run_id) for run_id in finished}
-    return {"aged": set(aged), "failed": failed.run_id, "waiting": waiting.run_id, "files": files}
+    return {"aged": set(aged), "failed": failed.run_id, "running": running.run_id, "files": files}
 
 
 def check_the_retention(
@@ -97,11 +99,11 @@ def check_the_retention(
         with instance_of(home, env) as instance:
             left = {run.run_id for run in instance.get_runs()} & aged["aged"]
             keep = latest_materialization_runs(instance)
-        expected = keep | {aged["failed"], aged["waiting"]}
+        expected = keep | {aged["failed"], aged["running"]}
         return left if left <= expected else None
 
     left = poll("the daemon's retention deleting the old runs", pruned, log, timeout_s=120)
-    assert {aged["failed"], aged["waiting"]} <= left, (aged["failed"], aged["waiting"], left)
+    assert {aged["failed"], aged["running"]} <= left, (aged["failed"], aged["running"], left)
     deleted = aged["aged"] - left - {aged["failed"]}
     assert deleted, "no old run was deleted"
     gone = [path for run_id in deleted for path in aged["files"].get(run_id, [])]
