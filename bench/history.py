@@ -55,8 +55,9 @@ from nova_assets.core.settings import Settings
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.metrics.state import MetricsState, advance
 from nova_assets.defs.retention import prune as retention
-from nova_assets.defs.retention.prune import FILES_KEPT_DAYS
+from nova_assets.defs.retention.prune import DETAIL_EVENTS, DETAIL_KEPT_DAYS
 from nova_assets.defs.retention.sensor import RETENTION_BUDGET_S, RETENTION_INTERVAL_S
+from nova_assets.internals.history_store import delete_events
 from nova_assets.local.stack import StackConfig, down, up
 from nova_assets_tests.history import FinishedRun, add_history, history_instance
 
@@ -360,6 +361,12 @@ def _finished_runs(home: Path) -> Counter:
     return Counter(dict(rows))
 
 
+def _run_ids(home: Path) -> set[str]:
+    """The ids of every run in the instance at `home`."""
+    with sqlite3.connect(f"file:{home / 'history' / 'runs.db'}?mode=ro", uri=True) as conn:
+        return {run_id for (run_id,) in conn.execute("SELECT run_id FROM runs")}
+
+
 def _ticks(home: Path) -> Counter:
     """Ticks in the instance at `home`, by kind (SCHEDULE, SENSOR) and status."""
     with sqlite3.connect(f"file:{home / 'schedules' / 'schedules.db'}?mode=ro", uri=True) as conn:
@@ -437,6 +444,7 @@ def make_dev_sample(minutes: float) -> dict:
                 _ticks(home),
                 _parts(home),
             )
+            earlier = _run_ids(home)
             started = time.monotonic()
             time.sleep(minutes * 60)
             runs_after, ticks_after, parts_after = _finished_runs(home), _ticks(home), _parts(home)
@@ -448,12 +456,21 @@ def make_dev_sample(minutes: float) -> dict:
             except subprocess.TimeoutExpired:  # a run still going holds it up: the rest goes too
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=60)
+        # What the retention leaves of them after a day: their detail events gone.
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            for record in instance.get_run_records(
+                dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS])
+            ):
+                if record.dagster_run.run_id not in earlier:
+                    delete_events(instance, record.dagster_run.run_id, DETAIL_EVENTS)
+        parts_thinned = _parts(home)
     runs = runs_after - runs_before
     return {
         "minutes": seconds / 60,
         "runs": runs,
         "ticks": ticks_after - ticks_before,
         "bytes": {name: parts_after[name] - parts_before[name] for name in parts_after},
+        "thinned_events": parts_thinned["events"] - parts_before["events"],
     }
 
 
@@ -463,14 +480,17 @@ def steady_state(sample: dict) -> None:
     Runs at the schedules' cadence (the five jobs and the demo's every minute), ticks at the
     sample's rate.
 
-    Runs stay `RUN_RETENTION_DAYS`, a successful run's folder `FILES_KEPT_DAYS`; skipped sensor
-    ticks a day, other ticks a week (dagster.yaml's `retention:`).
+    Runs stay `RUN_RETENTION_DAYS`, a successful run's folder and detail events
+    `DETAIL_KEPT_DAYS` (the sample's runs weighed again without them, as its pages in use: what
+    deleting rows leaves of pages shared with kept rows counts); skipped sensor ticks a day,
+    other ticks a week (dagster.yaml's `retention:`).
     """
     runs = sum(sample["runs"].values())
     per_day = DAY_S / (sample["minutes"] * 60)
     runs_a_day = sum(DAY_S / spec.interval_sec for spec in SPECS) + DAY_S / 60  # and the demo's
     added = sample["bytes"]
     run_bytes = (added["events"] + added["runs"]) / runs
+    thinned_bytes = (sample["thinned_events"] + added["runs"]) / runs
     folder_bytes = added["folders"] / runs
     ticks = sample["ticks"]
     tick_bytes = added["ticks"] / max(1, sum(ticks.values()))
@@ -478,7 +498,10 @@ def steady_state(sample: dict) -> None:
         count * (1 if (kind, status) == ("SENSOR", "SKIPPED") else RETENTION_DAYS)
         for (kind, status), count in ticks.items()
     )
-    week_runs = runs_a_day * (run_bytes * RETENTION_DAYS + folder_bytes * FILES_KEPT_DAYS)
+    thinned_days = RETENTION_DAYS - DETAIL_KEPT_DAYS
+    week_runs = runs_a_day * (
+        (run_bytes + folder_bytes) * DETAIL_KEPT_DAYS + thinned_bytes * thinned_days
+    )
     week_ticks = tick_days * per_day * tick_bytes
     total = week_runs + week_ticks
     by_job = ", ".join(f"{name} {count}" for name, count in sorted(sample["runs"].items()))
@@ -489,12 +512,16 @@ def steady_state(sample: dict) -> None:
     print("| a run or tick, on disk | bytes | kept | a week's steady state (GB) |")
     print("|---|---:|---|---:|")
     print(
-        f"| a run's events and row | {run_bytes:,.0f} | {RETENTION_DAYS} d "
-        f"| {runs_a_day * run_bytes * RETENTION_DAYS / 1e9:.2f} |"
+        f"| a run's events and row, whole | {run_bytes:,.0f} | {DETAIL_KEPT_DAYS} d "
+        f"| {runs_a_day * run_bytes * DETAIL_KEPT_DAYS / 1e9:.2f} |"
     )
     print(
-        f"| a run's folder (compute logs) | {folder_bytes:,.0f} | {FILES_KEPT_DAYS} d "
-        f"| {runs_a_day * folder_bytes * FILES_KEPT_DAYS / 1e9:.2f} |"
+        f"| a run's events and row, without its detail | {thinned_bytes:,.0f} "
+        f"| {thinned_days} d more | {runs_a_day * thinned_bytes * thinned_days / 1e9:.2f} |"
+    )
+    print(
+        f"| a run's folder (compute logs) | {folder_bytes:,.0f} | {DETAIL_KEPT_DAYS} d "
+        f"| {runs_a_day * folder_bytes * DETAIL_KEPT_DAYS / 1e9:.2f} |"
     )
     print(f"| a tick | {tick_bytes:,.0f} | 1 d skipped, else 7 d | {week_ticks / 1e9:.2f} |")
     print(

@@ -9,9 +9,12 @@ Markers follow the fixtures: a test that takes a fixture of `SERVICE_FIXTURES` i
 the tests that need no service and nobody has to remember a marker.
 """
 
+import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -22,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import redis
+import sqlalchemy
 from confluent_kafka.admin import AdminClient, NewTopic
 from redis.crc import key_slot
 
@@ -181,6 +185,49 @@ class GateProxy:
         finally:
             for sock in (source, sink):
                 sock.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory, service_binaries: None
+) -> Iterator[str]:
+    """A PostgreSQL of the tests' own; its URL.
+
+    Its data lives outside the root-only pytest folder, for the `postgres` user.
+    """
+    [port] = free_ports(1)
+    data = Path(tempfile.mkdtemp(prefix="nova-tests-pg-"))
+    data.rmdir()  # the stack creates it for the `postgres` user
+    config = StackConfig(
+        state_dir=tmp_path_factory.mktemp("pg-stack"), postgres_port=port, postgres_dir=data
+    )
+    up(config, services=("postgres",))
+    try:
+        yield config.postgres_url
+    finally:
+        down(config, services=("postgres",))
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """The URL of a database of the test's own on the tests' PostgreSQL."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{postgres_server.rsplit('/', 1)[0]}/{name}"
+
+
+def postgres_home(path: Path, url: str) -> str:
+    """A Dagster home at `path` storing everything in the PostgreSQL at `url`."""
+    path.mkdir()
+    (path / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\n"
+        f"storage:\n  postgres:\n    postgres_url: {json.dumps(url)}\n"
+    )
+    return str(path)
 
 
 @pytest.fixture(scope="session")

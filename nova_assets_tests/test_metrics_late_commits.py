@@ -9,15 +9,10 @@ ids the recheck keeps to count nothing twice are bounded, and none it forgets co
 """
 
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
-import pytest
 import sqlalchemy
 
 from nova_assets.core.budget import Budget
@@ -27,37 +22,10 @@ from nova_assets.defs.metrics.reading import COMMIT_WINDOW_S, RECENT_LIMIT, Late
 from nova_assets.defs.metrics.recount import compute_job_metrics
 from nova_assets.defs.metrics.state import MetricsState, advance
 from nova_assets.internals.storage_identity import storage_id
-from nova_assets.local.stack import StackConfig, down, up
-from nova_assets_tests.conftest import free_ports
+from nova_assets_tests.conftest import postgres_home
 from nova_assets_tests.test_metrics_budget import _started_run
 
 SPECS = job_specs(Settings.from_env({}))
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory, service_binaries: None) -> Iterator[str]:
-    """A PostgreSQL of the module's own; its data lives outside the root-only pytest folder."""
-    [port] = free_ports(1)
-    data = Path(tempfile.mkdtemp(prefix="nova-metrics-pg-"))
-    data.rmdir()  # the stack creates it for the `postgres` user
-    config = StackConfig(
-        state_dir=tmp_path_factory.mktemp("pg-stack"), postgres_port=port, postgres_dir=data
-    )
-    up(config, services=("postgres",))
-    try:
-        yield config.postgres_url
-    finally:
-        down(config, services=("postgres",))
-        shutil.rmtree(data, ignore_errors=True)
-
-
-def _postgres_home(path: Path, url: str) -> str:
-    path.mkdir()
-    (path / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n"
-        f"storage:\n  postgres:\n    postgres_url: {json.dumps(url)}\n"
-    )
-    return str(path)
 
 
 def _success(run: dg.DagsterRun) -> dg.EventLogEntry:
@@ -76,7 +44,7 @@ def _successes(state: MetricsState) -> dict[str, int]:
 
 
 def test_an_event_committed_after_a_higher_id_was_read_is_counted_once(tmp_path, postgres_url):
-    home = _postgres_home(tmp_path / "home", postgres_url)
+    home = postgres_home(tmp_path / "home", postgres_url)
     engine = sqlalchemy.create_engine(postgres_url)
     with dg.DagsterInstance.from_config(home) as instance:
         early = _started_run(instance, "trending_1h")

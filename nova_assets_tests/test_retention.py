@@ -21,6 +21,7 @@ from nova_assets.core.budget import Budget
 from nova_assets.core.settings import load_settings
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE, UNDELIVERABLE_TAG
 from nova_assets.defs.retention.ledger import Ledger, retired_totals
+from nova_assets.defs.retention.prune import DETAIL_EVENTS as PRUNED_DETAIL
 from nova_assets.defs.retention.prune import cutoff_for, prune
 from nova_assets.defs.retention.sensor import run_retention
 from nova_assets.defs.retention.size import footprint_of
@@ -152,27 +153,52 @@ def test_on_a_home_with_a_database_per_run_the_run_s_file_goes_too(tmp_path):
     assert not own_file.exists()
 
 
-def test_a_successful_run_s_files_go_after_a_day_and_the_run_stays(history, tmp_path):
+def _event_types(instance: dg.DagsterInstance, run_id: str) -> set[str]:
+    """The types of a run's stored events, "log" for a plain log line."""
+    return {
+        entry.dagster_event.event_type_value if entry.dagster_event else "log"
+        for entry in instance.all_logs(run_id)
+    }
+
+
+def test_a_successful_run_s_detail_goes_after_a_day_and_the_run_stays(history, tmp_path):
     home = _copy(history[0], tmp_path / "home")
     runs = history[1]
     _age(home, list(runs.values()), days=2)
     folders = {name: home / "storage" / run_id for name, run_id in runs.items()}
     assert all(folders[name].is_dir() for name in ("pair_0", "pair_1", "pair_2", "delivered"))
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        before = {name: _event_types(instance, run_id) for name, run_id in runs.items()}
         dry = prune(instance, JOBS, cutoff_for(7), Budget(20), dry_run=True)
         assert all(folders[name].is_dir() for name in ("pair_0", "pair_1"))
+        assert _event_types(instance, runs["pair_0"]) == before["pair_0"]
         done = prune(instance, JOBS, cutoff_for(7), Budget(20))
         again = prune(instance, JOBS, cutoff_for(7), Budget(20))
         left = {run.run_id for run in instance.get_runs()}
+        after = {name: _event_types(instance, run_id) for name, run_id in runs.items()}
+        materialized = instance.get_latest_materialization_event(dg.AssetKey("pair"))
     assert left == set(runs.values())
-    assert (dry.files_removed, done.files_removed, again.files_removed) == (2, 2, 0)
-    assert done.deleted == 0 and done.bytes == dry.bytes > 0
-    assert "removed the files of 2 successful run(s) over 1 day(s) old" in done.summary()
-    # The old successes lose their folders; the latest materialization's run and the failures
-    # keep theirs.
+    assert (dry.thinned, done.thinned, again.thinned) == (2, 2, 0)
+    assert done.deleted == 0 and dry.bytes > 20_000 and done.bytes > 10_000
+    assert (
+        "removed the compute logs and detail events of 2 successful run(s) over 1 day(s) old"
+        in done.summary()
+    )
+    # The old successes lose their folders and their detail events: what stays is what the
+    # metrics, the DLQ and the UI's run and asset pages read.
     assert not folders["pair_0"].exists() and not folders["pair_1"].exists()
+    kinds = dg.DagsterEventType
+    kept = {kinds.RUN_START.value, kinds.RUN_SUCCESS.value, kinds.STEP_START.value}
+    kept |= {kinds.STEP_SUCCESS.value, kinds.ASSET_MATERIALIZATION.value}
+    for name in ("pair_0", "pair_1"):
+        assert {"log", kinds.STEP_OUTPUT.value, kinds.ENGINE_EVENT.value} <= before[name]
+        assert kept <= after[name] and not after[name] & (PRUNED_DETAIL | {"log"})
+    # The latest materialization's run and the failures keep all of theirs.
     assert (folders["pair_2"] / "pair.numbers" / "result").is_file()
     assert folders["delivered"].is_dir() and folders["undelivered"].is_dir()
+    for name in ("pair_2", "delivered", "undelivered"):
+        assert after[name] == before[name]
+    assert materialized is not None and materialized.run_id == runs["pair_2"]
 
 
 def test_runs_inside_the_retention_stay(history, tmp_path):

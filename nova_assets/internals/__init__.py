@@ -35,8 +35,9 @@ attributes used here): after a Dagster upgrade, those tests say what moved.
 
 - `history_store`: the run storage's key-value store (`get_cursor_values`, `set_cursor_values`)
   for the retention's ledger and cursor, a run's event file on SQLite (`path_for_shard`), the
-  event log's table (`SqlEventLogStorageTable`: a run's bytes, and the count for `history size`),
-  and the local event log's `reclaim_space`. Checked by
+  event log's table (`SqlEventLogStorageTable`: a run's bytes, the deletion of a successful run's
+  detail events through `run_connection`, and the count for `history size`), and the local event
+  log's `reclaim_space`. Checked by
   `nova_assets_tests/test_internals_history.py`.
 - `storage_identity`: the run storage's id (`get_run_storage_id`), which names an instance's
   suggestion graphs.

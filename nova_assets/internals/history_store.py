@@ -9,6 +9,10 @@
   `delete_run` empties a run's database file but leaves the file, about 160 kB a run. On the
   local instance's single event database (`slot_storage.LocalEventLogStorage`), the bytes of a
   run's events (`SqlEventLogStorageTable`) and the pages its deletion frees (`reclaim_space`).
+- A successful run's detail events, removed a day after the run (`delete_events`): the rows of
+  `SqlEventLogStorageTable` of given types, through the storage's `run_connection(run_id)` (the
+  one database on the local instance and PostgreSQL, the run's own file on a home with a database
+  per run). Dagster has no public call that deletes some of a run's events.
 - For `nova-assets history size`: the number of stored events (`SqlEventLogStorageTable`, read
   through the storage's `index_connection()`), and on PostgreSQL the database's size (through the
   run storage's `connect()`).
@@ -18,6 +22,7 @@ has no per-run files) simply has nothing to remove; `nova_assets_tests/test_inte
 that the SQLite storage still has both.
 """
 
+from collections.abc import Collection
 from pathlib import Path
 
 import dagster as dg
@@ -55,6 +60,31 @@ def event_bytes(instance: dg.DagsterInstance, run_id: str) -> int:
             SqlEventLogStorageTable.c.run_id == run_id
         )
         return int(conn.execute(query).scalar() or 0)
+
+
+def delete_events(
+    instance: dg.DagsterInstance, run_id: str, types: Collection[str], *, dry_run: bool = False
+) -> int:
+    """Delete one run's events of `types` (`DagsterEventType` values) and its plain log lines.
+
+    Returns the bytes of their serialized entries; dry, deletes nothing. None of these types is
+    an asset event, so the asset index and its tags are left as they are.
+    """
+    table = SqlEventLogStorageTable
+    chosen = db.and_(
+        table.c.run_id == run_id,
+        db.or_(table.c.dagster_event_type.in_(list(types)), table.c.dagster_event_type.is_(None)),
+    )
+    with instance.event_log_storage.run_connection(run_id) as conn:  # type: ignore[attr-defined]
+        size = int(
+            conn.execute(
+                db.select(db.func.sum(db.func.length(table.c.event))).where(chosen)
+            ).scalar()
+            or 0
+        )
+        if not dry_run:
+            conn.execute(table.delete().where(chosen))
+    return size
 
 
 def reclaim(instance: dg.DagsterInstance) -> int:

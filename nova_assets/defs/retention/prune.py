@@ -11,9 +11,11 @@ event database give the freed pages back after each page of runs, so the disk sp
   replays it with its run config);
 - a run not finished (queued, starting, in progress, canceling).
 
-A successful run's files (its compute logs: the lines its event log holds too) go after
-`FILES_KEPT_DAYS`, its run and events staying for the whole retention; a failed run keeps them as
-long as the run.
+A successful run's detail goes after `DETAIL_KEPT_DAYS`: its files (compute logs) and the events
+that only say how it went (`DETAIL_EVENTS`: outputs handled, resources started, engine events,
+log lines). Its record stays for the whole retention with what the UI and the metrics read: its
+status changes, step starts and successes, materializations, checks and planned events. A failed
+run keeps all of it as long as the run.
 
 What is deleted first goes into the ledger (`ledger.py`): the job totals its runs counted for, so
 the counters never go down, and the ids about to go, so a prune cut short by a crash finishes
@@ -35,6 +37,7 @@ from nova_assets.core.jobs import COUNTS_FOR_PREFIX
 from nova_assets.defs.dlq.writing import DELIVERED_TAG, DELIVERED_VALUE
 from nova_assets.defs.retention.ledger import Ledger, Retired
 from nova_assets.internals.history_store import (
+    delete_events,
     event_bytes,
     event_files,
     read_value,
@@ -50,10 +53,29 @@ FINISHED = [
 PAGE = 20
 """Runs read, judged and deleted at a time: the ledger is written once per page, and the budget
 checked between pages (a page of the local instance takes about 0.5 s to delete)."""
-FILES_KEPT_DAYS = 1
-"""How long a successful run keeps its files under `storage/` (compute logs)."""
-FILES_CURSOR = "nova/retention/files_through"
-"""The creation time (ISO) of the newest successful run whose files are already removed."""
+DETAIL_KEPT_DAYS = 1
+"""How long a successful run keeps its detail: its files under `storage/` and `DETAIL_EVENTS`."""
+DETAIL_EVENTS = frozenset(
+    event_type.value
+    for event_type in (
+        dg.DagsterEventType.STEP_OUTPUT,
+        dg.DagsterEventType.STEP_INPUT,
+        dg.DagsterEventType.LOADED_INPUT,
+        dg.DagsterEventType.HANDLED_OUTPUT,
+        dg.DagsterEventType.ENGINE_EVENT,
+        dg.DagsterEventType.RESOURCE_INIT_STARTED,
+        dg.DagsterEventType.RESOURCE_INIT_SUCCESS,
+        dg.DagsterEventType.RESOURCE_INIT_FAILURE,
+        dg.DagsterEventType.STEP_WORKER_STARTING,
+        dg.DagsterEventType.STEP_WORKER_STARTED,
+        dg.DagsterEventType.LOGS_CAPTURED,
+    )
+)
+"""A successful run's events that go with its detail, plain log lines with them: about two
+thirds of a run's event bytes (docs/decisions.md). None is read by the metrics, the DLQ or the
+UI's asset pages; `LOGS_CAPTURED` points at the compute logs removed at the same time."""
+DETAIL_CURSOR = "nova/retention/detail_through"
+"""The creation time (ISO) of the newest successful run whose detail is already removed."""
 
 
 @dataclass
@@ -68,8 +90,8 @@ class Pruned:
     by_job: Counter[tuple[str, str]] = field(default_factory=Counter)
     longest_page_s: float = 0.0
     """The longest a page took to record and delete: the most one prune holds back other work."""
-    files_removed: int = 0
-    """Successful runs past `FILES_KEPT_DAYS` whose files were removed (the runs stay)."""
+    thinned: int = 0
+    """Successful runs past `DETAIL_KEPT_DAYS` whose detail was removed (the runs stay)."""
 
     def summary(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
@@ -77,10 +99,10 @@ class Pruned:
             f"{verb} {self.deleted} run(s) ({_mib(self.bytes)} on disk), kept {self.kept} "
             "past the retention (latest materializations, undelivered failures)"
         )
-        if self.files_removed:
+        if self.thinned:
             text += (
-                f"; {'would remove' if dry_run else 'removed'} the files of "
-                f"{self.files_removed} successful run(s) over {FILES_KEPT_DAYS} day(s) old"
+                f"; {'would remove' if dry_run else 'removed'} the compute logs and detail events "
+                f"of {self.thinned} successful run(s) over {DETAIL_KEPT_DAYS} day(s) old"
             )
         return text + ("; more remain" if self.more else "")
 
@@ -230,11 +252,11 @@ def prune(
             ledger.settle(instance)
             done.bytes += reclaim(instance)
             done.longest_page_s = max(done.longest_page_s, time.monotonic() - started)
-    remove_old_files(instance, done, budget, keep, dry_run=dry_run, page=page, storage=storage)
+    remove_old_detail(instance, done, budget, keep, dry_run=dry_run, page=page, storage=storage)
     return done
 
 
-def remove_old_files(
+def remove_old_detail(
     instance: dg.DagsterInstance,
     done: Pruned,
     budget: Budget,
@@ -244,13 +266,14 @@ def remove_old_files(
     page: int = PAGE,
     storage: Path | None = None,
 ) -> None:
-    """Remove the `storage/` folders of successful runs created over `FILES_KEPT_DAYS` ago.
+    """Remove the detail of successful runs created over `DETAIL_KEPT_DAYS` ago.
 
-    The runs in `keep` (each asset's latest materialization) keep theirs. Goes on from
-    `FILES_CURSOR` (the newest such run already done), so each run is visited once.
+    Their `storage/` folders and their `DETAIL_EVENTS`. The runs in `keep` (each asset's latest
+    materialization) keep theirs. Goes on from `DETAIL_CURSOR` (the newest such run already
+    done), so each run is visited once.
     """
-    before = cutoff_for(FILES_KEPT_DAYS)
-    through = read_value(instance, FILES_CURSOR)
+    before = cutoff_for(DETAIL_KEPT_DAYS)
+    through = read_value(instance, DETAIL_CURSOR)
     after = datetime.fromisoformat(through) if through else None
     while True:
         if budget.exhausted:
@@ -267,12 +290,20 @@ def remove_old_files(
         if not records:
             return
         for record in records:
-            folder = storage_folder(instance, record.dagster_run.run_id, storage)
-            if record.dagster_run.run_id not in keep and folder.is_dir():
-                done.files_removed += 1
-                done.bytes += tree_bytes(folder)
-                if not dry_run:
-                    shutil.rmtree(folder, ignore_errors=True)
+            run_id = record.dagster_run.run_id
+            if run_id in keep:
+                continue
+            folder = storage_folder(instance, run_id, storage)
+            files = tree_bytes(folder)
+            events = delete_events(instance, run_id, DETAIL_EVENTS, dry_run=dry_run)
+            if not (files or events):
+                continue
+            done.thinned += 1
+            # Deleted events count as the pages `reclaim` gives back, as in `prune`.
+            done.bytes += files + (events if dry_run else 0)
+            if not dry_run:
+                shutil.rmtree(folder, ignore_errors=True)
         after = max(record.create_timestamp for record in records)
         if not dry_run:
-            write_value(instance, FILES_CURSOR, after.isoformat())
+            write_value(instance, DETAIL_CURSOR, after.isoformat())
+            done.bytes += reclaim(instance)
