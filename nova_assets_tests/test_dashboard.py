@@ -2,11 +2,12 @@
 
 The committed JSON is what the generator writes. Runs of the five jobs, one of them failing three
 times with a run delivered to the DLQ, go through the `job_metrics` sensor's own counting and
-push to the real Pushgateway; a real Prometheus (the stack's, with the shipped alert rules)
-scrapes it, and every panel's PromQL, with the dashboard's variables filled in as Grafana would,
-is sent to its HTTP API: each parses and returns the series the panel is meant to show, one per
-job where the panel is per job, with the values those runs left. Each rule of
-ops/prometheus/alerts.yml links a heading of the README and the dashboard.
+push to the real Pushgateway; a real Prometheus (the stack's, with the shipped alert rules,
+scraping and evaluating every second rather than every 15 s so the test waits less) scrapes it,
+and every panel's PromQL, with the dashboard's variables filled in as Grafana would, is sent to
+its HTTP API: each parses and returns the series the panel is meant to show, one per job where
+the panel is per job, with the values those runs left. Each rule of ops/prometheus/alerts.yml
+links a heading of the README and the dashboard.
 """
 
 import json
@@ -47,9 +48,13 @@ FAILING = "cache_warmer"
 ITEMS = {name: 10 * (n + 1) for n, name in enumerate(NAMES)}
 """The `dagster/row_count` each job's successful runs report."""
 RATE_INTERVAL = "1m"
-"""Grafana's `$__rate_interval` for a 15 s scrape interval: four scrapes."""
+"""Grafana's `$__rate_interval` for the stack's 15 s scrape interval: four scrapes. Kept with the
+test's 1 s scrapes: the window then holds the samples of both pushes (a rate needs two)."""
+INTERVAL = "1s"
+"""How often the test's Prometheus scrapes and evaluates its rules (the stack's 15 s would leave
+the test waiting up to 45 s for the two scrapes and the evaluation it needs)."""
 SCRAPE_TIMEOUT_S = 120.0
-"""A scrape and a rule evaluation are 15 s apart each; far more than both, for a busy machine."""
+"""Far more than a scrape and a rule evaluation (a second each), for a busy machine."""
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +169,10 @@ class Prometheus:
         assert body["data"]["resultType"] == "vector", (expr, body)
         return body["data"]["result"]
 
+    def global_config(self) -> dict[str, str]:
+        """The `global` section of the configuration it has loaded."""
+        return yaml.safe_load(self._get("/api/v1/status/config", {})["data"]["yaml"])["global"]
+
     def label_values(self, label: str, match: str) -> list[str]:
         return self._get(f"/api/v1/label/{label}/values", {"match[]": match})["data"]
 
@@ -181,17 +190,22 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(tmp_path: Path, pushgateway: str, service_binaries: None) -> Iterator[Prometheus]:
-    """The stack's Prometheus on a free port, scraping the local Pushgateway, with our rules."""
+    """The stack's Prometheus on a free port, with our rules, scraping every `INTERVAL`."""
     [port] = free_ports(1)
     config = StackConfig(
         state_dir=tmp_path / ".nova",
         pushgateway_port=urllib.parse.urlsplit(pushgateway).port,
         prometheus_port=port,
         prometheus_rules=ALERT_RULES,
+        prometheus_interval=INTERVAL,
     )
     up(config, services=("prometheus",))
     try:
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        server = Prometheus(f"http://127.0.0.1:{port}")
+        # The waits below are sized for this interval: prometheus.yml must carry it.
+        loaded = server.global_config()
+        assert [loaded["scrape_interval"], loaded["evaluation_interval"]] == [INTERVAL] * 2, loaded
+        yield server
     finally:
         down(config, services=("prometheus",))
 

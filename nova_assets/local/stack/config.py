@@ -58,6 +58,9 @@ class StackConfig:
     jars_dir: Path | None = None
     prometheus_port: int = 9090
     prometheus_rules: Path | None = None
+    prometheus_interval: str = "15s"
+    """How often the stack's Prometheus scrapes the Pushgateway and evaluates its rules (a
+    Prometheus duration): 15s, as ops/prometheus/prometheus.yml; a test shortens it to wait less."""
     postgres_port: int = 5432
     postgres_dir: Path | None = None
     """PostgreSQL's data directory (default state_dir/postgres); the `postgres` user owns it."""

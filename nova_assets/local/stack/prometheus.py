@@ -21,8 +21,9 @@ def prepare_prometheus(config: StackConfig) -> list[str]:
     prometheus_dir.mkdir(parents=True, exist_ok=True)
     rules = [str(config.prometheus_rules)] if config.prometheus_rules else []
     settings = prometheus_dir / "prometheus.yml"
+    interval = config.prometheus_interval
     settings.write_text(
-        "global: {scrape_interval: 15s, evaluation_interval: 15s}\n"
+        f"global: {{scrape_interval: {interval}, evaluation_interval: {interval}}}\n"
         f"rule_files: {rules}\n"
         "scrape_configs:\n"
         "  - job_name: pushgateway\n"
