@@ -71,8 +71,8 @@ DETAIL_EVENTS = frozenset(
         dg.DagsterEventType.LOGS_CAPTURED,
     )
 )
-"""A successful run's events that go with its detail, plain log lines with them: about two
-thirds of a run's event bytes (docs/decisions.md). None is read by the metrics, the DLQ or the
+"""A successful run's events that go with its detail, plain log lines with them: about half of
+a run's event bytes (docs/decisions.md). None is read by the metrics, the DLQ or the
 UI's asset pages; `LOGS_CAPTURED` points at the compute logs removed at the same time."""
 DETAIL_CURSOR = "nova/retention/detail_through"
 """The creation time (ISO) of the newest successful run whose detail is already removed."""
