@@ -82,7 +82,7 @@ def age_the_history(instance: dg.DagsterInstance) -> dict[str, Any]:
         for run in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))[::-1]
         if run.run_id not in latest
     ]
-    assert _event_types(instance, thinned) & (DETAIL_EVENTS | {None}), "no detail to remove"
+    assert event_types(instance, thinned) & (DETAIL_EVENTS | {None}), "no detail to remove"
     finished = [
         run.run_id
         for run in instance.get_runs(dg.RunsFilter(statuses=FINISHED))
@@ -114,7 +114,7 @@ def _move_back(instance: dg.DagsterInstance, run_ids: list[str], seconds: float)
         )
 
 
-def _event_types(instance: dg.DagsterInstance, run_id: str) -> set[str | None]:
+def event_types(instance: dg.DagsterInstance, run_id: str) -> set[str | None]:
     """The types of a run's stored events, None for a plain log line."""
     return {
         entry.dagster_event.event_type_value if entry.dagster_event else None
@@ -137,7 +137,7 @@ def check_the_retention(
         with instance_of(home, env) as instance:
             left = {run.run_id for run in instance.get_runs()} & aged["aged"]
             keep = latest_materialization_runs(instance)
-            detail = _event_types(instance, aged["thinned"]) & (DETAIL_EVENTS | {None})
+            detail = event_types(instance, aged["thinned"]) & (DETAIL_EVENTS | {None})
         expected = keep | {aged["failed"], aged["running"]}
         return left if left <= expected and not detail else None
 
@@ -149,7 +149,7 @@ def check_the_retention(
     )
     # The success of two days ago stays, with its status, steps and materializations.
     with instance_of(home, env) as instance:
-        kept = _event_types(instance, aged["thinned"])
+        kept = event_types(instance, aged["thinned"])
     kinds = dg.DagsterEventType
     assert {
         kinds.RUN_SUCCESS.value,

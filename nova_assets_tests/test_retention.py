@@ -27,6 +27,7 @@ from nova_assets.defs.retention.sensor import run_retention
 from nova_assets.defs.retention.size import footprint_of
 from nova_assets.local.instance import write_instance
 from nova_assets_tests.layouts import write_per_run_instance
+from nova_assets_tests.retention_checks import event_types
 
 ROOT = Path(__file__).parents[1]
 JOBS = ["pair_job", "broken_job"]
@@ -153,14 +154,6 @@ def test_on_a_home_with_a_database_per_run_the_run_s_file_goes_too(tmp_path):
     assert not own_file.exists()
 
 
-def _event_types(instance: dg.DagsterInstance, run_id: str) -> set[str]:
-    """The types of a run's stored events, "log" for a plain log line."""
-    return {
-        entry.dagster_event.event_type_value if entry.dagster_event else "log"
-        for entry in instance.all_logs(run_id)
-    }
-
-
 def test_a_successful_run_s_detail_goes_after_a_day_and_the_run_stays(history, tmp_path):
     home = _copy(history[0], tmp_path / "home")
     runs = history[1]
@@ -168,14 +161,14 @@ def test_a_successful_run_s_detail_goes_after_a_day_and_the_run_stays(history, t
     folders = {name: home / "storage" / run_id for name, run_id in runs.items()}
     assert all(folders[name].is_dir() for name in ("pair_0", "pair_1", "pair_2", "delivered"))
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        before = {name: _event_types(instance, run_id) for name, run_id in runs.items()}
+        before = {name: event_types(instance, run_id) for name, run_id in runs.items()}
         dry = prune(instance, JOBS, cutoff_for(7), Budget(20), dry_run=True)
         assert all(folders[name].is_dir() for name in ("pair_0", "pair_1"))
-        assert _event_types(instance, runs["pair_0"]) == before["pair_0"]
+        assert event_types(instance, runs["pair_0"]) == before["pair_0"]
         done = prune(instance, JOBS, cutoff_for(7), Budget(20))
         again = prune(instance, JOBS, cutoff_for(7), Budget(20))
         left = {run.run_id for run in instance.get_runs()}
-        after = {name: _event_types(instance, run_id) for name, run_id in runs.items()}
+        after = {name: event_types(instance, run_id) for name, run_id in runs.items()}
         materialized = instance.get_latest_materialization_event(dg.AssetKey("pair"))
     assert left == set(runs.values())
     assert (dry.thinned, done.thinned, again.thinned) == (2, 2, 0)
@@ -191,8 +184,8 @@ def test_a_successful_run_s_detail_goes_after_a_day_and_the_run_stays(history, t
     kept = {kinds.RUN_START.value, kinds.RUN_SUCCESS.value, kinds.STEP_START.value}
     kept |= {kinds.STEP_SUCCESS.value, kinds.ASSET_MATERIALIZATION.value}
     for name in ("pair_0", "pair_1"):
-        assert {"log", kinds.STEP_OUTPUT.value, kinds.ENGINE_EVENT.value} <= before[name]
-        assert kept <= after[name] and not after[name] & (PRUNED_DETAIL | {"log"})
+        assert {None, kinds.STEP_OUTPUT.value, kinds.ENGINE_EVENT.value} <= before[name]
+        assert kept <= after[name] and not after[name] & (PRUNED_DETAIL | {None})
     # The latest materialization's run and the failures keep all of theirs.
     assert (folders["pair_2"] / "pair.numbers" / "result").is_file()
     assert folders["delivered"].is_dir() and folders["undelivered"].is_dir()
