@@ -2,7 +2,8 @@
 
 Never-materialized assets are run at once, each once per interval; a missing key or one that
 expires before the next tick is healed with its reason; a job with a run in flight is left to
-it; Redis down requests nothing; and a healing run's materialization says why it ran. With
+it; Redis down requests nothing, and its return heals at once what a request made before the
+outage left missing; and a healing run's materialization says why it ran. With
 many jobs to look at and a small budget, each evaluation returns within it and the next goes on
 where it stopped, until every job was looked at, as one unbounded evaluation would; a Redis that
 never answers costs an evaluation its budget, not the client's timeouts and retries. The
@@ -10,18 +11,26 @@ daemon-driven refills (`FLUSHDB`, a first start, Redis down for a minute) are in
 """
 
 import json
+import math
 import time
 from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from nova_assets.core.budget import Budget
 from nova_assets.core.cache_asset import HEALING_KEYS, REASON_TAG, cache_asset, cache_result
 from nova_assets.core.jobs import JOB_TAG, JobSpec, job_specs
 from nova_assets.core.resources import RedisCacheResource
 from nova_assets.core.settings import Settings
-from nova_assets.defs.cache_healing import build_cache_healer, find_gaps, seconds_to_next_tick
+from nova_assets.defs.cache_healing import (
+    HealerCursor,
+    build_cache_healer,
+    find_gaps,
+    seconds_to_next_tick,
+)
 from nova_assets.defs.schedules import cache_jobs
 from nova_assets_tests.conftest import GateProxy
 
@@ -130,6 +139,57 @@ def test_redis_down_requests_nothing(instance, capsys, materialized):
     assert result.run_requests == []
     assert result.skip_message.startswith("Redis did not answer")
     assert "no cache checked this time" in capsys.readouterr().err
+
+
+def test_a_healing_run_the_outage_failed_does_not_hold_its_asset_back(instance, redis_cache):
+    """Redis went away during a healing run: once it answers again, the asset is healed at once.
+
+    Within the interval the asset waits, as after any healing that did not materialize; an
+    evaluation that found Redis down forgets the requests made before, so its return does not
+    leave the suggestions missing for ten minutes (or `trending:7d` for an hour).
+    """
+    _all_in_place(instance, redis_cache)
+    redis_cache.client().delete(redis_cache.key("heal", "suggested_users"))
+    first = _evaluate(instance, redis_cache)
+    assert [r.job_name for r in first.run_requests] == ["suggested_users"]
+    assert _evaluate(instance, redis_cache, first.cursor).run_requests == []
+
+    dead = RedisCacheResource(url="redis://127.0.0.1:1/0", key_prefix="x:", retries=0)
+    down = _evaluate(instance, dead, first.cursor)
+    assert down.run_requests == [] and down.skip_message.startswith("Redis did not answer")
+    back = _evaluate(instance, redis_cache, down.cursor)
+    assert [(r.job_name, r.tags[REASON_TAG]) for r in back.run_requests] == [
+        ("suggested_users", "cache_missing")
+    ]
+    # Once per interval again from this request on.
+    assert _evaluate(instance, redis_cache, back.cursor).run_requests == []
+
+
+def test_a_version_2_cursor_keeps_its_requests():
+    stored = {"version": 2, "requested": {"suggested_users": 1.5}, "next": "warmed_feeds"}
+    assert HealerCursor.parse(json.dumps(stored)) == HealerCursor(
+        {"suggested_users": 1.5}, "warmed_feeds", redis_down=False
+    )
+
+
+@example('{"a": Infinity, "b": NaN, "c": 1}')
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(
+            json.dumps,
+            st.recursive(
+                st.none() | st.booleans() | st.floats() | st.text(),
+                lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+            ),
+        ),
+    )
+)
+def test_any_stored_cursor_parses_and_round_trips(text):
+    """Whatever is stored, an evaluation goes on, and no request time waits forever."""
+    cursor = HealerCursor.parse(text)
+    assert all(math.isfinite(at) for at in cursor.requested.values())
+    assert HealerCursor.parse(cursor.serialize()) == cursor
 
 
 def test_a_healing_run_records_why_it_ran(instance):

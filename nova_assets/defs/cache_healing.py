@@ -13,7 +13,9 @@ pool slot, its metrics), and a job with a run queued or in progress is left to i
 queue). Nothing can storm: after a healing run the asset is healed again only once it has been
 materialized since (a new loss, as after a second `FLUSHDB`), or, when the cache still cannot be
 filled, after one interval of its schedule.
-While Redis does not answer, the sensor logs a warning and requests nothing.
+While Redis does not answer, the sensor logs a warning and requests nothing; once it answers
+again, the requests made before the outage are forgotten: a healing run that Redis's going away
+failed says nothing about whether the cache can be filled, and Redis is back empty.
 
 An evaluation works within its budget (docs/design.md §10): it looks at the jobs one at a time,
 each Redis round trip waits no longer than the budget has left, and when the budget is spent it
@@ -23,6 +25,7 @@ look is.
 """
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +42,8 @@ from nova_assets.core.settings import load_settings
 from nova_assets.defs.schedules import cache_jobs
 
 CHECK_EVERY_S = 20
-CURSOR_VERSION = 2
-"""2 added where to go on (`next`) to the healing requests."""
+CURSOR_VERSION = 3
+"""2 added where to go on (`next`) to the healing requests; 3 whether Redis was last seen down."""
 MISSING, EXPIRING = "cache_missing", "cache_expiring"
 
 
@@ -161,31 +164,45 @@ class HealerCursor:
     """What the healer keeps between evaluations.
 
     `requested`: asset → when healing was last requested; `next`: the asset to look at first
-    (where the last evaluation stopped when its budget ran out), None to start at the first.
+    (where the last evaluation stopped when its budget ran out), None to start at the first;
+    `redis_down`: whether the last evaluation found Redis not answering.
     """
 
     requested: dict[str, float] = field(default_factory=dict)
     next: str | None = None
+    redis_down: bool = False
 
     @classmethod
     def parse(cls, cursor: str | None) -> "HealerCursor":
-        """The stored cursor; the older form (asset → time) and anything unreadable carry on."""
+        """The stored cursor; older forms (2, asset → time) and anything unreadable carry on."""
         try:
             stored = json.loads(cursor or "{}")
-            if isinstance(stored, dict) and stored.get("version") == CURSOR_VERSION:
+            if isinstance(stored, dict) and stored.get("version") in (2, CURSOR_VERSION):
                 following = stored.get("next")
                 return cls(
-                    {str(k): float(v) for k, v in stored["requested"].items()},
+                    _times(stored["requested"]),
                     None if following is None else str(following),
+                    stored.get("redis_down") is True,
                 )
-            return cls({str(k): float(v) for k, v in stored.items()})
+            return cls(_times(stored))
         except (ValueError, TypeError, AttributeError, KeyError):
             return cls()
 
     def serialize(self) -> str:
         return json.dumps(
-            {"version": CURSOR_VERSION, "requested": self.requested, "next": self.next}
+            {
+                "version": CURSOR_VERSION,
+                "requested": self.requested,
+                "next": self.next,
+                "redis_down": self.redis_down,
+            }
         )
+
+
+def _times(stored: Mapping) -> dict[str, float]:
+    """The requests by asset, without times that are not finite (an infinite one waits forever)."""
+    times = {str(asset): float(at) for asset, at in stored.items()}
+    return {asset: at for asset, at in times.items() if math.isfinite(at)}
 
 
 def in_turn(specs: Sequence[JobSpec], first: str | None) -> list[JobSpec]:
@@ -229,6 +246,15 @@ def build_cache_healer(
             # Redis answers first, so nothing is requested while it is down, not even for a cache
             # never materialized (a run could not fill it either).
             _ttls(redis_cache, [], evaluation)
+            if cursor.redis_down:
+                # Back after an outage, most likely empty: a healing run that the outage failed
+                # must not hold its asset back for an interval.
+                if cursor.requested:
+                    context.log.info(
+                        "Redis answers again: healing requested before the outage no longer "
+                        f"waits ({', '.join(sorted(cursor.requested))})."
+                    )
+                cursor.requested, cursor.redis_down = {}, False
             for spec in order:
                 if evaluation.exhausted:
                     break
@@ -248,6 +274,8 @@ def build_cache_healer(
                 looked += 1
         except (redis.RedisError, WaitExceeded) as exc:
             context.log.warning(f"Redis did not answer, no cache checked this time: {exc}")
+            cursor.redis_down = True
+            context.update_cursor(cursor.serialize())
             return dg.SkipReason(f"Redis did not answer: {type(exc).__name__}.")
         cursor.next = order[looked].asset if looked < len(order) else None
         for line in waiting:
