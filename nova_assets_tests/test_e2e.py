@@ -414,6 +414,16 @@ def _sampled_keys_in_place(client: redis.Redis, home: Path) -> bool:
     return True
 
 
+def _in_flight(run: dict, job: str, created_since: float) -> bool:
+    """Whether the run is of the job, created since then, and not ended."""
+    ended = run["status"] in ("SUCCESS", "FAILURE", "CANCELED")
+    return run["jobName"] == job and run["creationTime"] >= created_since and not ended
+
+
+def _run_status(port: int, run_id: str) -> str:
+    return next(r["status"] for r in _runs(port) if r["runId"] == run_id)
+
+
 def _assert_one_run_per_asset_at_a_time(runs: list[dict]) -> None:
     steps = {spec.step: spec.asset for spec in job_specs(Settings.from_env({}))}
     for step_key, asset in steps.items():
@@ -428,14 +438,18 @@ def _assert_one_run_per_asset_at_a_time(runs: list[dict]) -> None:
 
 
 @pytest.mark.parametrize(
-    "dagster_dev", [{"failing_redis": True, "CACHE_HEALING": "on"}], indirect=True
+    # Hourly suggestions: their schedule does not refill them in the two minutes the healer has.
+    "dagster_dev",
+    [{"failing_redis": True, "CACHE_HEALING": "on", "SUGGESTION_INTERVAL_SEC": "3600"}],
+    indirect=True,
 )
 def test_caches_fill_at_start_and_heal_after_a_flush_and_an_outage(dagster_dev, tmp_path):
     """Every cache fills at a first start, and comes back after a flush and an outage.
 
     `make dev` on an empty Redis fills every cache within two minutes, without a click; after
     FLUSHDB every cache is back within two minutes, with at most one healing run per asset; with
-    Redis down for a minute no healing run is launched, and its return refills every cache.
+    Redis down for a minute no healing run is launched, and its return refills every cache, even
+    the one whose healing run the outage failed.
     """
     dev, port, log = dagster_dev, dagster_dev.port, dagster_dev.log
     private = StackConfig(state_dir=tmp_path / "redis-stack", redis_port=dev.redis_port)
@@ -470,9 +484,37 @@ def test_caches_fill_at_start_and_heal_after_a_flush_and_an_outage(dagster_dev, 
         ]
         assert healing and len(healing) == len(set(healing)), healing
 
+        # Redis goes away while a run of the suggestions is under way (the healer's, or the
+        # schedule's if it came first): the run fails after its retries, and Redis's return must
+        # not leave the suggestions missing for their interval.
+        _poll(
+            "no suggested_users run in flight",
+            lambda: not any(_in_flight(r, "suggested_users", 0) for r in _runs(port)),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+            every_s=0.5,
+        )
+        client.delete(*client.scan_iter(match=f"{dev.prefix}suggested_users:*", count=5000))
+        lost_at = time.time()
+        cut_short = _poll(
+            "a suggested_users run launched after its keys were lost",
+            lambda: next(
+                (r for r in _runs(port) if _in_flight(r, "suggested_users", lost_at)), None
+            ),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+            every_s=0.5,
+        )
         down(private, services=("redis",))
         down_at = time.time()
-        time.sleep(60)  # the outage itself: Redis stays down for a minute
+        time.sleep(60)  # the outage itself: Redis stays down a minute, and until the run ended
+        _poll(
+            "the suggestions run ended while Redis was down",
+            lambda: _run_status(port, cut_short["runId"]) in ("FAILURE", "SUCCESS", "CANCELED"),
+            log,
+            timeout_s=HEAL_WITHIN_S,
+        )
+        assert _run_status(port, cut_short["runId"]) == "FAILURE"
         during = [
             r["runId"]
             for r in _runs(port)
